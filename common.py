@@ -1,0 +1,987 @@
+"""Shared pieces of the scripts in this repository (and only those that two or more use).
+
+Sections, in order:
+  1. errors and rank-0 printing
+  2. distributed: torchrun / SLURM / single process, gathers, reductions
+  3. models: create_model, load_weights, frozen teachers, backbone export
+  4. ViT taps: block outputs, attention maps and head masks of chosen blocks of a timm ViT
+  5. data: datasets (ImageFolder, CIFAR, FakeData, built-in synthetic shapes), transforms, loaders
+  6. training utilities: seeds, schedules, lr rule, parameter groups, precision, EMA,
+     non-finite check, evaluation, checkpoints, resume, logs
+
+Everything here runs on CPU in a single process as well as under `torchrun` on GPUs.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import timm
+import torchvision
+from torchvision import datasets, transforms
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. errors and printing
+# ---------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """Bad input (flags, paths, checkpoints). Scripts turn it into a one-line error and exit 2."""
+
+
+def fail(msg):
+    raise UserError(msg)
+
+
+def run_main(main, parser, argv=None):
+    """`if __name__ == '__main__'` body of every script: parse, run, and report a UserError as
+    one line on stderr (exit 2) instead of a traceback."""
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def progress(iterable, desc="", total=None):
+    """tqdm bar on rank 0 (for long loops: evaluation, feature extraction); plain iterable elsewhere."""
+    if get_rank() != 0:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. distributed
+# ---------------------------------------------------------------------------------------------
+def init_distributed():
+    """Set up the process group from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (or SLURM's
+    SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID under srun). Without them: one plain process, no
+    process group. nccl on CUDA, gloo on CPU. Returns the torch.device of this process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
+        if "MASTER_ADDR" not in env:
+            try:
+                hosts = subprocess.check_output(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]])
+                env["MASTER_ADDR"] = hosts.decode().split()[0]
+            except Exception:
+                fail("SLURM launch without MASTER_ADDR, and `scontrol show hostnames` failed: export MASTER_ADDR")
+        env.setdefault("MASTER_PORT", "29500")
+    else:
+        rank, world, local = 0, 1, 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world)
+        dist.barrier()
+    print0(f"| {world} process(es), device {device}")
+    return device
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks and returns this rank's
+    slice, so every rank's loss back-propagates into every rank's input."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.stack(grads)
+        dist.all_reduce(g)
+        return g[dist.get_rank()]
+
+
+def all_gather_grad(x):
+    """Concatenate x over ranks along dim 0, keeping the graph (SimCLR-style negatives).
+    Identity in a single process."""
+    if get_world_size() == 1:
+        return x
+    return torch.cat(_GatherWithGrad.apply(x), 0)
+
+
+@torch.no_grad()
+def concat_all_gather(x):
+    """Concatenate x over ranks along dim 0, without gradient (MoCo-style keys). Equal sizes."""
+    if get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, 0)
+
+
+@torch.no_grad()
+def gather_uneven(x):
+    """Like concat_all_gather, but ranks may hold different numbers of rows (evaluation shards)."""
+    if get_world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = x.new_zeros((max(sizes) - x.shape[0],) + x.shape[1:])
+    out = concat_all_gather(torch.cat([x, pad], 0)).split(max(sizes), 0)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)], 0)
+
+
+def all_reduce_sum(x):
+    """Sum a tensor over ranks (in place, returned)."""
+    if get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def reduce_metrics(metrics, device):
+    """Average a dict of floats over ranks (for logging)."""
+    if get_world_size() == 1 or not metrics:
+        return dict(metrics)
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], device=device, dtype=torch.float64)
+    all_reduce_sum(t)
+    return {k: v / get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. models
+# ---------------------------------------------------------------------------------------------
+ALIASES = {
+    "deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224", "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
+}
+VIT_OPTIONS = ("img_size", "patch_size", "depth", "num_heads", "embed_dim", "dynamic_img_size")
+CHECKPOINT_KEYS = ("teacher", "student", "model", "state_dict", "state_dict_ema", "model_ema")
+
+
+def create_model(name, num_classes=None, sincos_pos_embed=False, frozen_patch_embed=False, **overrides):
+    """timm.create_model with short aliases (deit_tiny, vit_small, ...), any timm name with a tag
+    (vit_small_patch16_224.dino), and overrides (img_size, patch_size, depth, num_heads, embed_dim,
+    drop_path_rate, dynamic_img_size, ...; None means "timm's default"). Never downloads weights:
+    use load_weights. MoCo v3 options: `sincos_pos_embed` (fixed 2-D sin-cos position embedding,
+    not trained) and `frozen_patch_embed` (random patch projection, not trained). The arguments
+    are kept in `model.model_config`, so the same model can be rebuilt from a checkpoint."""
+    full = ALIASES.get(name, name)
+    if not timm.is_model(full.split(".")[0]):
+        fail(f"unknown model '{name}': not a timm model name nor one of {sorted(ALIASES)}")
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        model = timm.create_model(full, pretrained=False, **kwargs)
+    except TypeError as e:
+        fail(f"model '{name}' does not take these options {sorted(kwargs)}: {e}")
+    if sincos_pos_embed or frozen_patch_embed:
+        if not hasattr(model, "pos_embed") or not hasattr(model, "patch_embed"):
+            fail(f"sincos_pos_embed / frozen_patch_embed need a ViT, not '{name}'")
+    if sincos_pos_embed:
+        gh, gw = model.patch_embed.grid_size
+        pe = sincos_2d(gh, gw, model.embed_dim)
+        npt = 0 if model.no_embed_class else model.num_prefix_tokens
+        pe = torch.cat([torch.zeros(npt, model.embed_dim), pe], 0)
+        model.pos_embed.data.copy_(pe[None])
+        model.pos_embed.requires_grad_(False)
+    if frozen_patch_embed:
+        w = model.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.zeros_(model.patch_embed.proj.bias)
+        model.patch_embed.requires_grad_(False)
+    model.model_config = dict(name=full, num_classes=model.num_classes, sincos_pos_embed=sincos_pos_embed,
+                              frozen_patch_embed=frozen_patch_embed, **{k: v for k, v in kwargs.items() if k != "num_classes"})
+    return model
+
+
+def sincos_2d(grid_h, grid_w, dim, temperature=10000.0):
+    """Fixed 2-D sin-cos position embedding (MoCo v3): a quarter of the channels each for
+    sin/cos of the column and of the row index. Returns (grid_h * grid_w, dim), row-major."""
+    if dim % 4:
+        fail(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32),
+                          torch.arange(grid_w, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    ox, oy = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+    return torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], 1)
+
+
+def read_checkpoint(path):
+    """torch.load a local file on CPU. weights_only=True first (argparse.Namespace allowed, as in
+    DINO / DeiT / MAE files); a file that needs full unpickling is loaded only with a warning."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path} (local paths are never downloaded; use hub:NAME for timm weights)")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path)
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            if "This file can still be loaded" not in str(e):  # torch's words for "a global outside the allow-list"
+                raise
+            print0(f"warning: {path} holds objects beyond tensors; loading it with full unpickling")
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except UserError:
+        raise
+    except Exception as e:
+        fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _pick_state_dict(ckpt, key, source):
+    if key is not None:
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            fail(f"{source} has no key '{key}' (top-level keys: {sorted(ckpt)[:12] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+        return ckpt[key], key
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        return ckpt, None
+    for k in CHECKPOINT_KEYS:
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict) and ckpt[k]:
+            return ckpt[k], k
+    fail(f"{source}: no state dict found (looked for a plain state dict and the keys {list(CHECKPOINT_KEYS)})")
+
+
+def adapt_state_dict(sd, model):
+    """Map a foreign state dict onto `model`: strip leading 'module.' / '_orig_mod.'; keep only the
+    'backbone.' / 'base_encoder.' / 'encoder.' part when the file has one (DINO, MoCo v3); drop MAE's
+    decoder; drop a classifier whose shape (or presence) differs; resample pos_embed to the model's
+    patch grid. Returns (state_dict, notes, is_head) where is_head(key) tells classifier keys."""
+    model_sd = model.state_dict()
+    notes = []
+    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    for _ in range(2):
+        for p in ("module.", "_orig_mod."):
+            sd = {(k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
+    for p in ("backbone.", "base_encoder.", "encoder."):
+        if any(k.startswith(p) for k in sd) and not any(k.startswith(p) for k in model_sd):
+            kept = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+            if len(kept) < len(sd):
+                notes.append(f"kept the '{p}' part ({len(kept)} of {len(sd)} tensors)")
+            sd = kept
+            break
+    foreign = [k for k in sd if k not in model_sd and (k.startswith("decoder") or k == "mask_token")]
+    if foreign:
+        notes.append(f"dropped {len(foreign)} MAE decoder tensors")
+        sd = {k: v for k, v in sd.items() if k not in foreign}
+    heads = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    is_head = lambda k: any(k == h or k.startswith(h + ".") for h in heads)  # noqa: E731
+    dropped = [k for k in sd if is_head(k) and (k not in model_sd or model_sd[k].shape != sd[k].shape)]
+    if dropped:
+        notes.append(f"dropped classifier {dropped} (shape or presence differs)")
+        sd = {k: v for k, v in sd.items() if k not in dropped}
+    if ("pos_embed" in sd and "pos_embed" in model_sd and sd["pos_embed"].shape != model_sd["pos_embed"].shape
+            and sd["pos_embed"].shape[-1] == model_sd["pos_embed"].shape[-1]):  # other widths: a plain mismatch
+        npt = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        src = sd["pos_embed"]
+        n = src.shape[1] - npt
+        side = int(round(math.sqrt(n)))
+        if side * side != n:
+            fail(f"cannot resample pos_embed {tuple(src.shape)} to {tuple(model_sd['pos_embed'].shape)}")
+        from timm.layers import resample_abs_pos_embed
+        sd["pos_embed"] = resample_abs_pos_embed(src, list(model.patch_embed.grid_size), old_size=[side, side],
+                                                 num_prefix_tokens=npt)
+        notes.append(f"resampled pos_embed {side}x{side} -> {'x'.join(map(str, model.patch_embed.grid_size))}")
+    return sd, notes, is_head
+
+
+def load_weights(model, source, key=None):
+    """Load weights into `model` from
+      - a local .pth / .pt / .bin / .safetensors file in the formats people hold: timm (plain or
+        'state_dict' / 'state_dict_ema'), DeiT / MAE ('model'), DINO ('teacher' / 'student' with
+        'module.' and 'backbone.' prefixes), MoCo v3 ('state_dict', 'module.base_encoder.'), and
+        this repository's checkpoints and exported backbones; `key` forces a top-level key;
+      - 'hub:<timm name>' (timm pretrained weights; needs the network or a filled HF cache;
+        HF_HUB_OFFLINE=1 makes it fail at once instead of retrying);
+      - 'random': keep the random initialisation (explicitly asked for, e.g. smoke tests).
+    A path that does not exist is an error (never a download). Any missing or unexpected key beyond
+    a classifier head is an error that lists them."""
+    if source == "random":
+        print0(f"warning: {model.model_config['name'] if hasattr(model, 'model_config') else 'model'} keeps RANDOM weights (asked for)")
+        return
+    if source.startswith("hub:"):
+        sd, used_key = _hub_state_dict(source[4:]), None
+    else:
+        sd, used_key = _pick_state_dict(read_checkpoint(os.path.expanduser(source)), key, source)
+    sd, notes, is_head = adapt_state_dict(sd, model)
+    model_sd = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(model_sd[k].shape)}" for k, v in sd.items()
+             if k in model_sd and v.shape != model_sd[k].shape]
+    missing = [k for k in model_sd if k not in sd and not is_head(k)]
+    unexpected = [k for k in sd if k not in model_sd]
+    if wrong or missing or unexpected:
+        def short(keys):
+            return f"{keys[:6]}{' ... (%d in all)' % len(keys) if len(keys) > 6 else ''}"
+        parts = [f"{n}: {short(v)}" for n, v in (("missing", missing), ("unexpected", unexpected),
+                                                 ("shape mismatch", wrong)) if v]
+        fail(f"{source} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=False)
+    head_missing = [k for k in model_sd if k not in sd]
+    if head_missing:
+        notes.append(f"classifier left at init: {head_missing}")
+    print0(f"| loaded {len(sd)} tensors from {source}" + (f" [{used_key}]" if used_key else "")
+           + ("; " + "; ".join(notes) if notes else ""))
+
+
+def _hub_state_dict(name):
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        try:  # honour an HF_HUB_OFFLINE set after huggingface_hub was imported
+            import huggingface_hub.constants as hfc
+            hfc.HF_HUB_OFFLINE = True
+        except Exception:
+            pass
+    if not timm.is_model(name.split(".")[0]):
+        fail(f"unknown timm model in hub:{name}")
+    try:
+        return timm.create_model(name, pretrained=True).state_dict()
+    except Exception as e:
+        fail(f"could not fetch hub:{name} ({type(e).__name__}); this needs the network or a filled Hugging Face "
+             f"cache (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); otherwise pass a local file")
+
+
+def build_teacher(name, weights, key=None, **overrides):
+    """A frozen teacher: created, loaded, eval mode forever, no gradients. `weights` is required:
+    a file, hub:NAME, or 'random' for smoke tests (a teacher is never silently random)."""
+    if not weights:
+        fail(f"teacher '{name}' needs weights: a local file, hub:<timm name>, or 'random' (smoke tests only)")
+    model = create_model(name, **overrides)
+    load_weights(model, weights, key)
+    return freeze(model)
+
+
+def freeze(model):
+    """No gradients, eval mode, and train() can no longer switch it back (mdistiller's trick)."""
+    model.requires_grad_(False)
+    model.eval()
+    model.train = lambda mode=True: model
+    return model
+
+
+def unwrap(model):
+    """The plain module inside DDP / torch.compile wrappers."""
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
+
+
+def export_backbone(model, path):
+    """Write the plain timm state dict of `model` (loads with timm.create_model(...,
+    checkpoint_path=path) and eval_knn_linear.py) and, beside it, <path>.json with the
+    create_model arguments that rebuild it."""
+    model = unwrap(model)
+    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    if is_main_process() and hasattr(model, "model_config"):
+        with open(os.path.splitext(path)[0] + ".json", "w") as f:
+            json.dump(model.model_config, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. ViT taps
+# ---------------------------------------------------------------------------------------------
+class ViTTaps:
+    """Read block outputs and attention maps of chosen blocks of a timm VisionTransformer during
+    its ordinary forward, and optionally zero heads. Hooks only (Attention.forward is never
+    replaced); blocks whose attention is read run the unfused path, all others keep fused SDPA.
+
+        with ViTTaps(vit, blocks=[0, 1, -1], attn=[-1], norm=[-1]) as taps:
+            logits = vit(x)
+        taps.tokens[11]   # B x N x D output of block 11 (after the final norm: norm=[-1])
+        taps.attn[11]     # B x H x N x N post-softmax attention of block 11
+
+    blocks: block outputs to keep, prefix tokens included (taps.num_prefix_tokens of them).
+    where: 'ffn' = full block output (FFN-out); 'mha' = block input + attention branch (MHA-out).
+    norm: True / False / block indices whose output goes through the model's final norm.
+    attn: blocks whose post-softmax probabilities (before attention dropout) are kept. They keep
+      their graph when grad is enabled (student) and have none under no_grad (teacher).
+    head_masks: {block: mask} with mask of shape (H,) or (B, H), multiplied into the head outputs
+      before the output projection (mask 0 removes that head); set_head_masks() changes them.
+    Use as a context manager or call close(); either restores the model exactly."""
+
+    def __init__(self, model, blocks=(), attn=(), where="ffn", norm=False, head_masks=None):
+        if not hasattr(model, "blocks") or not all(hasattr(b, "attn") and hasattr(b.attn, "attn_drop")
+                                                   for b in model.blocks):
+            fail(f"ViT taps need a timm VisionTransformer, got {type(model).__name__}")
+        if where not in ("ffn", "mha"):
+            fail(f"where must be 'ffn' or 'mha', got {where!r}")
+        self.model = model
+        depth = len(model.blocks)
+        idx = lambda i: i % depth if -depth <= i < depth else fail(f"block {i} out of range for depth {depth}")  # noqa: E731
+        self.blocks = sorted({idx(i) for i in blocks})
+        self.attn_blocks = sorted({idx(i) for i in attn})
+        norm_set = set(self.blocks) if norm is True else {idx(i) for i in (norm or ())}
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self.tokens, self.attn, self.head_masks = {}, {}, {}
+        self._handles, self._fused = [], {}
+        for i in self.blocks:
+            blk = model.blocks[i]
+            post = model.norm if i in norm_set else None
+            if where == "ffn":
+                self._handles.append(blk.register_forward_hook(self._save_block(i, post)))
+            else:
+                self._handles.append(blk.register_forward_pre_hook(self._save_input(i)))
+                self._handles.append(blk.drop_path1.register_forward_hook(self._save_mha(i, post)))
+        for i in self.attn_blocks:
+            a = model.blocks[i].attn
+            self._fused[i] = a.fused_attn
+            a.fused_attn = False
+            self._handles.append(a.attn_drop.register_forward_hook(self._save_attn(i)))
+        self._mask_hooks = {}
+        self.set_head_masks({idx(k): v for k, v in (head_masks or {}).items()})
+
+    def _save_block(self, i, post):
+        def hook(module, inputs, output):
+            self.tokens[i] = post(output) if post is not None else output
+        return hook
+
+    def _save_input(self, i):
+        def hook(module, inputs):
+            self._inputs = inputs[0]
+        return hook
+
+    def _save_mha(self, i, post):
+        def hook(module, inputs, output):
+            out = self._inputs + output
+            self.tokens[i] = post(out) if post is not None else out
+        return hook
+
+    def _save_attn(self, i):
+        def hook(module, inputs, output):
+            self.attn[i] = inputs[0]
+        return hook
+
+    def set_head_masks(self, masks):
+        """Replace the head masks: {block: (H,) or (B, H) tensor}; blocks left out are unmasked."""
+        depth = len(self.model.blocks)
+        masks = {i % depth: m for i, m in masks.items()}
+        for i in list(self._mask_hooks):
+            if i not in masks:
+                self._mask_hooks.pop(i).remove()
+        self.head_masks = masks
+        for i in masks:
+            if i not in self._mask_hooks:
+                self._mask_hooks[i] = self.model.blocks[i].attn.proj.register_forward_pre_hook(self._mask(i))
+
+    def _mask(self, i):
+        heads = self.model.blocks[i].attn.num_heads
+
+        def hook(module, inputs):
+            x = inputs[0]
+            m = self.head_masks[i].to(x.dtype)
+            m = m.view(1, 1, heads, 1) if m.dim() == 1 else m.view(m.shape[0], 1, heads, 1)
+            return (x.unflatten(-1, (heads, -1)) * m).flatten(-2),
+        return hook
+
+    def clear(self):
+        self.tokens, self.attn = {}, {}
+
+    def close(self):
+        for h in self._handles + list(self._mask_hooks.values()):
+            h.remove()
+        self._handles, self._mask_hooks = [], {}
+        for i, fused in self._fused.items():
+            self.model.blocks[i].attn.fused_attn = fused
+        self._fused = {}
+        self._inputs = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. data
+# ---------------------------------------------------------------------------------------------
+def add_data_args(parser, input_size=224):
+    """Data flags shared by every script."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_path", default="", type=str,
+                   help="ImageFolder root with train/ and val/ (or test/), or the CIFAR root; unused for synthetic/fake")
+    g.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "cifar10", "cifar100", "fake", "synthetic"],
+                   help="synthetic: built-in learnable shapes (offline smoke runs); fake: torchvision FakeData (noise)")
+    g.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR into --data_path")
+    g.add_argument("--input_size", default=input_size, type=int, help="image side in pixels")
+    g.add_argument("--crop_pct", default=0.875, type=float, help="evaluation: resize to input_size / crop_pct, then centre crop")
+    g.add_argument("--synthetic_size", default=2000, type=int, help="training images of the synthetic/fake dataset")
+    g.add_argument("--num_workers", default=8, type=int, help="data loader workers per process")
+    return g
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """A small learnable dataset made on the fly, for offline runs: 10 classes (disc, square,
+    triangle, cross, ring, diamond, horizontal / vertical / diagonal gratings, checkerboard) in random
+    colours, sizes, positions and frequencies, with pixel noise. Image i is a pure function of
+    (seed, i), so it is the same in every process and every epoch before augmentation."""
+    classes = ["disc", "square", "triangle", "cross", "ring", "diamond", "hgrating", "vgrating", "dgrating", "checker"]
+
+    def __init__(self, size, img_size=32, seed=0, transform=None):
+        self.size, self.img_size, self.seed, self.transform = size, img_size, seed, transform
+        self.targets = [i % 10 for i in range(size)]
+        self._cache = {}  # rendered images (3 KB each), per loader worker
+
+    def __len__(self):
+        return self.size
+
+    def render(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
+        s = self.img_size
+        y, x = torch.meshgrid(torch.arange(s) / s, torch.arange(s) / s, indexing="ij")
+        cx, cy, r = u(0.3, 0.7), u(0.3, 0.7), u(0.15, 0.3)
+        dx, dy = x - cx, y - cy
+        f, ph = u(2.5, 6.0), u(0, 2 * math.pi)
+        wave = lambda t: torch.sin(2 * math.pi * f * t + ph) > 0  # noqa: E731
+        shape = (
+            lambda: dx ** 2 + dy ** 2 < r ** 2,
+            lambda: torch.maximum(dx.abs(), dy.abs()) < 0.8 * r,
+            lambda: (dy.abs() < r) & (dx.abs() < (dy + r) / 2),
+            lambda: ((dx.abs() < r / 4) & (dy.abs() < r)) | ((dy.abs() < r / 4) & (dx.abs() < r)),
+            lambda: ((dx ** 2 + dy ** 2).sqrt() - 0.7 * r).abs() < 0.3 * r,
+            lambda: dx.abs() + dy.abs() < r,
+            lambda: wave(y),
+            lambda: wave(x),
+            lambda: wave((x + y) / math.sqrt(2)),
+            lambda: wave(x) ^ wave(y),
+        )[self.targets[i]]()
+        fg = torch.rand(3, generator=g)
+        bg = (fg + 0.35 + 0.3 * torch.rand(3, generator=g)) % 1.0
+        img = torch.where(shape[None], fg[:, None, None], bg[:, None, None])
+        img = (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+        return transforms.functional.to_pil_image(img)
+
+    def __getitem__(self, i):
+        if i not in self._cache:
+            self._cache[i] = self.render(i)
+        img = self._cache[i]
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def build_dataset(args, split, transform):
+    """split: 'train' or 'val'. Fails with one line on a missing or empty path before any work."""
+    name, root = args.dataset, os.path.expanduser(args.data_path or "")
+    is_train = split == "train"
+    if name == "synthetic":
+        n = args.synthetic_size if is_train else max(args.synthetic_size // 4, 10)
+        return SyntheticShapes(n, seed=0 if is_train else 1, transform=transform)
+    if name == "fake":
+        n = args.synthetic_size if is_train else max(args.synthetic_size // 4, 10)
+        return datasets.FakeData(n, (3, args.input_size, args.input_size), 10, transform,
+                                 random_offset=0 if is_train else 10 ** 6)
+    if not root:
+        fail(f"--data_path is required for --dataset {name}")
+    if name in ("cifar10", "cifar100"):
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        if not os.path.isdir(root) and not args.download:
+            fail(f"data path not found: {root} (pass --download to fetch {name} there)")
+        try:
+            return cls(root, train=is_train, transform=transform, download=args.download)
+        except RuntimeError as e:
+            fail(f"{name} not found under {root} ({e}); pass --download to fetch it")
+    if not os.path.isdir(root):
+        fail(f"data path not found: {root}")
+    sub = ["train"] if is_train else ["val", "test"]
+    folder = next((os.path.join(root, s) for s in sub if os.path.isdir(os.path.join(root, s))), None)
+    if folder is None:
+        fail(f"{root} has no {' or '.join(s + '/' for s in sub)} folder (ImageNet layout: train/ and val/)")
+    try:
+        return datasets.ImageFolder(folder, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        fail(f"no images in {folder}: {e}")
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def build_transform(args, is_train, randaug="rand-m9-mstd0.5-inc1", reprob=0.25, color_jitter=0.3):
+    """DeiT-style training transform (timm: RandomResizedCrop, flip, RandAugment, random erasing; pass
+    randaug=None / reprob=0 to switch them off) or the evaluation transform (resize to
+    input_size / crop_pct, bicubic, centre crop). ImageNet normalisation."""
+    if is_train:
+        from timm.data import create_transform
+        t = create_transform(args.input_size, is_training=True, auto_augment=randaug or None,
+                             color_jitter=color_jitter, re_prob=reprob, re_mode="pixel", re_count=1,
+                             interpolation="bicubic")
+        for op in (op for tt in t.transforms for op in getattr(tt, "ops", ())):
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _posterize
+        return t
+    return transforms.Compose([
+        transforms.Resize(int(round(args.input_size / args.crop_pct)), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(args.input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize op, also for 0 bits: RandAugment asks for 0 bits at magnitude 10 (DeiT's
+    m9-mstd0.5 reaches it); Pillow < 13 returned a black image, Pillow 13 raises ValueError."""
+    from PIL import Image, ImageOps
+    if bits_to_keep >= 8:
+        return img
+    return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
+
+
+class TwoViews:
+    """The asymmetric two-view augmentation of BYOL, used by MoCo v3 (and SDSSL): random resized
+    crop (scale 0.08-1), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale p 0.2,
+    Gaussian blur p 1.0 / 0.1, solarisation p 0 / 0.2. Returns [view1, view2]."""
+
+    def __init__(self, input_size=224, scale=(0.08, 1.0)):
+        kernel = max(3, int(0.1 * input_size) // 2 * 2 + 1)
+
+        def view(blur_p, solarize_p):
+            return transforms.Compose([
+                transforms.RandomResizedCrop(input_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomHorizontalFlip(),
+                transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                transforms.RandomGrayscale(p=0.2),
+                transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+                transforms.RandomSolarize(128, p=solarize_p),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ])
+        self.t1, self.t2 = view(1.0, 0.0), view(0.1, 0.2)
+
+    def __call__(self, img):
+        return [self.t1(img), self.t2(img)]
+
+
+def build_mixup(mixup, cutmix, prob, switch_prob, smoothing, num_classes):
+    """timm Mixup/CutMix (None when both alphas are 0). Targets become soft labels."""
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
+                 label_smoothing=smoothing, num_classes=num_classes)
+
+
+def build_criterion(mixup_fn, smoothing):
+    """Soft-target CE under Mixup/CutMix (smoothing already in the targets), else label-smoothing CE."""
+    if mixup_fn is not None:
+        from timm.loss import SoftTargetCrossEntropy
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=smoothing)
+
+
+class EvalSampler(torch.utils.data.Sampler):
+    """Rank r takes samples r, r + W, r + 2W, ...: every sample exactly once over all ranks, no
+    padding, so metrics do not depend on the world size."""
+
+    def __init__(self, n, rank=None, world=None):
+        self.n = n
+        self.rank = get_rank() if rank is None else rank
+        self.world = get_world_size() if world is None else world
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.world))
+
+
+def build_loader(dataset, batch_size, train, num_workers=8, seed=0, repeated_aug=False, collate_fn=None):
+    """Training: shuffled DistributedSampler (also in one process, so one process with batch W*b
+    sees the same batches as W processes with b), last partial batch dropped; repeated
+    augmentation (DeiT) on request. Evaluation: EvalSampler, nothing dropped."""
+    world, rank = get_world_size(), get_rank()
+    if train:
+        if repeated_aug:
+            from timm.data.distributed_sampler import RepeatAugSampler
+            sampler = RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                       selected_round=256 if len(dataset) >= 256 * world * 4 else 0)
+        else:
+            sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                          shuffle=True, seed=seed, drop_last=True)
+        if len(sampler) < batch_size:
+            fail(f"{len(dataset)} training images give no full batch of {batch_size} per process on {world} process(es)")
+    else:
+        sampler = EvalSampler(len(dataset), rank, world)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available(), drop_last=train,
+                                       persistent_workers=num_workers > 0, collate_fn=collate_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. training utilities
+# ---------------------------------------------------------------------------------------------
+def add_run_args(parser):
+    """Run-management flags shared by every training script (not hyperparameters)."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--output_dir", default="output", type=str, help="checkpoint.pth, log.txt, args.json go here")
+    g.add_argument("--resume", default="auto", type=str,
+                   help="'auto': continue from output_dir/checkpoint.pth if present; 'none': start fresh "
+                        "(refused if output_dir holds a checkpoint); or a checkpoint path")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="mixed precision on CUDA (CPU: always off)")
+    g.add_argument("--log_every", default=50, type=int, help="print a training line every N iterations")
+    g.add_argument("--save_every", default=0, type=int, help="also keep checkpoint{epoch:04}.pth every N epochs (0: never)")
+    return g
+
+
+def seed_everything(seed, epoch=0):
+    """Seed torch / random / numpy with (seed, epoch, rank). Scripts call it at the start of every
+    epoch, so a resumed run draws exactly the numbers the uninterrupted run drew."""
+    s = seed + 1000 * epoch + get_rank()
+    torch.manual_seed(s)
+    random.seed(s)
+    try:
+        import numpy as np
+        np.random.seed(s % 2 ** 32)
+    except ImportError:
+        pass
+
+
+def cosine_schedule(step, total_steps, base, final=0.0, warmup_steps=0, start=0.0):
+    """Per-iteration value: linear warm-up from `start` to `base` over warmup_steps, then half-cosine
+    from `base` to `final` at total_steps. A pure function of the step (nothing to checkpoint)."""
+    if step < warmup_steps:
+        return start + (base - start) * step / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def resolve_lr(args, base_batch=256):
+    """The absolute lr: --lr if given, else --blr x global batch / base_batch (printed, with the
+    global batch, which counts processes and --accum_iter if the script has it). args is not
+    changed, so a resumed run compares equal flags."""
+    global_batch = args.batch_size * get_world_size() * getattr(args, "accum_iter", 1)
+    if args.lr is not None:
+        print0(f"| lr {args.lr:.3g} (given; global batch {global_batch})")
+        return args.lr
+    lr = args.blr * global_batch / base_batch
+    print0(f"| lr {lr:.3g} = blr {args.blr:.3g} x global batch {global_batch} / {base_batch}")
+    return lr
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases, norms (any 1-D parameter) and on the names a
+    submodule lists in no_weight_decay() (timm ViT: pos_embed, cls_token, dist_token). Frozen
+    parameters are left out."""
+    skip = set()
+    for prefix, m in model.named_modules():
+        if hasattr(m, "no_weight_decay") and callable(m.no_weight_decay):
+            skip |= {f"{prefix}.{n}" if prefix else n for n in m.no_weight_decay()}
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or n.endswith(".bias") or n in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def autocast(device, amp="bf16"):
+    """bf16 (or fp16) autocast on CUDA; a nullcontext on CPU or with --amp off."""
+    if device.type != "cuda" or amp == "off":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def grad_scaler(device, amp):
+    """A GradScaler that is active only for fp16 on CUDA (a no-op otherwise)."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameters and float buffers."""
+    tp = [p for p in teacher.parameters()]
+    sp = [p.detach() for p in unwrap(student).parameters()]
+    torch._foreach_mul_(tp, momentum)
+    torch._foreach_add_(tp, sp, alpha=1.0 - momentum)
+    for tb, sb in zip(teacher.buffers(), unwrap(student).buffers()):
+        tb.copy_(sb)
+
+
+def check_finite(loss, where=""):
+    """Stop every rank together when the loss is non-finite on any rank (a rank-local exit would
+    hang the others in their next collective). The last checkpoint on disk stays untouched."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
+    all_reduce_sum(bad)
+    if bad.item() > 0:
+        fail(f"non-finite loss {where} on {int(bad.item())} rank(s); stopping all ranks. The last good "
+             "checkpoint (if any) is untouched in output_dir; try a lower lr, --amp off or gradient clipping")
+
+
+def accuracy(logits, target, topk=(1, 5)):
+    """Number of correct predictions for each k (sums, not percentages)."""
+    maxk = min(max(topk), logits.shape[1])
+    pred = logits.topk(maxk, 1).indices
+    hit = pred.eq(target[:, None])
+    return [hit[:, :min(k, maxk)].any(1).sum().item() for k in topk]
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp="bf16"):
+    """Top-1 / top-5 (%) and mean CE over the whole evaluation set, exact at any world size."""
+    model.eval()
+    stats = torch.zeros(4, device=device, dtype=torch.float64)
+    for images, target in progress(loader, "eval"):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images)
+        logits = logits.float()
+        c1, c5 = accuracy(logits, target)
+        stats += torch.tensor([c1, c5, F.cross_entropy(logits, target, reduction="sum").item(), len(target)],
+                              device=device, dtype=torch.float64)
+    all_reduce_sum(stats)
+    n = max(stats[3].item(), 1)
+    return {"acc1": 100 * stats[0].item() / n, "acc5": 100 * stats[1].item() / n, "loss": stats[2].item() / n}
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a job killed while saving
+    never leaves a truncated file. Rank 0 only."""
+    if not is_main_process():
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(output_dir, script, args, epoch, save_every=0, **state):
+    """output_dir/checkpoint.pth with script name, args (a plain dict: loads with weights_only=True),
+    epoch (= the next epoch to run) and the given state dicts; plus checkpoint{epoch:04}.pth every
+    save_every epochs."""
+    ckpt = {"script": script, "args": vars(args) if isinstance(args, argparse.Namespace) else dict(args),
+            "epoch": epoch, **state}
+    atomic_save(ckpt, os.path.join(output_dir, "checkpoint.pth"))
+    if save_every and epoch % save_every == 0:
+        atomic_save(ckpt, os.path.join(output_dir, f"checkpoint{epoch:04d}.pth"))
+
+
+# flags that may change between a run and its resumption
+RESUME_FREE = ("resume", "output_dir", "data_path", "num_workers", "log_every", "save_every", "download")
+
+
+def prepare_output_dir(args, script, free=()):
+    """Create output_dir, decide what to resume, and refuse anything that would overwrite a run:
+      --resume auto: continue output_dir/checkpoint.pth if present (same script and same arguments,
+                     up to RESUME_FREE and `free`); --resume none: refused if output_dir holds a checkpoint;
+      --resume PATH: continue PATH (same script; other arguments allowed, they are printed).
+    Writes args.json (with versions and git state) and returns the checkpoint dict or None."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--output_dir {out} exists and is not a folder")
+    own = os.path.join(out, "checkpoint.pth")
+    free = set(RESUME_FREE) | set(free)
+    current = {k: v for k, v in vars(args).items() if k not in free}
+    if args.resume in ("none", ""):
+        if os.path.exists(own):
+            fail(f"{own} exists; use --resume auto to continue it or pick another --output_dir (nothing was overwritten)")
+        path = None
+    elif args.resume == "auto":
+        path = own if os.path.exists(own) else None
+    else:
+        path = args.resume
+        if not os.path.isfile(path):
+            fail(f"--resume {path}: no such checkpoint")
+    ckpt = None
+    if path is not None:
+        ckpt = read_checkpoint(path)
+        if not isinstance(ckpt, dict) or "script" not in ckpt or "epoch" not in ckpt:
+            fail(f"{path} is not a checkpoint of this repository; use another --output_dir")
+        if ckpt["script"] != script:
+            fail(f"{path} is a checkpoint of {ckpt['script']}, not {script}; use another --output_dir")
+        old = {k: v for k, v in ckpt.get("args", {}).items() if k not in free}
+        diff = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
+        if diff:
+            listing = ", ".join(f"{k}: {old.get(k)!r} -> {current.get(k)!r}" for k in diff[:6])
+            if args.resume == "auto":
+                fail(f"{own} was written with other arguments ({listing}); pass --resume {own} to continue it "
+                     f"with the new ones, or pick another --output_dir")
+            print0(f"| resuming {path} with changed arguments: {listing}")
+        print0(f"| resuming from {path} at epoch {ckpt['epoch']}")
+    if is_main_process():
+        os.makedirs(out, exist_ok=True)
+        info = {"script": script, "args": vars(args), "versions": versions(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump(info, f, indent=1, default=str)
+        print0("| " + "  ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+        print0(f"| versions {info['versions']}")
+    return ckpt
+
+
+def versions():
+    """torch / torchvision / timm / python versions, device and git state of this repository."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, stderr=subprocess.DEVNULL).decode().strip()
+        dirty = bool(subprocess.check_output(["git", "status", "--porcelain"], cwd=here, stderr=subprocess.DEVNULL).strip())
+        git = sha + ("-dirty" if dirty else "")
+    except Exception:
+        git = "unknown"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+            "python": sys.version.split()[0], "device": device, "git": git}
+
+
+def log_stats(output_dir, stats):
+    """Append one JSON object to output_dir/log.txt (rank 0)."""
+    if is_main_process():
+        with open(os.path.join(output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+class Meter:
+    """Running averages of named floats for the periodic training line."""
+
+    def __init__(self):
+        self.sums, self.count, self.t0 = {}, 0, time.time()
+
+    def update(self, **values):
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def averages(self):
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+    def line(self, prefix, step, total):
+        rate = self.count / max(time.time() - self.t0, 1e-9)
+        vals = "  ".join(f"{k} {v:.4g}" for k, v in self.averages().items())
+        mem = f"  mem {torch.cuda.max_memory_allocated() / 2 ** 30:.1f}G" if torch.cuda.is_available() else ""
+        return f"{prefix} [{step}/{total}]  {vals}  {rate:.2f} it/s{mem}"

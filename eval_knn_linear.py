@@ -1,0 +1,378 @@
+"""k-NN and linear-probe evaluation of a frozen backbone (DINO's protocol, with cached features).
+
+The backbone can be a checkpoint or exported backbone of any script here, a DINO / MAE / MoCo v3 /
+DeiT / timm file, or a timm name (hub:NAME when online). Features are extracted once (evaluation
+transform: resize + centre crop, no augmentation), then
+  - k-NN: L2-normalised features, the k nearest training features vote with weight exp(sim / T),
+    T = 0.07, k in 10 20 100 200 (DINO eval_knn.py);
+  - linear probe: several learning rates trained together in one pass over the cached features
+    (SGD, momentum 0.9, cosine, 100 epochs), the best reported; optional BatchNorm head (MAE).
+    Unlike DINO's eval_linear.py the backbone does not run again each epoch and there is no crop
+    augmentation.
+
+  # one GPU or CPU
+  python eval_knn_linear.py --arch vit_small --weights dino_deitsmall16_pretrain.pth --data_path /imagenet
+  # 8 GPUs (extraction is sharded; every image counted once)
+  torchrun --nproc_per_node=8 eval_knn_linear.py --weights output/checkpoint.pth --data_path /imagenet
+  # a run of this repository knows its architecture; DINO's last-4-blocks feature; multi-exit
+  python eval_knn_linear.py --weights output/student_backbone.pth --n_last_blocks 4 --layers 3 7 11 ...
+  # offline smoke test
+  python eval_knn_linear.py --arch deit_tiny --weights random --patch_size 4 --dataset synthetic --input_size 32
+
+Writes output_dir/eval_results.json and output_dir/linear_probe[_FEATURE].pth: the probe with its
+feature spec, which ssta.py loads as the classifier of a self-supervised teacher (DINO's released
+*_linearweights.pth files load the same way through load_probe).
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("k-NN and linear-probe evaluation", add_help=False)
+    p.add_argument("--weights", required=False, default="", type=str,
+                   help="checkpoint / exported backbone / foreign file, hub:<timm name>, or 'random' (smoke tests)")
+    p.add_argument("--checkpoint_key", default=None, type=str, help="top-level key of the file to load (default: auto)")
+    p.add_argument("--arch", default=None, type=str,
+                   help="timm name or alias; optional for checkpoints and exported backbones of this repository")
+    p.add_argument("--patch_size", default=None, type=int, help="override the architecture's patch size")
+    p.add_argument("--batch_size", default=128, type=int, help="extraction batch per process")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast for extraction on CUDA")
+    # features
+    p.add_argument("--n_last_blocks", default=1, type=int, help="concatenate the final-norm CLS of the last n blocks (DINO: 4 for ViT-S)")
+    p.add_argument("--avgpool_patchtokens", action=argparse.BooleanOptionalAction, default=False,
+                   help="add the mean patch token of the last block (DINO's ViT-B recipe; needs --n_last_blocks 1)")
+    p.add_argument("--layers", default=[], type=int, nargs="*",
+                   help="also evaluate the final-norm CLS token of these blocks (0-indexed; multi-exit)")
+    p.add_argument("--dump_features", default="", type=str, help="save the extracted features to this file")
+    p.add_argument("--load_features", default="", type=str, help="skip the backbone: use features saved by --dump_features")
+    # k-NN
+    p.add_argument("--knn", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--nb_knn", default=[10, 20, 100, 200], type=int, nargs="+", help="k values")
+    p.add_argument("--knn_temperature", default=0.07, type=float)
+    p.add_argument("--knn_device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the training feature bank lives (cpu when the GPU is short of memory)")
+    # linear probe
+    p.add_argument("--linear", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--probe_epochs", default=100, type=int)
+    p.add_argument("--probe_lrs", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0], type=float, nargs="+",
+                   help="base learning rates per 256 samples, all trained together")
+    p.add_argument("--probe_batch_size", default=1024, type=int)
+    p.add_argument("--probe_weight_decay", default=0.0, type=float)
+    p.add_argument("--probe_bn", action=argparse.BooleanOptionalAction, default=False,
+                   help="BatchNorm1d without affine before the linear layer (MAE's linear probe)")
+    p.add_argument("--train_fraction", default=1.0, type=float, help="labelled fraction per class for the probe and k-NN (1%%: 0.01)")
+    p.add_argument("--output_dir", default="eval_output", type=str)
+    p.add_argument("--seed", default=0, type=int)
+    common.add_data_args(p)
+    return p
+
+
+def main(args):
+    # ---------------- checks, before any work ----------------
+    device = common.init_distributed()
+    common.seed_everything(args.seed)
+    results_path = os.path.join(args.output_dir, "eval_results.json")
+    if os.path.exists(results_path):
+        common.fail(f"{results_path} exists; pick another --output_dir (nothing was overwritten)")
+    if args.dump_features and os.path.exists(args.dump_features):
+        common.fail(f"--dump_features {args.dump_features} exists (nothing was overwritten)")
+    if args.avgpool_patchtokens and args.n_last_blocks != 1:
+        common.fail("--avgpool_patchtokens goes with --n_last_blocks 1 (DINO's feature layout)")
+    if not (0 < args.train_fraction <= 1):
+        common.fail("--train_fraction must be in (0, 1]")
+    specs = feature_specs(args)
+
+    # ---------------- features ----------------
+    if args.load_features:
+        cache = common.read_checkpoint(args.load_features)
+        if "train" not in cache or "val" not in cache:
+            common.fail(f"{args.load_features} was not written by --dump_features")
+        specs = cache["specs"]
+    else:
+        train_set = common.build_dataset(args, "train", common.build_transform(args, is_train=False))
+        val_set = common.build_dataset(args, "val", common.build_transform(args, is_train=False))
+        model = build_backbone(args).to(device).eval()
+        if not hasattr(model, "blocks") and specs != [dict(n_last_blocks=1, avgpool=False)]:
+            common.fail("--n_last_blocks / --avgpool_patchtokens / --layers need a ViT backbone")
+        cache = {"specs": specs, "weights": args.weights,
+                 "num_classes": len(getattr(train_set, "classes", [])) or 10}
+        for split, ds in (("train", train_set), ("val", val_set)):
+            cache[split] = extract_features(model, ds, specs, args.batch_size, args.num_workers, device, args.amp, split)
+        if args.dump_features:
+            common.atomic_save(cache, args.dump_features)
+            common.print0(f"| features saved to {args.dump_features}")
+    if not common.is_main_process():
+        return
+    train_feats, train_y = cache["train"]
+    val_feats, val_y = cache["val"]
+    num_classes = int(max(cache["num_classes"], train_y.max().item() + 1, val_y.max().item() + 1))
+    keep = class_fraction(train_y, args.train_fraction, args.seed)
+
+    # ---------------- k-NN and linear probes ----------------
+    os.makedirs(args.output_dir, exist_ok=True)
+    knn_dev = device if args.knn_device == "auto" else torch.device(args.knn_device)
+    results = {"weights": cache["weights"], "train_images": int(keep.numel()), "val_images": int(val_y.numel()),
+               "knn": {}, "linear": {}, "args": vars(args)}
+    for spec in specs:
+        name = spec_name(spec)
+        xtr, ytr, xva = train_feats[name][keep], train_y[keep], val_feats[name]
+        if args.knn:
+            results["knn"][name] = knn_classify(xtr, ytr, xva, val_y, num_classes, args.nb_knn,
+                                                args.knn_temperature, knn_dev)
+        if args.linear:
+            res, probe = train_linear_probes(xtr, ytr, xva, val_y, num_classes, args, device)
+            results["linear"][name] = res
+            path = os.path.join(args.output_dir, "linear_probe.pth" if name == "cls" else f"linear_probe_{name}.pth")
+            common.atomic_save({"probe": probe.state_dict(), "feature": spec, "bn": args.probe_bn,
+                                "num_classes": num_classes, "lr": res["best_lr"], "acc1": res["acc1"],
+                                "weights": cache["weights"]}, path)
+    print_table(results)
+    with open(results_path, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    print(f"| results in {results_path}", flush=True)
+    return results
+
+
+def build_backbone(args):
+    """The model to evaluate, without classifier. The architecture comes from --arch, or from a
+    checkpoint of this repository ('model_config'), or from the .json beside an exported backbone."""
+    config = None
+    if args.weights and not args.weights.startswith("hub:") and args.weights != "random":
+        ckpt = common.read_checkpoint(args.weights)
+        sidecar = os.path.splitext(args.weights)[0] + ".json"
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
+            config = dict(ckpt["model_config"])
+        elif os.path.isfile(sidecar):
+            with open(sidecar) as f:
+                config = json.load(f)
+    if not args.weights:
+        common.fail("--weights is required: a file, hub:<timm name>, or 'random' (smoke tests)")
+    if args.arch:
+        config = {"name": args.arch}
+    elif args.weights.startswith("hub:"):
+        config = {"name": args.weights[4:]}
+    if config is None:
+        common.fail(f"cannot tell the architecture of {args.weights or 'the model'}: pass --arch")
+    config["num_classes"] = 0
+    if args.patch_size:
+        config["patch_size"] = args.patch_size
+    model = common.create_model(**config)
+    grid = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if grid is not None and tuple(grid) != (args.input_size, args.input_size) and not getattr(model, "dynamic_img_size", False):
+        model = common.create_model(**{**config, "img_size": args.input_size})
+    common.load_weights(model, args.weights, args.checkpoint_key)
+    return common.freeze(model)
+
+
+def feature_specs(args):
+    specs = [dict(n_last_blocks=args.n_last_blocks, avgpool=args.avgpool_patchtokens)]
+    return specs + [dict(layer=layer) for layer in args.layers]
+
+
+def spec_name(spec):
+    if "layer" in spec:
+        return f"block{spec['layer']}"
+    if spec["n_last_blocks"] == 1:
+        return "cls_avgpool" if spec["avgpool"] else "cls"
+    return f"last{spec['n_last_blocks']}"
+
+
+def backbone_features(model, x, specs):
+    """{spec name: B x F} for a ViT (final-norm CLS of chosen blocks, DINO's last-n concatenation,
+    DINO's interleaved CLS / mean-patch layout) or, for other models, timm's pre-logits feature."""
+    if not hasattr(model, "blocks"):
+        return {"cls": model.forward_head(model.forward_features(x), pre_logits=True)}
+    depth = len(model.blocks)
+    need = set()
+    for s in specs:
+        need |= {s["layer"] % depth} if "layer" in s else set(range(depth - s["n_last_blocks"], depth))
+    with common.ViTTaps(model, blocks=need, norm=True) as taps:
+        model.forward_features(x)
+    out = {}
+    for s in specs:
+        if "layer" in s:
+            f = taps.tokens[s["layer"] % depth][:, 0]
+        else:
+            f = torch.cat([taps.tokens[b][:, 0] for b in range(depth - s["n_last_blocks"], depth)], -1)
+            if s["avgpool"]:
+                patches = taps.tokens[depth - 1][:, taps.num_prefix_tokens:].mean(1)
+                f = torch.stack([f, patches], -1).flatten(1)  # DINO's layout: cls_0, avg_0, cls_1, avg_1, ...
+        out[spec_name(s)] = f
+    return out
+
+
+@torch.no_grad()
+def extract_features(model, dataset, specs, batch_size, num_workers, device, amp="bf16", desc="features"):
+    """({name: N x F float32 on CPU}, labels N) in dataset order, on every rank. Each process
+    extracts its EvalSampler shard; the shards are gathered and put back in order by index."""
+    loader = common.build_loader(dataset, batch_size, train=False, num_workers=num_workers)
+    feats, labels = {}, []
+    for images, target in common.progress(loader, desc):
+        with common.autocast(device, amp):
+            out = backbone_features(model, images.to(device, non_blocking=True), specs)
+        for k, v in out.items():
+            feats.setdefault(k, []).append(v.float())
+        labels.append(target.to(device))
+    index = torch.arange(common.get_rank(), len(dataset), common.get_world_size(), device=device)
+    index = common.gather_uneven(index)
+    ordered = {}
+    for k, v in feats.items():
+        v = common.gather_uneven(torch.cat(v))
+        ordered[k] = torch.empty_like(v).index_copy_(0, index, v).cpu()
+    y = common.gather_uneven(torch.cat(labels))
+    return ordered, torch.empty_like(y).index_copy_(0, index, y).cpu()
+
+
+def class_fraction(labels, fraction, seed):
+    """Indices of a seeded per-class subset (at least one image per class)."""
+    if fraction >= 1:
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:max(1, round(fraction * len(idx)))]])
+    return torch.cat(keep).sort().values
+
+
+@torch.no_grad()
+def knn_classify(train_x, train_y, test_x, test_y, num_classes, ks=(10, 20, 100, 200), temperature=0.07,
+                 device="cpu", max_entries=2 ** 26):
+    """Weighted k-NN (DINO): {k: {'acc1', 'acc5'}} in %. Similarities are computed in test chunks of
+    at most max_entries entries, so memory stays bounded for any bank size."""
+    device = torch.device(device)
+    bank = F.normalize(train_x.to(device).float(), dim=1)
+    bank_y = train_y.to(device)
+    test_x, test_y = F.normalize(test_x.float(), dim=1), test_y.to(device)
+    kmax = min(max(ks), len(bank))
+    chunk = max(1, max_entries // max(1, len(bank)))
+    hits = {k: torch.zeros(2, dtype=torch.long) for k in ks}
+    for s in range(0, len(test_x), chunk):
+        q = test_x[s:s + chunk].to(device)
+        sim, idx = (q @ bank.T).topk(kmax, dim=1)
+        w = (sim / temperature).exp()
+        neighbours = bank_y[idx]
+        for k in ks:
+            kk = min(k, kmax)
+            votes = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, neighbours[:, :kk], w[:, :kk])
+            pred = votes.topk(min(5, num_classes), dim=1).indices
+            hit = pred.eq(test_y[s:s + chunk, None])
+            hits[k] += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item()])
+    n = len(test_x)
+    return {k: {"acc1": 100.0 * h[0].item() / n, "acc5": 100.0 * h[1].item() / n} for k, h in hits.items()}
+
+
+class LinearProbe(nn.Module):
+    """Linear classifier on frozen features, optionally behind a BatchNorm1d without affine (MAE).
+    Key names match DINO's linear classifier ('linear.weight', 'linear.bias')."""
+
+    def __init__(self, dim, num_classes, bn=False):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if bn else nn.Identity()
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.linear(self.bn(x))
+
+
+def train_linear_probes(train_x, train_y, test_x, test_y, num_classes, args, device):
+    """Train one linear probe per learning rate in args.probe_lrs at once: the weights are one
+    (L, C, F) tensor, each step is one batched matmul, and plain SGD with momentum applies each
+    probe's own lr (x batch / 256) on a per-iteration cosine. Returns (results, best LinearProbe)."""
+    g = torch.Generator().manual_seed(args.seed)
+    L, dim = len(args.probe_lrs), train_x.shape[1]
+    x, y = train_x.to(device), train_y.to(device)
+    bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6).to(device) if args.probe_bn else None
+    weight = torch.zeros(L, num_classes, dim, device=device)  # zero init: a probe does not depend on the others
+    bias = torch.zeros(L, 1, num_classes, device=device)
+    params = [weight, bias]
+    bufs = [torch.zeros_like(p) for p in params]
+    bs = min(args.probe_batch_size, len(x))
+    lrs = torch.tensor(args.probe_lrs, device=device) * bs / 256
+    steps_per_epoch = max(1, len(x) // bs)
+    total = args.probe_epochs * steps_per_epoch
+    step = 0
+    for epoch in common.progress(range(args.probe_epochs), "linear probe"):
+        perm = torch.randperm(len(x), generator=g).to(device)
+        for i in range(steps_per_epoch):
+            idx = perm[i * bs:(i + 1) * bs]
+            xb = bn(x[idx]) if bn is not None else x[idx]
+            w, b = weight.requires_grad_(), bias.requires_grad_()
+            logits = torch.baddbmm(b, xb.expand(L, -1, -1), w.transpose(1, 2))  # L x B x C
+            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(L)) * L  # sum of the L mean losses
+            gw, gb = torch.autograd.grad(loss, [w, b])
+            scale = common.cosine_schedule(step, total, 1.0)
+            with torch.no_grad():
+                for p, gp, buf in zip(params, (gw, gb), bufs):
+                    if args.probe_weight_decay and p is weight:
+                        gp = gp + args.probe_weight_decay * p
+                    buf.mul_(0.9).add_(gp)
+                    p.sub_(scale * lrs.view(L, 1, 1) * buf)
+            step += 1
+    weight.requires_grad_(False)
+    bias.requires_grad_(False)
+    with torch.no_grad():
+        xt = test_x.to(device)
+        if bn is not None:
+            bn.eval()
+            xt = bn(xt)
+        logits = torch.baddbmm(bias, xt.expand(L, -1, -1), weight.transpose(1, 2))
+        accs = [common.accuracy(lg, test_y.to(device)) for lg in logits]
+    n = len(test_y)
+    per_lr = {f"{lr:g}": {"acc1": 100 * a[0] / n, "acc5": 100 * a[1] / n} for lr, a in zip(args.probe_lrs, accs)}
+    best = max(range(L), key=lambda i: accs[i][0])
+    probe = LinearProbe(dim, num_classes, bn=args.probe_bn)
+    probe.linear.weight.data.copy_(weight[best].cpu())
+    probe.linear.bias.data.copy_(bias[best, 0].cpu())
+    if bn is not None:
+        probe.bn.load_state_dict({k: v.cpu() for k, v in bn.state_dict().items()})
+    res = {"best_lr": args.probe_lrs[best], **per_lr[f"{args.probe_lrs[best]:g}"], "per_lr": per_lr}
+    return res, probe.eval()
+
+
+def load_probe(path, embed_dim=None):
+    """(LinearProbe, feature spec) from a file written here, or from DINO's released
+    *_linearweights.pth (state dict 'module.linear.*'): DINO's feature is the last 4 CLS tokens for
+    ViT-S (in = 4 D) and CLS + mean patch token for ViT-B (in = 2 D), inferred from embed_dim."""
+    ckpt = common.read_checkpoint(path)
+    if isinstance(ckpt, dict) and "probe" in ckpt and "feature" in ckpt:
+        sd, spec, bn = ckpt["probe"], ckpt["feature"], ckpt.get("bn", False)
+    else:
+        sd, _ = common._pick_state_dict(ckpt, None, path)
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        if set(sd) != {"linear.weight", "linear.bias"}:
+            common.fail(f"{path} is neither a probe of eval_knn_linear.py nor a DINO linear classifier: {sorted(sd)[:6]}")
+        if embed_dim is None:
+            common.fail(f"{path} is a DINO linear classifier: its feature spec needs the backbone width")
+        k, rest = divmod(sd["linear.weight"].shape[1], embed_dim)
+        if rest:
+            common.fail(f"{path}: input width {sd['linear.weight'].shape[1]} is not a multiple of {embed_dim}")
+        spec, bn = (dict(n_last_blocks=1, avgpool=True) if k == 2 else dict(n_last_blocks=k, avgpool=False)), False
+    num_classes, dim = sd["linear.weight"].shape
+    probe = LinearProbe(dim, num_classes, bn=bn)
+    probe.load_state_dict(sd)
+    return probe.eval(), spec
+
+
+def print_table(results):
+    rows = sorted(set(results["knn"]) | set(results["linear"]))
+    ks = sorted({k for r in results["knn"].values() for k in r})
+    head = f"{'feature':<14}" + "".join(f"{'k-NN@' + str(k):>10}" for k in ks) + f"{'linear':>10}{'(lr)':>9}"
+    print(head)
+    for name in rows:
+        knn = results["knn"].get(name, {})
+        lin = results["linear"].get(name)
+        line = f"{name:<14}" + "".join(f"{knn[k]['acc1']:>10.2f}" if k in knn else f"{'-':>10}" for k in ks)
+        line += f"{lin['acc1']:>10.2f}{lin['best_lr']:>9g}" if lin else f"{'-':>10}{'':>9}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    common.run_main(main, argparse.ArgumentParser("eval_knn_linear", parents=[get_args_parser()]))

@@ -1,0 +1,571 @@
+"""Fast CPU tests of the whole repository: `HF_HUB_OFFLINE=1 python -m pytest -q test_smoke.py`.
+
+Offline: tiny timm ViTs, the built-in synthetic shapes, torchvision FakeData, checkpoints built
+here. Run as a script (`torchrun --nproc_per_node=2 test_smoke.py ARGS`) it is the minimal
+supervised trainer below, which the resume and torchrun tests drive.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before timm / huggingface_hub are imported
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import eval_knn_linear
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(img_size=32, patch_size=8, depth=3)  # deit_tiny geometry: 192 wide, 3 heads, 17 tokens
+
+
+def tiny_vit(name="deit_tiny", **kw):
+    torch.manual_seed(0)
+    return common.create_model(name, **{**TINY, "num_classes": 10, **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# a minimal supervised trainer made of common.py's pieces (driven by the resume / DDP tests)
+# ---------------------------------------------------------------------------------------------
+def toy_parser():
+    p = argparse.ArgumentParser("toy", add_help=False)
+    p.add_argument("--model", default="deit_tiny")
+    p.add_argument("--depth", default=2, type=int)
+    p.add_argument("--embed_dim", default=None, type=int)
+    p.add_argument("--patch_size", default=8, type=int)
+    p.add_argument("--epochs", default=2, type=int)
+    p.add_argument("--batch_size", default=16, type=int)
+    p.add_argument("--blr", default=5e-4, type=float)
+    p.add_argument("--lr", default=None, type=float)
+    p.add_argument("--weight_decay", default=0.05, type=float)
+    p.add_argument("--warmup_epochs", default=1, type=int)
+    p.add_argument("--drop_path", default=0.1, type=float)
+    p.add_argument("--randaug", default="rand-m9-mstd0.5-inc1")
+    p.add_argument("--reprob", default=0.25, type=float)
+    p.add_argument("--opt", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--train_aug", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--stop_after", default=0, type=int, help="simulate a job killed after this many epochs")
+    common.add_data_args(p, input_size=32)
+    common.add_run_args(p)
+    return p
+
+
+def toy_main(args):
+    device = common.init_distributed()
+    ckpt = common.prepare_output_dir(args, "toy", free=("stop_after",))
+    train_set = common.build_dataset(args, "train", common.build_transform(args, args.train_aug, args.randaug, args.reprob))
+    val_set = common.build_dataset(args, "val", common.build_transform(args, False))
+    loader = common.build_loader(train_set, args.batch_size, True, args.num_workers, args.seed)
+    val_loader = common.build_loader(val_set, 64, False, args.num_workers)
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = common.create_model(args.model, num_classes=10, img_size=args.input_size, patch_size=args.patch_size,
+                                depth=args.depth, embed_dim=args.embed_dim, drop_path_rate=args.drop_path).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if common.get_world_size() > 1 else model
+    base_lr = common.resolve_lr(args)
+    groups = common.param_groups(model, args.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=base_lr) if args.opt == "adamw" else torch.optim.SGD(groups, lr=base_lr)
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["epoch"]
+    steps = len(loader)
+    for epoch in range(start, args.epochs):
+        if args.stop_after and epoch >= args.stop_after:
+            return
+        common.seed_everything(args.seed, epoch)
+        loader.sampler.set_epoch(epoch)
+        ddp.train()
+        for it, (x, y) in enumerate(loader):
+            step = epoch * steps + it
+            lr = common.cosine_schedule(step, args.epochs * steps, base_lr, 1e-6, args.warmup_epochs * steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with common.autocast(device, args.amp):
+                loss = F.cross_entropy(ddp(x.to(device)), y.to(device))
+            common.check_finite(loss, f"at epoch {epoch} iteration {it}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        stats = common.evaluate(model, val_loader, device, args.amp)
+        common.log_stats(args.output_dir, {"epoch": epoch, "train_loss": loss.item(), **{f"test_{k}": v for k, v in stats.items()}})
+        common.save_checkpoint(args.output_dir, "toy", args, epoch + 1, model=model.state_dict(),
+                               optimizer=opt.state_dict(), model_config=model.model_config)
+    common.export_backbone(model, os.path.join(args.output_dir, "student_backbone.pth"))
+    return model
+
+
+def toy(tmp, *extra):
+    argv = ["--dataset", "synthetic", "--synthetic_size", "256", "--num_workers", "0", "--output_dir", str(tmp), *extra]
+    return toy_main(toy_parser().parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT taps
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["deit_tiny", "deit_tiny_distilled_patch16_224"])
+def test_taps_block_outputs_equal_forward_intermediates(name):
+    m = tiny_vit(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for norm in (False, True):
+        with common.ViTTaps(m, blocks=[0, 1, -1], norm=norm) as taps:
+            m(x)
+        ref = m.forward_intermediates(x, indices=[0, 1, 2], norm=norm, return_prefix_tokens=True,
+                                      output_fmt="NLC", intermediates_only=True)
+        assert taps.num_prefix_tokens == (2 if "distilled" in name else 1)
+        for i, (patches, prefix) in zip([0, 1, 2], ref):
+            torch.testing.assert_close(taps.tokens[i], torch.cat([prefix, patches], 1))
+
+
+def test_taps_leave_logits_unchanged_and_restore_the_model():
+    m = tiny_vit()
+    x = torch.randn(3, 3, 32, 32)
+    for mode in (True, False):
+        m.train(mode)
+        ref = m(x)
+        with common.ViTTaps(m, blocks=[0, 2], attn=[1, 2], where="mha") as taps:
+            out = m(x)
+            assert [b.attn.fused_attn for b in m.blocks] == [True, False, False]  # only blocks 1, 2 unfused
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert all(b.attn.fused_attn for b in m.blocks)
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
+    assert sorted(taps.attn) == [1, 2] and sorted(taps.tokens) == [0, 2]
+
+
+def test_attention_rows_times_values_reproduce_the_block():
+    m = tiny_vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    blk = m.blocks[1]
+    seen = {}
+    h1 = blk.attn.register_forward_hook(lambda mod, inp, out: seen.update(inp=inp[0], out=out))
+    h2 = blk.attn.proj.register_forward_pre_hook(lambda mod, inp: seen.update(heads=inp[0]))
+    with common.ViTTaps(m, attn=[1]) as taps:
+        m(x)
+    h1.remove(); h2.remove()
+    a = taps.attn[1]
+    B, H, N, _ = a.shape
+    assert (B, H, N) == (2, 3, 17)
+    torch.testing.assert_close(a.sum(-1), torch.ones(B, H, N))
+    v = blk.attn.qkv(seen["inp"]).reshape(B, N, 3, H, -1)[:, :, 2].transpose(1, 2)  # B H N d, by hand
+    by_hand = (a @ v).transpose(1, 2).reshape(B, N, -1)
+    torch.testing.assert_close(by_hand, seen["heads"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blk.attn.proj(by_hand), seen["out"], atol=1e-5, rtol=1e-5)
+
+
+def test_mha_out_is_input_plus_attention_branch():
+    m = tiny_vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = {}
+    h = m.blocks[1].register_forward_pre_hook(lambda mod, inp: seen.update(x=inp[0]))
+    with common.ViTTaps(m, blocks=[1], where="mha") as taps:
+        m(x)
+    h.remove()
+    blk = m.blocks[1]
+    torch.testing.assert_close(taps.tokens[1], seen["x"] + blk.attn(blk.norm1(seen["x"])))
+
+
+def test_gradient_flows_through_student_attention_not_teacher():
+    student, teacher = tiny_vit(), tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), common.ViTTaps(teacher, attn=[-1]) as t:
+        teacher(x)
+    assert not t.attn[2].requires_grad
+    with common.ViTTaps(student, attn=[-1]) as s:
+        student(x)
+    loss = F.kl_div(s.attn[2].clamp_min(1e-8).log(), t.attn[2] + 0.0, reduction="batchmean")
+    loss.backward()
+    for name in ("blocks.2.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "patch_embed.proj.weight"):
+        g = dict(student.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    assert dict(student.named_parameters())["blocks.2.mlp.fc1.weight"].grad is None  # after the tap
+
+
+def test_head_mask_zeroes_exactly_that_head():
+    m = tiny_vit().eval()
+    x = torch.randn(4, 3, 32, 32)
+    seen = []  # a forward hook sees the projection's input after the mask pre-hook ran
+    h = m.blocks[2].attn.proj.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].unflatten(-1, (3, -1))))
+    ref_logits = m(x)
+    with common.ViTTaps(m, head_masks={-1: torch.tensor([1.0, 0.0, 1.0])}) as taps:
+        masked_logits = m(x)
+        per_sample = torch.ones(4, 3)
+        per_sample[1, 2] = 0
+        taps.set_head_masks({2: per_sample})
+        m(x)
+    m(x)
+    h.remove()
+    ref, masked, sample, after = seen
+    assert torch.all(masked[:, :, 1] == 0)
+    assert torch.equal(masked[:, :, [0, 2]], ref[:, :, [0, 2]])
+    assert torch.all(sample[1, :, 2] == 0) and torch.equal(sample[1, :, :2], ref[1, :, :2])
+    assert torch.equal(sample[[0, 2, 3]], ref[[0, 2, 3]])
+    assert not torch.allclose(masked_logits, ref_logits) and torch.equal(after, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# models and weights
+# ---------------------------------------------------------------------------------------------
+def test_create_model_aliases_overrides_and_mocov3_options():
+    m = common.create_model("vit_small", img_size=32, patch_size=4, depth=2, num_heads=12, num_classes=0,
+                            sincos_pos_embed=True, frozen_patch_embed=True)
+    assert m.model_config["name"] == "vit_small_patch16_224" and len(m.blocks) == 2
+    assert m.blocks[0].attn.num_heads == 12 and m.num_classes == 0
+    pe = m.pos_embed[0]
+    assert not m.pos_embed.requires_grad and not m.patch_embed.proj.weight.requires_grad
+    torch.testing.assert_close(pe[1:], common.sincos_2d(8, 8, 384))
+    assert torch.all(pe[0] == 0)
+    # column 3 of row 0 vs row 2: sin of the column index in the first quarter, of the row in the third
+    torch.testing.assert_close(pe[1 + 3, 0], torch.tensor(math.sin(3.0)))
+    torch.testing.assert_close(pe[1 + 2 * 8, 192], torch.tensor(math.sin(2.0)))
+    assert all(p.requires_grad is False for p in m.patch_embed.parameters())
+    assert common.create_model("resnet18", num_classes=7).fc.out_features == 7
+    assert common.create_model("vit_small_patch16_224.dino", img_size=32).num_classes == 0  # the tag's config
+    with pytest.raises(common.UserError, match="unknown model 'vit_smol'"):
+        common.create_model("vit_smol")
+    with pytest.raises(common.UserError, match="does not take"):
+        common.create_model("resnet18", depth=3)
+
+
+def _assert_same_backbone(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        if not k.startswith("head"):
+            assert torch.equal(sa[k], sb[k]), k
+
+
+def test_load_weights_from_dino_deit_mae_mocov3_and_own_files(tmp_path):
+    src = tiny_vit()
+    sd = src.state_dict()
+    backbone = {k: v for k, v in sd.items() if not k.startswith("head")}
+    files = {
+        "dino_full.pth": {"teacher": {**{f"backbone.{k}": v for k, v in backbone.items()},
+                                      "head.mlp.0.weight": torch.randn(8, 192), "head.last_layer.weight_g": torch.ones(1, 4)},
+                          "student": {f"module.backbone.{k}": v + 1 for k, v in backbone.items()},
+                          "args": argparse.Namespace(arch="vit_tiny"), "epoch": 100},
+        "dino_backbone.pth": backbone,
+        "deit.pth": {"model": {**backbone, "head.weight": torch.randn(1000, 192), "head.bias": torch.randn(1000)},
+                     "args": argparse.Namespace(model="deit_tiny_patch16_224")},
+        "mae.pth": {"model": {**backbone, "mask_token": torch.zeros(1, 1, 64), "decoder_embed.weight": torch.randn(64, 192),
+                              "decoder_pos_embed": torch.zeros(1, 17, 64)}},
+        "mocov3.pth": {"arch": "vit_tiny", "state_dict": {
+            **{f"module.base_encoder.{k}": v for k, v in backbone.items()},
+            **{f"module.momentum_encoder.{k}": v - 1 for k, v in backbone.items()},
+            "module.base_encoder.head.0.weight": torch.randn(32, 192), "module.predictor.0.weight": torch.randn(8, 8)}},
+        "timm_ema.pth": {"state_dict_ema": {f"module.{k}": v for k, v in sd.items()}},
+    }
+    for fname, obj in files.items():
+        torch.save(obj, tmp_path / fname)
+        dst = tiny_vit(num_classes=10)
+        torch.manual_seed(1)
+        for p in dst.parameters():
+            nn.init.normal_(p)
+        common.load_weights(dst, str(tmp_path / fname))
+        _assert_same_backbone(dst, src)
+    # the same through safetensors, and DINO's student on request
+    from safetensors.torch import save_file
+    save_file(backbone, str(tmp_path / "b.safetensors"))
+    dst = tiny_vit(num_classes=0)
+    common.load_weights(dst, str(tmp_path / "b.safetensors"))
+    _assert_same_backbone(dst, src)
+    common.load_weights(dst, str(tmp_path / "dino_full.pth"), key="student")
+    assert torch.equal(dst.pos_embed, src.pos_embed + 1)
+    # a finer grid: pos_embed resampled by timm (4x4 -> 8x8 patches)
+    big = common.create_model("deit_tiny", img_size=64, patch_size=8, depth=3, num_classes=0)
+    common.load_weights(big, str(tmp_path / "dino_backbone.pth"))
+    assert big.pos_embed.shape == (1, 65, 192)
+    torch.testing.assert_close(big.pos_embed[:, 0], src.pos_embed[:, 0])
+    # prefixes are stripped at the start of a key only
+    odd = {("blocks.0.module." + k[len("blocks.0."):] if k.startswith("blocks.0.") else k): v for k, v in backbone.items()}
+    torch.save(odd, tmp_path / "odd.pth")
+    with pytest.raises(common.UserError, match=r"missing: \['blocks.0.norm1.weight'.*unexpected: \['blocks.0.module.norm1.weight'"):
+        common.load_weights(tiny_vit(), str(tmp_path / "odd.pth"))
+
+
+def test_load_weights_errors(tmp_path):
+    m = tiny_vit()
+    with pytest.raises(common.UserError, match="checkpoint not found: .*never downloaded"):
+        common.load_weights(m, str(tmp_path / "nope.pth"))
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UserError, match="cannot read checkpoint"):
+        common.load_weights(m, str(tmp_path / "bad.pth"))
+    deeper = common.create_model("deit_tiny", **{**TINY, "depth": 4}).state_dict()
+    torch.save(deeper, tmp_path / "deeper.pth")
+    with pytest.raises(common.UserError, match=r"unexpected: \['blocks.3"):
+        common.load_weights(m, str(tmp_path / "deeper.pth"))
+    wider = common.create_model("deit_small", **TINY).state_dict()
+    torch.save(wider, tmp_path / "wider.pth")
+    with pytest.raises(common.UserError, match="shape mismatch"):
+        common.load_weights(m, str(tmp_path / "wider.pth"))
+    with pytest.raises(common.UserError, match="no key 'ema'"):
+        common.load_weights(m, str(tmp_path / "deeper.pth"), key="ema")
+    import time
+    t = time.time()
+    with pytest.raises(common.UserError, match="could not fetch hub:vit_tiny_patch16_224.augreg_in21k.*HF_HUB_OFFLINE=1"):
+        common.load_weights(m, "hub:vit_tiny_patch16_224.augreg_in21k")
+    assert time.time() - t < 10  # fails fast offline
+    with pytest.raises(common.UserError, match="needs weights"):
+        common.build_teacher("deit_tiny", None, **TINY)
+    teacher = common.build_teacher("deit_tiny", "random", **TINY)
+    teacher.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+def data_args(**kw):
+    p = argparse.ArgumentParser()
+    common.add_data_args(p, input_size=32)
+    return p.parse_args([f"--{k}={v}" for k, v in kw.items()])
+
+
+def test_synthetic_data_is_deterministic_and_balanced():
+    a = common.SyntheticShapes(40)
+    b = common.SyntheticShapes(40)
+    import numpy as np
+    assert np.array_equal(np.asarray(a[13][0]), np.asarray(b[13][0]))
+    assert not np.array_equal(np.asarray(a[13][0]), np.asarray(common.SyntheticShapes(40, seed=1)[13][0]))
+    assert [a[i][1] for i in range(20)] == list(range(10)) * 2
+    assert a[0][0].size == (32, 32)
+
+
+def test_datasets_transforms_and_loaders(tmp_path):
+    args = data_args(dataset="synthetic", synthetic_size=100, num_workers=0)
+    train = common.build_dataset(args, "train", common.build_transform(args, True))
+    x, y = train[3]
+    assert x.shape == (3, 32, 32) and y == 3
+    val = common.build_dataset(args, "val", common.build_transform(args, False))
+    assert val[0][0].shape == (3, 32, 32)
+    fake = common.build_dataset(data_args(dataset="fake", synthetic_size=8), "train", common.build_transform(args, False))
+    assert fake[0][0].shape == (3, 32, 32)
+    v1, v2 = common.TwoViews(32)(train.render(0))
+    assert v1.shape == v2.shape == (3, 32, 32) and not torch.equal(v1, v2)
+    # training loader: full batches only; evaluation: every sample once over any world size
+    loader = common.build_loader(train, 32, True, 0)
+    assert [len(b[1]) for b in loader] == [32, 32, 32]
+    seen = sorted(i for r in range(3) for i in common.EvalSampler(10, r, 3))
+    assert seen == list(range(10))
+    with pytest.raises(common.UserError, match="no full batch"):
+        common.build_loader(train, 101, True, 0)
+    mix = common.build_mixup(0.8, 1.0, 1.0, 0.5, 0.1, 10)
+    xb, yb = mix(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert yb.shape == (4, 10) and torch.allclose(yb.sum(1), torch.ones(4))
+    assert common.build_mixup(0, 0, 1.0, 0.5, 0.1, 10) is None
+    # ImageFolder layout, and clear errors for missing or empty data
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "data" / split / c)
+            Image.new("RGB", (40, 40), (255, 0, 0) if c == "a" else (0, 0, 255)).save(tmp_path / "data" / split / c / "0.jpg")
+    args = data_args(data_path=tmp_path / "data")
+    ds = common.build_dataset(args, "val", common.build_transform(args, False))
+    assert ds.classes == ["a", "b"] and ds[1][0].shape == (3, 32, 32)
+    with pytest.raises(common.UserError, match="data path not found"):
+        common.build_dataset(data_args(data_path=tmp_path / "missing"), "train", None)
+    os.makedirs(tmp_path / "empty" / "train")
+    with pytest.raises(common.UserError, match="no images in"):
+        common.build_dataset(data_args(data_path=tmp_path / "empty"), "train", None)
+    with pytest.raises(common.UserError, match="no val/ or test/ folder"):
+        common.build_dataset(data_args(data_path=tmp_path / "empty"), "val", None)
+    with pytest.raises(common.UserError, match="pass --download"):
+        common.build_dataset(data_args(dataset="cifar10", data_path=tmp_path / "nocifar"), "train", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# training utilities
+# ---------------------------------------------------------------------------------------------
+def test_schedule_lr_rule_param_groups_and_finite_check():
+    assert common.cosine_schedule(0, 100, 1.0, 0.0, 10) == 0.0
+    assert common.cosine_schedule(5, 100, 1.0, 0.0, 10) == 0.5
+    assert common.cosine_schedule(10, 100, 1.0, 0.0, 10) == 1.0
+    assert math.isclose(common.cosine_schedule(55, 100, 1.0, 0.0, 10), 0.5)
+    assert math.isclose(common.cosine_schedule(100, 100, 1.0, 0.1, 10), 0.1)
+    args = argparse.Namespace(batch_size=64, blr=1.5e-4, lr=None, accum_iter=2)
+    assert math.isclose(common.resolve_lr(args), 1.5e-4 * 128 / 256) and args.lr is None
+    m = tiny_vit()
+    extra = nn.ModuleDict({"student": m, "adapter": nn.Linear(4, 4)})
+    decay, no_decay = (g["params"] for g in common.param_groups(extra, 0.05))
+    names = {id(p): n for n, p in extra.named_parameters()}
+    assert {names[id(p)] for p in no_decay} >= {"student.pos_embed", "student.cls_token", "student.norm.weight",
+                                                  "adapter.bias", "student.blocks.0.attn.qkv.bias"}
+    assert {names[id(p)] for p in decay} == {n for n, p in extra.named_parameters() if p.ndim == 2} | {"student.patch_embed.proj.weight"}
+    with pytest.raises(common.UserError, match="non-finite loss at step 3"):
+        common.check_finite(torch.tensor(float("nan")), "at step 3")
+    common.check_finite(torch.tensor(1.0))
+    teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
+    expect = 0.9 * teacher.weight.detach() + 0.1 * student.weight.detach()
+    common.ema_update(teacher, student, 0.9)
+    torch.testing.assert_close(teacher.weight.detach(), expect)
+
+
+def test_resume_gives_the_same_weights_as_one_run(tmp_path):
+    straight = toy(tmp_path / "a")
+    toy(tmp_path / "b", "--stop_after", "1")
+    assert json.loads((tmp_path / "b" / "log.txt").read_text().splitlines()[-1])["epoch"] == 0
+    resumed = toy(tmp_path / "b")
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    ck = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
+    assert ck["epoch"] == 2 and ck["script"] == "toy" and isinstance(ck["args"], dict)
+    # the exported backbone loads into plain timm
+    import timm
+    m = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2,
+                          checkpoint_path=str(tmp_path / "b" / "student_backbone.pth"))
+    assert torch.equal(m.pos_embed, resumed.pos_embed)
+
+
+def test_output_dir_is_never_overwritten(tmp_path):
+    toy(tmp_path / "run", "--epochs", "1", "--synthetic_size", "64")
+    before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
+    with pytest.raises(common.UserError, match="written with other arguments .*blr: 0.0005 -> 0.001"):
+        toy(tmp_path / "run", "--epochs", "1", "--synthetic_size", "64", "--blr", "1e-3")
+    with pytest.raises(common.UserError, match="checkpoint.pth exists; use --resume auto"):
+        toy(tmp_path / "run", "--epochs", "1", "--synthetic_size", "64", "--resume", "none")
+    args = toy_parser().parse_args(["--output_dir", str(tmp_path / "run")])
+    with pytest.raises(common.UserError, match="is a checkpoint of toy, not vitkd.py"):
+        common.prepare_output_dir(args, "vitkd.py")
+    assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before
+
+
+def test_one_line_error_from_the_command_line(tmp_path):
+    r = subprocess.run([sys.executable, "eval_knn_linear.py", "--arch", "deit_tiny", "--weights", "random",
+                        "--data_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: data path not found: {tmp_path / 'nowhere'}"]
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path):
+    # plain SGD: the update is linear in the averaged gradient, so a wrong average would show
+    flags = ["--synthetic_size", "64", "--epochs", "1", "--warmup_epochs", "0", "--no-train_aug", "--drop_path", "0",
+             "--opt", "sgd", "--blr", "2.0", "--weight_decay", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "test_smoke.py", "--dataset", "synthetic", "--num_workers", "0", *flags, "--batch_size", "8",
+                        "--output_dir", str(tmp_path / "ddp")], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{i}.pth", weights_only=True) for i in range(2)]
+    single = toy(tmp_path / "single", *flags, "--batch_size", "16")  # same global batch in one process
+    assert ranks[0]["gather_ok"] and ranks[1]["gather_ok"]
+    init = tiny_init().state_dict()
+    for k, v in single.state_dict().items():
+        assert torch.equal(ranks[0]["model"][k], ranks[1]["model"][k]), k
+        torch.testing.assert_close(ranks[0]["model"][k] - init[k], v - init[k], atol=1e-6, rtol=1e-4)
+    assert (single.head.weight - init["head.weight"]).abs().max() > 1e-2  # it did train
+
+
+def tiny_init():
+    torch.manual_seed(0)
+    return common.create_model("deit_tiny", num_classes=10, img_size=32, patch_size=8, depth=2, drop_path_rate=0.0)
+
+
+def ddp_worker(argv):
+    """torchrun entry: train the toy model, check the gathers, save this rank's parameters."""
+    args = toy_parser().parse_args(argv)
+    model = toy_main(args)
+    rank, world = common.get_rank(), common.get_world_size()
+    x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    g = common.all_gather_grad(x)
+    w = torch.arange(g.numel(), dtype=torch.float32).view_as(g)
+    (g * w).sum().backward()
+    # each rank's loss reaches every rank's input: d(sum over ranks)/dx = world * w[own rows]
+    ok = g.shape == (2 * world, 3) and torch.equal(x.grad, world * w[2 * rank:2 * rank + 2])
+    ok &= torch.equal(common.concat_all_gather(torch.tensor([rank])), torch.arange(world))
+    ok &= torch.equal(common.gather_uneven(torch.arange(rank + 1)), torch.tensor([0, 0, 1]))
+    torch.save({"model": model.state_dict(), "gather_ok": bool(ok)}, os.path.join(args.output_dir, f"rank{rank}.pth"))
+    torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# eval_knn_linear.py
+# ---------------------------------------------------------------------------------------------
+def test_knn_matches_a_hand_computation():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
+    ytr = torch.tensor([0, 0, 1, 1, 2])
+    test = torch.tensor([[1.0, 0.05], [0.05, 1.0], [-1.0, -0.1]])
+    yte = torch.tensor([0, 1, 0])  # the third point's neighbourhood is class 2: wrong for k = 1 and 3
+    res = eval_knn_linear.knn_classify(train, ytr, test, yte, 3, ks=(1, 3), temperature=0.07, max_entries=5)
+    assert res[1]["acc1"] == pytest.approx(200 / 3) and res[3]["acc1"] == pytest.approx(200 / 3)
+    assert res[1]["acc5"] == 100.0  # top-5 of 3 classes
+    # weighted votes: one very close class-0 neighbour outvotes two distant class-1 neighbours
+    train = torch.tensor([[1.0, 0.0], [0.5, 0.866], [0.5, -0.866]])
+    res = eval_knn_linear.knn_classify(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.01]]), torch.tensor([0]),
+                                       2, ks=(3,), temperature=0.07)
+    assert res[3]["acc1"] == 100.0  # exp(1 / 0.07) > 2 exp(0.5 / 0.07); a majority vote would say class 1
+    res = eval_knn_linear.knn_classify(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.01]]), torch.tensor([0]),
+                                       2, ks=(3,), temperature=10.0)
+    assert res[3]["acc1"] == 0.0  # at a high temperature the votes are nearly equal
+
+
+def test_eval_on_trained_checkpoint_exported_backbone_and_timm_name(tmp_path):
+    run = tmp_path / "run"
+    toy(run, "--epochs", "8", "--synthetic_size", "1024", "--batch_size", "32", "--blr", "1e-2", "--embed_dim", "96",
+        "--no-train_aug", "--drop_path", "0")  # about 55% top-1 after 8 epochs (chance: 10%)
+    base = ["--dataset", "synthetic", "--synthetic_size", "1024", "--input_size", "32", "--num_workers", "0",
+            "--probe_epochs", "30", "--probe_batch_size", "128", "--nb_knn", "10", "20"]
+    parser = eval_knn_linear.get_args_parser()
+    out = eval_knn_linear.main(parser.parse_args(base + ["--weights", str(run / "checkpoint.pth"),
+                                                         "--output_dir", str(tmp_path / "e1"), "--layers", "0"]))
+    assert out["knn"]["cls"][20]["acc1"] > 35 and out["linear"]["cls"]["acc1"] > 35  # chance: 10
+    assert out["train_images"] == 1024 and out["val_images"] == 256
+    exported = eval_knn_linear.main(parser.parse_args(base + ["--weights", str(run / "student_backbone.pth"),
+                                                              "--output_dir", str(tmp_path / "e2"), "--no-linear",
+                                                              "--dump_features", str(tmp_path / "f.pth")]))
+    assert exported["knn"]["cls"] == out["knn"]["cls"]
+    again = eval_knn_linear.main(parser.parse_args(base + ["--load_features", str(tmp_path / "f.pth"), "--no-linear",
+                                                           "--output_dir", str(tmp_path / "e3")]))
+    assert again["knn"] == exported["knn"]
+    rnd = eval_knn_linear.main(parser.parse_args(base + ["--arch", "deit_tiny", "--weights", "random", "--patch_size", "8",
+                                                         "--no-linear", "--output_dir", str(tmp_path / "e4")]))
+    assert rnd["knn"]["cls"][20]["acc1"] < out["knn"]["cls"][20]["acc1"]
+    # the saved probe reproduces its accuracy on the same features; results are never overwritten
+    probe, spec = eval_knn_linear.load_probe(str(tmp_path / "e1" / "linear_probe.pth"))
+    feats, labels = torch.load(tmp_path / "f.pth", weights_only=True)["val"]
+    acc = (probe(feats["cls"]).argmax(1) == labels).float().mean().item() * 100
+    assert spec == {"n_last_blocks": 1, "avgpool": False}
+    assert acc == pytest.approx(out["linear"]["cls"]["acc1"], abs=0.4)  # at most one of 256 images differs
+    with pytest.raises(common.UserError, match="eval_results.json exists"):
+        eval_knn_linear.main(parser.parse_args(base + ["--weights", "random", "--arch", "deit_tiny",
+                                                       "--output_dir", str(tmp_path / "e1")]))
+
+
+def test_probe_learning_rates_trained_together_match_one_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
+    args = argparse.Namespace(probe_lrs=[0.01, 0.3], probe_epochs=5, probe_batch_size=32, probe_bn=False,
+                              probe_weight_decay=0.0, seed=0)
+    both, _ = eval_knn_linear.train_linear_probes(x, y, x, y, 3, args, torch.device("cpu"))
+    for lr in args.probe_lrs:
+        torch.manual_seed(0)
+        one, _ = eval_knn_linear.train_linear_probes(x, y, x, y, 3, argparse.Namespace(**{**vars(args), "probe_lrs": [lr]}),
+                                                     torch.device("cpu"))
+        assert one["per_lr"][f"{lr:g}"] == both["per_lr"][f"{lr:g}"]
+
+
+def test_dino_linear_classifier_files_load_with_their_feature_spec(tmp_path):
+    torch.save({"state_dict": {"module.linear.weight": torch.randn(10, 4 * 192), "module.linear.bias": torch.zeros(10)}},
+               tmp_path / "dino_s.pth")
+    probe, spec = eval_knn_linear.load_probe(str(tmp_path / "dino_s.pth"), embed_dim=192)
+    assert spec == {"n_last_blocks": 4, "avgpool": False} and probe.linear.in_features == 768
+    torch.save({"module.linear.weight": torch.randn(10, 2 * 192), "module.linear.bias": torch.zeros(10)}, tmp_path / "dino_b.pth")
+    assert eval_knn_linear.load_probe(str(tmp_path / "dino_b.pth"), embed_dim=192)[1] == {"n_last_blocks": 1, "avgpool": True}
+    # DINO's interleaved layout for CLS + mean patch token, and the last-4 concatenation
+    m = tiny_vit(num_classes=0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    f = eval_knn_linear.backbone_features(m, x, [dict(n_last_blocks=1, avgpool=True), dict(n_last_blocks=3, avgpool=False)])
+    out = m.forward_intermediates(x, indices=3, norm=True, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True)
+    cls, avg = out[-1][1][:, 0], out[-1][0].mean(1)
+    torch.testing.assert_close(f["cls_avgpool"][:, 0::2], cls)
+    torch.testing.assert_close(f["cls_avgpool"][:, 1::2], avg)
+    torch.testing.assert_close(f["last3"], torch.cat([o[1][:, 0] for o in out], 1))
+
+
+if __name__ == "__main__":
+    ddp_worker(sys.argv[1:])
