@@ -728,6 +728,8 @@ def build_loader(dataset, batch_size, train, num_workers=8, seed=0, repeated_aug
     sees the same batches as W processes with b), last partial batch dropped; repeated
     augmentation (DeiT) on request. Evaluation: EvalSampler, nothing dropped."""
     world, rank = get_world_size(), get_rank()
+    if batch_size < 1:
+        fail(f"--batch_size is per process and must be at least 1 (global batch = batch_size x {world} processes)")
     if train:
         if repeated_aug:
             from timm.data.distributed_sampler import RepeatAugSampler

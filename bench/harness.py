@@ -1,0 +1,54 @@
+"""Tiny timing harness shared by the benchmarks in bench/ (not used by the training scripts).
+
+Everything a benchmark compares is measured in one process and one run, with warm-up and
+repeats, and reported as a ratio, so that the machine's speed cancels out.
+"""
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+
+def device_and_amp():
+    """(device, autocast context factory): CUDA with bf16 when present, else CPU in fp32."""
+    import common
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, (lambda: common.autocast(device, "bf16"))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, warmup=2, repeats=5):
+    """Median wall time of fn() in seconds, after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def report(title, rows, device):
+    """rows: (name, seconds, images or None); the first row is the reference of the ratios."""
+    print(f"\n{title}  [{machine(device)}, torch {torch.__version__}]")
+    ref = rows[0][1]
+    for name, sec, images in rows:
+        ips = f"{images / sec:10.1f} img/s" if images else " " * 16
+        print(f"  {name:<46} {sec * 1000:10.1f} ms  {ips}  x{sec / ref:.2f}")
