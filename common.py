@@ -327,7 +327,7 @@ def adapt_state_dict(sd, model):
     return sd, notes, is_head
 
 
-def load_weights(model, source, key=None):
+def load_weights(model, source, key=None, ckpt=None):
     """Load weights into `model` from
       - a local .pth / .pt / .bin / .safetensors file in the formats people hold: timm (plain or
         'state_dict' / 'state_dict_ema'), DeiT / MAE ('model'), DINO ('teacher' / 'student' with
@@ -337,14 +337,16 @@ def load_weights(model, source, key=None):
         HF_HUB_OFFLINE=1 makes it fail at once instead of retrying);
       - 'random': keep the random initialisation (explicitly asked for, e.g. smoke tests).
     A path that does not exist is an error (never a download). Any missing or unexpected key beyond
-    a classifier head is an error that lists them."""
+    a classifier head is an error that lists them. `ckpt`: the file's content when the caller has
+    already read it (it is not read twice)."""
     if source == "random":
         print0(f"warning: {model.model_config['name'] if hasattr(model, 'model_config') else 'model'} keeps RANDOM weights (asked for)")
         return
     if source.startswith("hub:"):
         sd, used_key = _hub_state_dict(source[4:]), None
     else:
-        sd, used_key = _pick_state_dict(read_checkpoint(os.path.expanduser(source)), key, source)
+        ckpt = read_checkpoint(os.path.expanduser(source)) if ckpt is None else ckpt
+        sd, used_key = _pick_state_dict(ckpt, key, source)
     sd, notes, is_head = adapt_state_dict(sd, model)
     model_sd = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(model_sd[k].shape)}" for k, v in sd.items()
@@ -744,7 +746,7 @@ def build_loader(dataset, batch_size, train, num_workers=8, seed=0, repeated_aug
         sampler = EvalSampler(len(dataset), rank, world)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(), drop_last=train,
-                                       persistent_workers=num_workers > 0, collate_fn=collate_fn)
+                                       collate_fn=collate_fn)  # workers restart each epoch: exact resume
 
 
 # ---------------------------------------------------------------------------------------------
@@ -827,6 +829,23 @@ def grad_scaler(device, amp):
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")
 
 
+def optimizer_step(loss, optimizer, scaler, params=(), clip_grad=0.0, update=True):
+    """backward (scaled for fp16); then, when `update` (False: accumulate gradients), unscale, clip
+    the gradient norm of `params` to clip_grad (0: no clipping), step, and zero the gradients.
+    Returns the gradient norm before clipping, or None when not clipped."""
+    scaler.scale(loss).backward()
+    if not update:
+        return None
+    norm = None
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
     """teacher <- momentum * teacher + (1 - momentum) * student, parameters and float buffers."""
@@ -887,7 +906,9 @@ def atomic_save(obj, path):
 def save_checkpoint(output_dir, script, args, epoch, save_every=0, **state):
     """output_dir/checkpoint.pth with script name, args (a plain dict: loads with weights_only=True),
     epoch (= the next epoch to run) and the given state dicts; plus checkpoint{epoch:04}.pth every
-    save_every epochs."""
+    save_every epochs. Convention: 'model' is the student, 'model_config' its create_model
+    arguments; 'teacher' only for a teacher that training changes (EMA), because load_weights
+    prefers 'teacher' (DINO's convention) when asked to evaluate the file."""
     ckpt = {"script": script, "args": vars(args) if isinstance(args, argparse.Namespace) else dict(args),
             "epoch": epoch, **state}
     atomic_save(ckpt, os.path.join(output_dir, "checkpoint.pth"))

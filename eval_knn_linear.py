@@ -143,7 +143,7 @@ def main(args):
 def build_backbone(args):
     """The model to evaluate, without classifier. The architecture comes from --arch, or from a
     checkpoint of this repository ('model_config'), or from the .json beside an exported backbone."""
-    config = None
+    config, ckpt = None, None
     if args.weights and not args.weights.startswith("hub:") and args.weights != "random":
         ckpt = common.read_checkpoint(args.weights)
         sidecar = os.path.splitext(args.weights)[0] + ".json"
@@ -167,7 +167,7 @@ def build_backbone(args):
     grid = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if grid is not None and tuple(grid) != (args.input_size, args.input_size) and not getattr(model, "dynamic_img_size", False):
         model = common.create_model(**{**config, "img_size": args.input_size})
-    common.load_weights(model, args.weights, args.checkpoint_key)
+    common.load_weights(model, args.weights, args.checkpoint_key, ckpt=ckpt)
     return common.freeze(model)
 
 

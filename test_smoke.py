@@ -45,6 +45,7 @@ def toy_parser():
     p.add_argument("--blr", default=5e-4, type=float)
     p.add_argument("--lr", default=None, type=float)
     p.add_argument("--weight_decay", default=0.05, type=float)
+    p.add_argument("--clip_grad", default=0.0, type=float)
     p.add_argument("--warmup_epochs", default=1, type=int)
     p.add_argument("--drop_path", default=0.1, type=float)
     p.add_argument("--randaug", default="rand-m9-mstd0.5-inc1")
@@ -76,6 +77,7 @@ def toy_main(args):
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["epoch"]
+    scaler = common.grad_scaler(device, args.amp)
     steps = len(loader)
     for epoch in range(start, args.epochs):
         if args.stop_after and epoch >= args.stop_after:
@@ -83,6 +85,7 @@ def toy_main(args):
         common.seed_everything(args.seed, epoch)
         loader.sampler.set_epoch(epoch)
         ddp.train()
+        meter = common.Meter()
         for it, (x, y) in enumerate(loader):
             step = epoch * steps + it
             lr = common.cosine_schedule(step, args.epochs * steps, base_lr, 1e-6, args.warmup_epochs * steps)
@@ -91,11 +94,14 @@ def toy_main(args):
             with common.autocast(device, args.amp):
                 loss = F.cross_entropy(ddp(x.to(device)), y.to(device))
             common.check_finite(loss, f"at epoch {epoch} iteration {it}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            norm = common.optimizer_step(loss, opt, scaler, model.parameters(), args.clip_grad)
+            meter.update(loss=loss.item(), lr=lr, **({"grad_norm": norm.item()} if norm is not None else {}))
+            if it % args.log_every == 0:
+                common.print0(meter.line(f"epoch {epoch}", it, steps))
         stats = common.evaluate(model, val_loader, device, args.amp)
-        common.log_stats(args.output_dir, {"epoch": epoch, "train_loss": loss.item(), **{f"test_{k}": v for k, v in stats.items()}})
+        train = common.reduce_metrics(meter.averages(), device)
+        common.log_stats(args.output_dir, {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
+                                           **{f"test_{k}": v for k, v in stats.items()}})
         common.save_checkpoint(args.output_dir, "toy", args, epoch + 1, model=model.state_dict(),
                                optimizer=opt.state_dict(), model_config=model.model_config)
     common.export_backbone(model, os.path.join(args.output_dir, "student_backbone.pth"))
@@ -399,6 +405,14 @@ def test_schedule_lr_rule_param_groups_and_finite_check():
     with pytest.raises(common.UserError, match="non-finite loss at step 3"):
         common.check_finite(torch.tensor(float("nan")), "at step 3")
     common.check_finite(torch.tensor(1.0))
+    lin = nn.Linear(3, 1, bias=False)
+    nn.init.ones_(lin.weight)
+    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+    x = torch.tensor([[3.0, 0.0, 4.0]])
+    norm = common.optimizer_step(lin(x).sum(), opt, common.grad_scaler(torch.device("cpu"), "off"), lin.parameters(), 1.0)
+    assert norm.item() == pytest.approx(5.0)  # d/dw (w . x) = x, |x| = 5, clipped to 1: step = x / 5
+    torch.testing.assert_close(lin.weight.detach(), torch.tensor([[1 - 0.6, 1.0, 1 - 0.8]]))
+    assert lin.weight.grad is None
     teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
     expect = 0.9 * teacher.weight.detach() + 0.1 * student.weight.detach()
     common.ema_update(teacher, student, 0.9)
@@ -406,10 +420,10 @@ def test_schedule_lr_rule_param_groups_and_finite_check():
 
 
 def test_resume_gives_the_same_weights_as_one_run(tmp_path):
-    straight = toy(tmp_path / "a")
-    toy(tmp_path / "b", "--stop_after", "1")
+    straight = toy(tmp_path / "a", "--num_workers", "2")  # augmentation in worker processes
+    toy(tmp_path / "b", "--num_workers", "2", "--stop_after", "1")
     assert json.loads((tmp_path / "b" / "log.txt").read_text().splitlines()[-1])["epoch"] == 0
-    resumed = toy(tmp_path / "b")
+    resumed = toy(tmp_path / "b", "--num_workers", "2")
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     ck = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
@@ -459,6 +473,20 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
         assert torch.equal(ranks[0]["model"][k], ranks[1]["model"][k]), k
         torch.testing.assert_close(ranks[0]["model"][k] - init[k], v - init[k], atol=1e-6, rtol=1e-4)
     assert (single.head.weight - init["head.weight"]).abs().max() > 1e-2  # it did train
+    # sharded evaluation counts every image once: same metrics and features as one process
+    logs = [json.loads((tmp_path / d / "log.txt").read_text()) for d in ("ddp", "single")]
+    assert logs[0]["test_acc1"] == logs[1]["test_acc1"] and logs[0]["test_loss"] == pytest.approx(logs[1]["test_loss"], rel=1e-4)
+    feats, labels = extract_11(single)
+    assert torch.equal(ranks[0]["labels"], labels) and torch.equal(ranks[1]["labels"], labels)
+    torch.testing.assert_close(ranks[0]["feats"], feats, atol=1e-4, rtol=1e-4)
+
+
+def extract_11(model):
+    """Features of 11 synthetic images (uneven over 2 ranks)."""
+    args = data_args()
+    ds = common.SyntheticShapes(11, transform=common.build_transform(args, False))
+    f, y = eval_knn_linear.extract_features(model.eval(), ds, [dict(n_last_blocks=2, avgpool=False)], 4, 0, torch.device("cpu"))
+    return f["last2"], y
 
 
 def tiny_init():
@@ -479,7 +507,10 @@ def ddp_worker(argv):
     ok = g.shape == (2 * world, 3) and torch.equal(x.grad, world * w[2 * rank:2 * rank + 2])
     ok &= torch.equal(common.concat_all_gather(torch.tensor([rank])), torch.arange(world))
     ok &= torch.equal(common.gather_uneven(torch.arange(rank + 1)), torch.tensor([0, 0, 1]))
-    torch.save({"model": model.state_dict(), "gather_ok": bool(ok)}, os.path.join(args.output_dir, f"rank{rank}.pth"))
+    ok &= common.reduce_metrics({"a": float(rank), "b": 1.0}, torch.device("cpu")) == {"a": 0.5, "b": 1.0}
+    feats, labels = extract_11(model)
+    torch.save({"model": model.state_dict(), "gather_ok": bool(ok), "feats": feats, "labels": labels},
+               os.path.join(args.output_dir, f"rank{rank}.pth"))
     torch.distributed.destroy_process_group()
 
 
