@@ -194,7 +194,6 @@ ALIASES = {
     "deit_base": "deit_base_patch16_224", "vit_tiny": "vit_tiny_patch16_224",
     "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
 }
-VIT_OPTIONS = ("img_size", "patch_size", "depth", "num_heads", "embed_dim", "dynamic_img_size")
 CHECKPOINT_KEYS = ("teacher", "student", "model", "state_dict", "state_dict_ema", "model_ema")
 
 
@@ -270,7 +269,7 @@ def read_checkpoint(path):
         fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
-def _pick_state_dict(ckpt, key, source):
+def pick_state_dict(ckpt, key, source):
     if key is not None:
         if not isinstance(ckpt, dict) or key not in ckpt:
             fail(f"{source} has no key '{key}' (top-level keys: {sorted(ckpt)[:12] if isinstance(ckpt, dict) else type(ckpt).__name__})")
@@ -327,7 +326,7 @@ def adapt_state_dict(sd, model):
     return sd, notes, is_head
 
 
-def load_weights(model, source, key=None, ckpt=None):
+def load_weights(model, source, key=None, ckpt=None, require_head=False):
     """Load weights into `model` from
       - a local .pth / .pt / .bin / .safetensors file in the formats people hold: timm (plain or
         'state_dict' / 'state_dict_ema'), DeiT / MAE ('model'), DINO ('teacher' / 'student' with
@@ -337,8 +336,9 @@ def load_weights(model, source, key=None, ckpt=None):
         HF_HUB_OFFLINE=1 makes it fail at once instead of retrying);
       - 'random': keep the random initialisation (explicitly asked for, e.g. smoke tests).
     A path that does not exist is an error (never a download). Any missing or unexpected key beyond
-    a classifier head is an error that lists them. `ckpt`: the file's content when the caller has
-    already read it (it is not read twice)."""
+    a classifier head is an error that lists them; with require_head, a classifier that is not
+    in the file (or has another shape) is an error too. `ckpt`: the file's content when the caller
+    has already read it (it is not read twice)."""
     if source == "random":
         print0(f"warning: {model.model_config['name'] if hasattr(model, 'model_config') else 'model'} keeps RANDOM weights (asked for)")
         return
@@ -346,7 +346,7 @@ def load_weights(model, source, key=None, ckpt=None):
         sd, used_key = _hub_state_dict(source[4:]), None
     else:
         ckpt = read_checkpoint(os.path.expanduser(source)) if ckpt is None else ckpt
-        sd, used_key = _pick_state_dict(ckpt, key, source)
+        sd, used_key = pick_state_dict(ckpt, key, source)
     sd, notes, is_head = adapt_state_dict(sd, model)
     model_sd = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(model_sd[k].shape)}" for k, v in sd.items()
@@ -361,6 +361,9 @@ def load_weights(model, source, key=None, ckpt=None):
         fail(f"{source} does not match the model: " + "; ".join(parts))
     model.load_state_dict(sd, strict=False)
     head_missing = [k for k in model_sd if k not in sd]
+    if head_missing and require_head:
+        fail(f"{source} holds no classifier for this model ({', '.join(notes) or 'none in the file'}); "
+             f"a teacher needs its own: give it the file's number of classes")
     if head_missing:
         notes.append(f"classifier left at init: {head_missing}")
     print0(f"| loaded {len(sd)} tensors from {source}" + (f" [{used_key}]" if used_key else "")
@@ -385,11 +388,12 @@ def _hub_state_dict(name):
 
 def build_teacher(name, weights, key=None, **overrides):
     """A frozen teacher: created, loaded, eval mode forever, no gradients. `weights` is required:
-    a file, hub:NAME, or 'random' for smoke tests (a teacher is never silently random)."""
+    a file, hub:NAME, or 'random' for smoke tests (a teacher is never silently random, nor is its
+    classifier: a teacher with num_classes > 0 must find one of the right shape in the file)."""
     if not weights:
         fail(f"teacher '{name}' needs weights: a local file, hub:<timm name>, or 'random' (smoke tests only)")
     model = create_model(name, **overrides)
-    load_weights(model, weights, key)
+    load_weights(model, weights, key, require_head=model.num_classes > 0)
     return freeze(model)
 
 
@@ -454,7 +458,7 @@ class ViTTaps:
         norm_set = set(self.blocks) if norm is True else {idx(i) for i in (norm or ())}
         self.num_prefix_tokens = model.num_prefix_tokens
         self.tokens, self.attn, self.head_masks = {}, {}, {}
-        self._handles, self._fused = [], {}
+        self._handles, self._fused, self._inputs = [], {}, None
         for i in self.blocks:
             blk = model.blocks[i]
             post = model.norm if i in norm_set else None

@@ -345,7 +345,7 @@ def load_probe(path, embed_dim=None):
     if isinstance(ckpt, dict) and "probe" in ckpt and "feature" in ckpt:
         sd, spec, bn = ckpt["probe"], ckpt["feature"], ckpt.get("bn", False)
     else:
-        sd, _ = common._pick_state_dict(ckpt, None, path)
+        sd, _ = common.pick_state_dict(ckpt, None, path)
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
         if set(sd) != {"linear.weight", "linear.bias"}:
             common.fail(f"{path} is neither a probe of eval_knn_linear.py nor a DINO linear classifier: {sorted(sd)[:6]}")

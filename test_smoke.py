@@ -318,6 +318,13 @@ def test_load_weights_errors(tmp_path):
     assert time.time() - t < 10  # fails fast offline
     with pytest.raises(common.UserError, match="needs weights"):
         common.build_teacher("deit_tiny", None, **TINY)
+    torch.save({k: v for k, v in m.state_dict().items() if not k.startswith("head")}, tmp_path / "headless.pth")
+    with pytest.raises(common.UserError, match="holds no classifier for this model"):
+        common.build_teacher("deit_tiny", str(tmp_path / "headless.pth"), num_classes=10, **TINY)
+    torch.save(tiny_vit(num_classes=1000).state_dict(), tmp_path / "in1k.pth")
+    with pytest.raises(common.UserError, match=r"holds no classifier .*dropped classifier \['head.weight', 'head.bias'\]"):
+        common.build_teacher("deit_tiny", str(tmp_path / "in1k.pth"), num_classes=10, **TINY)
+    assert common.build_teacher("deit_tiny", str(tmp_path / "headless.pth"), num_classes=0, **TINY).num_classes == 0
     teacher = common.build_teacher("deit_tiny", "random", **TINY)
     teacher.train()
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
