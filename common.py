@@ -386,14 +386,38 @@ def _hub_state_dict(name):
              f"cache (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); otherwise pass a local file")
 
 
+def saved_model_config(source):
+    """(create_model arguments, file content) of a checkpoint or exported backbone written here:
+    the checkpoint's 'model_config', or the .json beside an exported backbone. (None, content)
+    for foreign files, (None, None) for hub: and random."""
+    if not source or source == "random" or source.startswith("hub:"):
+        return None, None
+    ckpt = read_checkpoint(os.path.expanduser(source))
+    sidecar = os.path.splitext(os.path.expanduser(source))[0] + ".json"
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
+        return dict(ckpt["model_config"]), ckpt
+    if os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            return json.load(f), ckpt
+    return None, ckpt
+
+
 def build_teacher(name, weights, key=None, **overrides):
     """A frozen teacher: created, loaded, eval mode forever, no gradients. `weights` is required:
     a file, hub:NAME, or 'random' for smoke tests (a teacher is never silently random, nor is its
-    classifier: a teacher with num_classes > 0 must find one of the right shape in the file)."""
+    classifier: a teacher with num_classes > 0 must find one of the right shape in the file).
+    `name` may be None for a checkpoint or exported backbone of this repository, which knows its
+    architecture; `overrides` (None values ignored) apply on top."""
     if not weights:
         fail(f"teacher '{name}' needs weights: a local file, hub:<timm name>, or 'random' (smoke tests only)")
-    model = create_model(name, **overrides)
-    load_weights(model, weights, key, require_head=model.num_classes > 0)
+    config, ckpt = saved_model_config(weights)
+    if name:
+        config = {"name": name}
+    elif config is None:
+        fail(f"cannot tell the teacher's architecture from {weights}: pass --teacher")
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    model = create_model(**config)
+    load_weights(model, weights, key, ckpt=ckpt, require_head=model.num_classes > 0)
     return freeze(model)
 
 

@@ -143,15 +143,7 @@ def main(args):
 def build_backbone(args):
     """The model to evaluate, without classifier. The architecture comes from --arch, or from a
     checkpoint of this repository ('model_config'), or from the .json beside an exported backbone."""
-    config, ckpt = None, None
-    if args.weights and not args.weights.startswith("hub:") and args.weights != "random":
-        ckpt = common.read_checkpoint(args.weights)
-        sidecar = os.path.splitext(args.weights)[0] + ".json"
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
-            config = dict(ckpt["model_config"])
-        elif os.path.isfile(sidecar):
-            with open(sidecar) as f:
-                config = json.load(f)
+    config, ckpt = common.saved_model_config(args.weights)
     if not args.weights:
         common.fail("--weights is required: a file, hub:<timm name>, or 'random' (smoke tests)")
     if args.arch:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import common
 import eval_knn_linear
+import vitkd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(img_size=32, patch_size=8, depth=3)  # deit_tiny geometry: 192 wide, 3 heads, 17 tokens
@@ -542,10 +543,8 @@ def test_knn_matches_a_hand_computation():
     assert res[3]["acc1"] == 0.0  # at a high temperature the votes are nearly equal
 
 
-def test_eval_on_trained_checkpoint_exported_backbone_and_timm_name(tmp_path):
-    run = tmp_path / "run"
-    toy(run, "--epochs", "8", "--synthetic_size", "1024", "--batch_size", "32", "--blr", "1e-2", "--embed_dim", "96",
-        "--no-train_aug", "--drop_path", "0")  # about 55% top-1 after 8 epochs (chance: 10%)
+def test_eval_on_trained_checkpoint_exported_backbone_and_timm_name(tmp_path, supervised_run):
+    run = supervised_run
     base = ["--dataset", "synthetic", "--synthetic_size", "1024", "--input_size", "32", "--num_workers", "0",
             "--probe_epochs", "30", "--probe_batch_size", "128", "--nb_knn", "10", "20"]
     parser = eval_knn_linear.get_args_parser()
@@ -603,6 +602,170 @@ def test_dino_linear_classifier_files_load_with_their_feature_spec(tmp_path):
     torch.testing.assert_close(f["cls_avgpool"][:, 0::2], cls)
     torch.testing.assert_close(f["cls_avgpool"][:, 1::2], avg)
     torch.testing.assert_close(f["last3"], torch.cat([o[1][:, 0] for o in out], 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# vitkd.py
+# ---------------------------------------------------------------------------------------------
+TINY_RECIPE = ["--dataset", "synthetic", "--input_size", "32", "--num_workers", "0", "--randaug=", "--reprob", "0",
+               "--mixup", "0", "--cutmix", "0", "--warmup_epochs", "1", "--batch_size", "32", "--blr", "1e-2",
+               "--student", "deit_tiny", "--depth", "2", "--embed_dim", "96", "--patch_size", "8"]
+
+
+def run_vitkd(out, *extra):
+    args = vitkd.get_args_parser().parse_args(TINY_RECIPE + ["--output_dir", str(out), *extra])
+    return vitkd.main(args)
+
+
+@pytest.fixture(scope="module")
+def supervised_run(tmp_path_factory):
+    """vitkd.py without a teacher (the baseline, and how supervised teachers are made): 8 epochs."""
+    out = tmp_path_factory.mktemp("supervised")
+    run_vitkd(out, "--epochs", "8", "--synthetic_size", "1024")
+    return out
+
+
+def softmax_list(z):
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_nkd_and_kd_losses_match_hand_computations():
+    s = torch.tensor([[1.0, 2.0, 0.5, -1.0], [0.3, -0.2, 1.5, 0.0]])
+    t = torch.tensor([[0.2, 1.0, 2.5, 0.1], [1.0, 0.4, 0.9, -0.5]])
+    y = torch.tensor([1, 2])
+
+    def by_hand(s, t, y, tau, gamma):
+        total = 0.0
+        for b in range(2):
+            sb, tb, yb = s[b].tolist(), t[b].tolist(), int(y[b])
+            first = -softmax_list(tb)[yb] * math.log(softmax_list(sb)[yb])
+            others = [i for i in range(4) if i != yb]
+            ps = softmax_list([sb[i] / tau for i in others])
+            pt = softmax_list([tb[i] / tau for i in others])
+            total += first - gamma * tau ** 2 * sum(a * math.log(c) for a, c in zip(pt, ps))
+        return total / 2
+
+    for tau, gamma in ((1.0, 1.0), (2.0, 1.5)):
+        assert vitkd.nkd_loss(s, t, y, tau, gamma).item() == pytest.approx(by_hand(s, t, y, tau, gamma), rel=1e-5)
+    # the target class is really excluded from the second term: raising the teacher's target logit
+    # changes only the first term
+    first = lambda s, t: -(t.softmax(1).gather(1, y[:, None]) * s.log_softmax(1).gather(1, y[:, None])).mean()  # noqa: E731
+    t2 = t.clone()
+    t2[0, 1] += 3.0
+    second = vitkd.nkd_loss(s, t, y) - first(s, t)
+    second2 = vitkd.nkd_loss(s, t2, y) - first(s, t2)
+    assert second2.item() == pytest.approx(second.item(), abs=1e-6) and first(s, t2) != first(s, t)
+    # KD: batch-mean KL(teacher || student) at temperature T, times T^2
+    T = 4.0
+    kl = sum(sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(softmax_list([v / T for v in t[b].tolist()]),
+                                                                      softmax_list([v / T for v in s[b].tolist()])))
+             for b in range(2)) / 2
+    assert vitkd.kd_loss(s, t, T).item() == pytest.approx(kl * T * T, rel=1e-5)
+
+
+def test_vitkd_losses_match_hand_computations_and_mask_counts():
+    torch.manual_seed(0)
+    m = vitkd.ViTKDLoss(4, 6, 4, num_mimic=2, alpha=0.1, beta=0.2, mask_ratio=0.5)
+    nn.init.normal_(m.mask_token)
+    s_low, t_low = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 6)
+    s_high, t_high = torch.randn(2, 4, 4), torch.randn(2, 4, 6)
+    mask = torch.tensor([[True, False, False, True], [False, True, True, False]])
+    loss_lr, loss_gen = m(s_low, t_low, s_high, t_high, mask)
+    want_lr = sum(((s_low[b, l] @ m.mimic_adapters[l].weight.T + m.mimic_adapters[l].bias - t_low[b, l]) ** 2).sum()
+                  for b in range(2) for l in range(2)) * 0.1 / 2
+    torch.testing.assert_close(loss_lr, want_lr)
+    want_gen = 0.0
+    for b in range(2):
+        x = s_high[b] @ m.gen_adapter.weight.T + m.gen_adapter.bias
+        x = torch.stack([m.mask_token[0, 0] if mask[b, p] else x[p] for p in range(4)])  # 4 x 6, row-major 2 x 2 grid
+        grid = x.T.reshape(1, 6, 2, 2)
+        g = F.conv2d(F.relu(F.conv2d(grid, m.generator[0].weight, m.generator[0].bias, padding=1)),
+                     m.generator[2].weight, m.generator[2].bias, padding=1).reshape(6, 4).T
+        want_gen = want_gen + sum(((g[p] - t_high[b, p]) ** 2).sum() for p in range(4) if mask[b, p])
+    torch.testing.assert_close(loss_gen, want_gen * 0.2 / 2 / 0.5)
+    # correlation mimicking (Eq. 3-4) needs no adapter
+    c = vitkd.ViTKDLoss(4, 6, 4, mimic="correlation", alpha=0.1, beta=0.0)
+    corr = lambda f: torch.einsum("bpd,bqd->bpq", f, f) / math.sqrt(f.shape[-1])  # noqa: E731
+    want = sum(((corr(t_low[:, l]) - corr(s_low[:, l])) ** 2).sum() for l in range(2)) * 0.1 / 2
+    torch.testing.assert_close(c(s_low, t_low, s_high, t_high)[0], want)
+    assert not any(True for _ in c.parameters())
+    # exact mask counts: round(P x ratio) per sample
+    for p, n in ((4, 2), (9, 5), (196, 98)):
+        masks = vitkd.ViTKDLoss(4, 6, p if p != 196 else 196, alpha=0, beta=1.0).random_mask(5, "cpu")
+        assert masks.sum(1).tolist() == [n] * 5
+    with pytest.raises(common.UserError, match="square patch grid"):
+        vitkd.ViTKDLoss(4, 6, 8)
+
+
+@pytest.mark.parametrize("generator", ["conv", "mae", "cae"])
+def test_vitkd_gradients_reach_its_modules_and_never_the_teacher(generator):
+    student = tiny_vit(embed_dim=96)
+    teacher = common.build_teacher("deit_tiny", "random", num_classes=0, **TINY)
+    m = vitkd.ViTKDLoss(96, 192, 16, generator=generator, generator_depth=1)
+    taps = {n: (common.ViTTaps(x, blocks=[0, 1]), common.ViTTaps(x, blocks=[-1], norm=True))
+            for n, x in (("s", student), ("t", teacher))}
+    student.train(), teacher.train()
+    assert not teacher.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        teacher.forward_features(x)
+    student(x)
+    (s_low, s_high), (t_low, t_high) = vitkd.vitkd_features(*taps["s"]), vitkd.vitkd_features(*taps["t"])
+    assert s_low.shape == (2, 2, 16, 96) and t_high.shape == (2, 16, 192)  # CLS dropped
+    loss_lr, loss_gen = m(s_low, t_low, s_high, t_high)
+    (loss_lr + loss_gen).backward()
+    for name, p in list(m.named_parameters()) + [("student.blocks.0.attn.qkv.weight", student.blocks[0].attn.qkv.weight)]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_vitkd_end_to_end_resume_and_export(tmp_path, supervised_run, monkeypatch):
+    base = json.loads((supervised_run / "log.txt").read_text().splitlines()[-1])["test_acc1"]
+    assert base > 35  # chance: 10
+    # ViTKD + NKD from that teacher (it knows its architecture from its checkpoint)
+    _, stats = run_vitkd(tmp_path / "kd", "--epochs", "8", "--synthetic_size", "1024", "--embed_dim", "48",
+                         "--teacher_weights", str(supervised_run / "checkpoint.pth"), "--nkd", "--vitkd_rescale")
+    assert stats["acc1"] > 35
+    log = [json.loads(line) for line in (tmp_path / "kd" / "log.txt").read_text().splitlines()]
+    assert all(k in log[0] for k in ("train_mimic", "train_gen", "train_nkd", "train_ce"))
+    # resume after a crash right after the first checkpoint: the same student and ViTKD modules
+    flags = ["--epochs", "2", "--synthetic_size", "128", "--teacher_weights", str(supervised_run / "student_backbone.pth"),
+             "--nkd", "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0"]
+    straight, _ = run_vitkd(tmp_path / "a", *flags)
+    save = common.save_checkpoint
+
+    def crash_after_first(*a, **kw):
+        save(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "save_checkpoint", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_vitkd(tmp_path / "b", *flags)
+    monkeypatch.setattr(common, "save_checkpoint", save)
+    resumed, _ = run_vitkd(tmp_path / "b", *flags)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    ca, cb = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=True) for d in ("a", "b"))
+    assert ca["vitkd"].keys() == cb["vitkd"].keys() and all(torch.equal(ca["vitkd"][k], cb["vitkd"][k]) for k in ca["vitkd"])
+    # the exported student is a plain timm model: no ViTKD modules in it
+    import timm
+    sd = torch.load(tmp_path / "b" / "student_backbone.pth", weights_only=True)
+    assert not any("mask_token" in k or "generator" in k or "adapter" in k for k in sd)
+    m = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2, embed_dim=96,
+                          checkpoint_path=str(tmp_path / "b" / "student_backbone.pth"))
+    assert torch.equal(m.pos_embed, resumed.pos_embed)
+
+
+def test_vitkd_bad_input(tmp_path, supervised_run):
+    with pytest.raises(common.UserError, match="--nkd / --kd_weight need a teacher"):
+        run_vitkd(tmp_path / "x", "--nkd")
+    with pytest.raises(common.UserError, match="patch grid .* pass --resample_teacher_grid"):
+        run_vitkd(tmp_path / "y", "--patch_size", "4", "--teacher_weights", str(supervised_run / "checkpoint.pth"))
+    with pytest.raises(common.UserError, match="teacher 'deit_tiny' needs weights|needs --teacher_weights"):
+        run_vitkd(tmp_path / "z", "--teacher", "deit_tiny")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y" / "checkpoint.pth").exists()
 
 
 if __name__ == "__main__":
