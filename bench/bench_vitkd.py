@@ -1,0 +1,72 @@
+"""vitkd.py: cost of ViTKD's own machinery (taps, adapters, mask token, generator, losses).
+
+One training step of ViTKD + NKD (vitkd.train_one_epoch on fixed batches) vs the sum of its parts
+measured in the same run: the student's supervised step alone (the same function without a teacher)
+plus the teacher's forward alone. Target: ratio <= 1.10.
+
+  python bench/bench_vitkd.py                            # CPU, DeiT-Ti <- DeiT-S, 224 px, batch 16
+  python bench/bench_vitkd.py --batch_size 128 --steps 20   # a GPU (bf16)
+"""
+import argparse
+
+import torch
+
+from harness import device_and_amp, report, timeit
+import common
+import vitkd
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--student", default="deit_tiny")
+    p.add_argument("--teacher", default="deit_small")
+    p.add_argument("--input_size", default=224, type=int)
+    p.add_argument("--batch_size", default=16, type=int)
+    p.add_argument("--steps", default=3, type=int, help="steps per timed call")
+    p.add_argument("--repeats", default=3, type=int)
+    p.add_argument("--generator", default="conv")
+    opts = p.parse_args()
+    device, _ = device_and_amp()
+    args = vitkd.get_args_parser().parse_args(["--nkd", "--log_every", "1000000", "--generator", opts.generator,
+                                               "--input_size", str(opts.input_size)])
+    torch.manual_seed(0)
+    student = common.create_model(opts.student, num_classes=1000, img_size=opts.input_size).to(device)
+    teacher = common.build_teacher(opts.teacher, "random", num_classes=1000, img_size=opts.input_size).to(device)
+    loss = vitkd.ViTKDLoss(student.embed_dim, teacher.embed_dim, student.patch_embed.num_patches,
+                           generator=opts.generator).to(device)
+    taps = {n: (common.ViTTaps(m, blocks=args.mimic_layers), common.ViTTaps(m, blocks=[-1], norm=True))
+            for n, m in (("student", student), ("teacher", teacher))}  # as vitkd.main sets them up
+    x = torch.randn(opts.batch_size, 3, opts.input_size, opts.input_size, device=device)
+    y = torch.randint(0, 1000, (opts.batch_size,), device=device)
+    batches = [(x, y)] * opts.steps
+    criterion = common.build_criterion(None, 0.1)
+    schedule = dict(total=10 ** 6, base=1e-4, final=1e-5, warmup=0, start=0.0)
+    mods = torch.nn.ModuleDict({"student": student, "vitkd": loss})
+    opt = torch.optim.AdamW(common.param_groups(mods, 0.05), lr=1e-4)
+    scaler = common.grad_scaler(device, args.amp)
+
+    def step(with_teacher):
+        def run():
+            vitkd.train_one_epoch(student, teacher if with_teacher else None, loss if with_teacher else None, taps,
+                                  batches, criterion, None, opt, scaler, schedule, 0, device, args)
+        return run
+
+    def teacher_forward():
+        for _ in range(opts.steps):
+            with torch.no_grad(), common.autocast(device, args.amp):
+                teacher(x)
+
+    args.nkd = False
+    t_student = timeit(step(False), device, warmup=1, repeats=opts.repeats)
+    t_teacher = timeit(teacher_forward, device, warmup=1, repeats=opts.repeats)
+    args.nkd = True
+    t_vitkd = timeit(step(True), device, warmup=1, repeats=opts.repeats)
+    n = opts.batch_size * opts.steps
+    report(f"ViTKD ({opts.generator} generator) + NKD step: {opts.student} <- {opts.teacher}, {opts.input_size}px, "
+           f"batch {opts.batch_size}", [("student step + teacher forward (sum of parts)", t_student + t_teacher, n),
+                                        ("  student step alone", t_student, n), ("  teacher forward alone", t_teacher, n),
+                                        ("ViTKD + NKD step", t_vitkd, n)], device)
+
+
+if __name__ == "__main__":
+    main()
