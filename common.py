@@ -720,6 +720,45 @@ class TwoViews:
         return [self.t1(img), self.t2(img)]
 
 
+def add_supervised_args(parser, epochs=300, batch_size=128, blr=2.5e-4, min_lr=1e-5, warmup_epochs=5, clip_grad=0.0):
+    """The DeiT training recipe as flags (vitkd.py, ssta.py); scripts pass their paper's defaults."""
+    g = parser.add_argument_group("optimisation (DeiT recipe)")
+    g.add_argument("--epochs", default=epochs, type=int)
+    g.add_argument("--batch_size", default=batch_size, type=int, help="per process (8 x 128 = 1024 on 8 GPUs)")
+    g.add_argument("--blr", default=blr, type=float, help="lr per 256 images (DeiT: 5e-4 per 512)")
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (overrides --blr)")
+    g.add_argument("--min_lr", default=min_lr, type=float, help="end of the cosine")
+    g.add_argument("--warmup_epochs", default=warmup_epochs, type=int, help="linear warm-up")
+    g.add_argument("--warmup_ratio", default=1e-3, type=float, help="warm-up starts at lr x ratio")
+    g.add_argument("--weight_decay", default=0.05, type=float)
+    g.add_argument("--clip_grad", default=clip_grad, type=float, help="gradient-norm clipping (0: off)")
+    g = parser.add_argument_group("augmentation (DeiT recipe)")
+    g.add_argument("--randaug", default="rand-m9-mstd0.5-inc1", type=str, help="timm RandAugment string ('' = off)")
+    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
+    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    g.add_argument("--mixup", default=0.8, type=float, help="Mixup alpha (0 = off)")
+    g.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0 = off)")
+    g.add_argument("--mixup_prob", default=1.0, type=float)
+    g.add_argument("--mixup_switch_prob", default=0.5, type=float)
+    g.add_argument("--repeated_aug", action=argparse.BooleanOptionalAction, default=False, help="DeiT's repeated augmentation")
+    g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and at the end)")
+    return g
+
+
+def build_supervised_data(args):
+    """Labelled training / evaluation data with the DeiT recipe (flags of add_supervised_args):
+    (train_set, train_loader, val_loader, mixup_fn or None, criterion)."""
+    train_set = build_dataset(args, "train", build_transform(args, True, args.randaug, args.reprob))
+    val_set = build_dataset(args, "val", build_transform(args, False))
+    loader = build_loader(train_set, args.batch_size, True, args.num_workers, args.seed, args.repeated_aug)
+    val_loader = build_loader(val_set, args.batch_size, False, args.num_workers)
+    mixup = build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing,
+                        len(train_set.classes))
+    if mixup is not None and args.batch_size % 2:
+        fail("Mixup / CutMix need an even --batch_size")
+    return train_set, loader, val_loader, mixup, build_criterion(mixup, args.smoothing)
+
+
 def build_mixup(mixup, cutmix, prob, switch_prob, smoothing, num_classes):
     """timm Mixup/CutMix (None when both alphas are 0). Targets become soft labels."""
     if mixup <= 0 and cutmix <= 0:
@@ -893,6 +932,13 @@ def check_finite(loss, where=""):
     if bad.item() > 0:
         fail(f"non-finite loss {where} on {int(bad.item())} rank(s); stopping all ranks. The last good "
              "checkpoint (if any) is untouched in output_dir; try a lower lr, --amp off or gradient clipping")
+
+
+def kd_loss(logits_s, logits_t, temperature):
+    """Hinton KD: KL(softmax(t / T) || softmax(s / T)), batch mean, times T^2 (fp32, teacher detached)."""
+    log_s = (logits_s.float() / temperature).log_softmax(1)
+    log_t = (logits_t.float().detach() / temperature).log_softmax(1)
+    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
 def accuracy(logits, target, topk=(1, 5)):

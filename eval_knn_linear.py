@@ -181,23 +181,30 @@ def backbone_features(model, x, specs):
     DINO's interleaved CLS / mean-patch layout) or, for other models, timm's pre-logits feature."""
     if not hasattr(model, "blocks"):
         return {"cls": model.forward_head(model.forward_features(x), pre_logits=True)}
+    with common.ViTTaps(model, blocks=feature_blocks(model, specs), norm=True) as taps:
+        model.forward_features(x)
+    return {spec_name(s): features_from_tokens(model, taps.tokens, s) for s in specs}
+
+
+def feature_blocks(model, specs):
+    """The blocks whose outputs the feature specs read."""
     depth = len(model.blocks)
     need = set()
     for s in specs:
         need |= {s["layer"] % depth} if "layer" in s else set(range(depth - s["n_last_blocks"], depth))
-    with common.ViTTaps(model, blocks=need, norm=True) as taps:
-        model.forward_features(x)
-    out = {}
-    for s in specs:
-        if "layer" in s:
-            f = taps.tokens[s["layer"] % depth][:, 0]
-        else:
-            f = torch.cat([taps.tokens[b][:, 0] for b in range(depth - s["n_last_blocks"], depth)], -1)
-            if s["avgpool"]:
-                patches = taps.tokens[depth - 1][:, taps.num_prefix_tokens:].mean(1)
-                f = torch.stack([f, patches], -1).flatten(1)  # DINO's layout: cls_0, avg_0, cls_1, avg_1, ...
-        out[spec_name(s)] = f
-    return out
+    return sorted(need)
+
+
+def features_from_tokens(model, tokens, spec):
+    """B x F feature of one spec from {block: B x N x D outputs after the final norm}."""
+    depth, npt = len(model.blocks), model.num_prefix_tokens
+    if "layer" in spec:
+        return tokens[spec["layer"] % depth][:, 0]
+    f = torch.cat([tokens[b][:, 0] for b in range(depth - spec["n_last_blocks"], depth)], -1)
+    if spec["avgpool"]:
+        patches = tokens[depth - 1][:, npt:].mean(1)
+        f = torch.stack([f, patches], -1).flatten(1)  # DINO's layout: cls_0, avg_0, cls_1, avg_1, ...
+    return f
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ here. Run as a script (`torchrun --nproc_per_node=2 test_smoke.py ARGS`) it is t
 supervised trainer below, which the resume and torchrun tests drive.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 import common
 import eval_knn_linear
+import ssta
 import vitkd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -766,6 +768,141 @@ def test_vitkd_bad_input(tmp_path, supervised_run):
     with pytest.raises(common.UserError, match="teacher 'deit_tiny' needs weights|needs --teacher_weights"):
         run_vitkd(tmp_path / "z", "--teacher", "deit_tiny")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y" / "checkpoint.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# ssta.py
+# ---------------------------------------------------------------------------------------------
+def test_attention_kd_loss_matches_a_hand_computation():
+    s = torch.tensor([[[0.7, 0.3], [0.4, 0.6]]])
+    t = torch.tensor([[[0.5, 0.5], [0.9, 0.1]]])
+    rows = [sum(tq * math.log(tq / sq) for tq, sq in zip(t[0, r].tolist(), s[0, r].tolist())) for r in range(2)]
+    assert ssta.attention_kd_loss(s, t).item() == pytest.approx(sum(rows) / 2, rel=1e-6)
+    rev = [sum(sq * math.log(sq / tq) for tq, sq in zip(t[0, r].tolist(), s[0, r].tolist())) for r in range(2)]
+    assert ssta.attention_kd_loss(s, t, reverse=True).item() == pytest.approx(sum(rev) / 2, rel=1e-6)
+    a = torch.softmax(torch.randn(3, 5, 5), -1)
+    assert ssta.attention_kd_loss(a, a).item() == pytest.approx(0.0, abs=1e-7)
+    # a distillation token of the teacher is dropped (row and column) and the rows renormalised
+    taps = argparse.Namespace(attn={4: torch.softmax(torch.randn(2, 3, 6, 6), -1)}, num_prefix_tokens=2)
+    m = ssta.teacher_map(taps, 4, 1, 1)
+    keep = [0, 2, 3, 4, 5]
+    want = taps.attn[4][:, 1][:, keep][:, :, keep]
+    torch.testing.assert_close(m, want / want.sum(-1, keepdim=True))
+
+
+def decisive_teacher():
+    """A tiny ViT whose blocks 1 and 2 use only head 2 and head 0 (the other heads' output projections
+    are zero), with labels = its own predictions: zeroing exactly those two heads costs the most."""
+    m = tiny_vit().eval()
+    d = m.blocks[0].attn.head_dim
+    with torch.no_grad():
+        for blk, keep in ((m.blocks[1], 2), (m.blocks[2], 0)):
+            w = blk.attn.proj.weight.view(-1, 3, d)
+            w[:, [h for h in range(3) if h != keep]] = 0
+            w[:, keep] *= 4
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(48, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        labels = m(images).argmax(1)
+    return m, [(images[i:i + 16], labels[i:i + 16]) for i in range(0, 48, 16)]
+
+
+def test_head_importance_finds_the_decisive_heads_and_the_tree_equals_naive_search():
+    m, batches = decisive_teacher()
+    classify = lambda x, outs: m.forward_head(m.norm(x))  # noqa: E731
+    acc_all, accs = ssta.head_importance(m, classify, set(), [1, 2], batches, torch.device("cpu"))
+    combos = list(itertools.product(range(3), repeat=2))
+    assert acc_all == 100.0
+    assert combos[max(range(9), key=lambda i: (acc_all - accs[i], -i))] == (2, 0)
+    assert all(accs[i] == 100.0 for i, c in enumerate(combos) if c[0] != 2 and c[1] != 0)  # the unused heads
+    # tree == naive, also with a probe reading several blocks (one after the last distilled layer)
+    probe = eval_knn_linear.LinearProbe(2 * 192, 10).eval()
+    spec = dict(n_last_blocks=2, avgpool=False)
+    need = set(eval_knn_linear.feature_blocks(m, [spec]))
+    classify_p = lambda x, outs: probe(eval_knn_linear.features_from_tokens(m, {b: m.norm(outs[b]) for b in need}, spec))  # noqa: E731
+    for cls, nd, layers in ((classify, set(), [0, 1, 2]), (classify_p, need, [0, 1])):
+        tree = ssta.head_importance(m, cls, nd, layers, batches, torch.device("cpu"))
+        naive = ssta.head_importance(m, cls, nd, layers, batches, torch.device("cpu"), naive=True)
+        assert tree == naive
+    assert not any(mod._forward_pre_hooks for mod in m.modules())  # masks removed
+
+
+@pytest.fixture(scope="module")
+def ta_probe(supervised_run, tmp_path_factory):
+    """The linear probe of the supervised backbone on its last 2 CLS tokens (the assistant's classifier)."""
+    out = tmp_path_factory.mktemp("probe")
+    eval_knn_linear.main(eval_knn_linear.get_args_parser().parse_args(
+        ["--weights", str(supervised_run / "student_backbone.pth"), "--dataset", "synthetic", "--synthetic_size", "512",
+         "--input_size", "32", "--num_workers", "0", "--n_last_blocks", "2", "--no-knn", "--probe_epochs", "20",
+         "--output_dir", str(out)]))
+    return out / "linear_probe_last2.pth"
+
+
+def run_ssta(out, *extra):
+    argv = TINY_RECIPE + ["--embed_dim", "48", "--distill_layers", "-2", "-1", "--output_dir", str(out), *extra]
+    return ssta.main(ssta.get_args_parser().parse_args(argv))
+
+
+def test_ssta_end_to_end_early_stop_and_resume(tmp_path, supervised_run, ta_probe, monkeypatch):
+    teachers = ["--teacher_weights", str(supervised_run / "checkpoint.pth"),
+                "--ta_weights", str(supervised_run / "student_backbone.pth"), "--ta_probe", str(ta_probe)]
+    forwards = []
+    build = common.build_teacher
+
+    def counting_build(*a, **kw):  # count the teachers' training forwards (head selection runs blocks itself)
+        t = build(*a, **kw)
+        features = t.forward_features
+        t.forward_features = lambda x: (forwards.append(1), features(x))[1]
+        return t
+
+    monkeypatch.setattr(common, "build_teacher", counting_build)
+    _, stats = run_ssta(tmp_path / "run", *teachers, "--epochs", "6", "--early_stop_epoch", "2", "--synthetic_size", "1024",
+                        "--selection_images", "64")
+    assert stats["acc1"] > 25  # chance: 10
+    assert len(forwards) == 2 * 2 * (1024 // 32)  # 2 teachers x 2 epochs x 32 steps, none after the early stop
+    heads = json.loads((tmp_path / "run" / "heads.json").read_text())
+    assert len(heads["sl"]["heads"]) == 2 and len(heads["sl"]["importance"]) == 9 and len(heads["ssl"]["indices"]) == 64
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert "train_sl" in log[1] and "train_ssl" in log[1] and "train_sl" not in log[2]
+    # crash after the early stop, then resume with the teacher files gone: no teacher is needed any more
+    save = common.save_checkpoint
+
+    def crash_at_3(*a, **kw):
+        save(*a, **kw)
+        if a[3] == 3:
+            raise KeyboardInterrupt
+
+    flags = [*teachers, "--epochs", "4", "--early_stop_epoch", "2", "--synthetic_size", "128", "--selection_images", "32"]
+    straight, _ = run_ssta(tmp_path / "a", *flags)
+    monkeypatch.setattr(common, "save_checkpoint", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_ssta(tmp_path / "b", *flags)
+    monkeypatch.setattr(common, "save_checkpoint", save)
+    forwards.clear()
+    with monkeypatch.context() as mp:
+        mp.setattr(common, "build_teacher", lambda *a, **kw: pytest.fail("a teacher was built after the early stop"))
+        resumed, _ = run_ssta(tmp_path / "b", *flags)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert not forwards
+
+
+def test_ssta_bad_input(tmp_path, supervised_run, ta_probe):
+    t = ["--teacher_weights", str(supervised_run / "checkpoint.pth")]
+    ta = ["--ta_weights", str(supervised_run / "student_backbone.pth"), "--ta_probe", str(ta_probe)]
+    with pytest.raises(common.UserError, match="1 head"):
+        run_ssta(tmp_path / "a", *t, *ta, "--num_heads", "1")
+    with pytest.raises(common.UserError, match="outside the 2 blocks"):
+        run_ssta(tmp_path / "b", *t, "--distill_layers", "-3", "-1", "--depth", "3")
+    with pytest.raises(common.UserError, match="attention maps differ: patch grids"):
+        run_ssta(tmp_path / "c", *t, "--patch_size", "4")
+    bad = tmp_path / "probe.pth"
+    torch.save({"probe": {"linear.weight": torch.zeros(10, 7), "linear.bias": torch.zeros(10)},
+                "feature": {"n_last_blocks": 1, "avgpool": False}}, bad)
+    with pytest.raises(common.UserError, match="expects 7-d features"):
+        run_ssta(tmp_path / "d", *ta[:2], "--ta_probe", str(bad))
+    with pytest.raises(common.UserError, match="needs its classifier"):
+        run_ssta(tmp_path / "e", *ta[:2])
 
 
 if __name__ == "__main__":

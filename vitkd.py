@@ -45,25 +45,8 @@ def get_args_parser():
     g.add_argument("--teacher_weights", default="", type=str,
                    help="file, hub:<timm name>, or 'random' (smoke tests). Without it: plain supervised training")
     g.add_argument("--teacher_key", default=None, type=str, help="top-level key of the teacher file (default: auto)")
-    g = p.add_argument_group("optimisation (mmcls DeiT recipe of the ViTKD paper)")
-    g.add_argument("--epochs", default=300, type=int)
-    g.add_argument("--batch_size", default=128, type=int, help="per process (8 x 128 = 1024, the paper's global batch)")
-    g.add_argument("--blr", default=2.5e-4, type=float, help="lr per 256 images (DeiT: 5e-4 per 512)")
-    g.add_argument("--lr", default=None, type=float, help="absolute lr (overrides --blr)")
-    g.add_argument("--min_lr", default=1e-5, type=float, help="end of the cosine (mmcls: 1e-2 x lr)")
-    g.add_argument("--warmup_epochs", default=20, type=int, help="linear warm-up (mmcls 20; DeiT 5)")
-    g.add_argument("--warmup_ratio", default=1e-3, type=float, help="warm-up starts at lr x ratio")
-    g.add_argument("--weight_decay", default=0.05, type=float)
-    g.add_argument("--clip_grad", default=5.0, type=float, help="gradient-norm clipping (0: off)")
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--randaug", default="rand-m9-mstd0.5-inc1", type=str, help="timm RandAugment string ('' = off)")
-    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
-    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
-    g.add_argument("--mixup", default=0.8, type=float, help="Mixup alpha (0 = off)")
-    g.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0 = off)")
-    g.add_argument("--mixup_prob", default=1.0, type=float)
-    g.add_argument("--mixup_switch_prob", default=0.5, type=float)
-    g.add_argument("--repeated_aug", action=argparse.BooleanOptionalAction, default=False, help="DeiT's repeated augmentation")
+    # the ViTKD paper's recipe (mmcls DeiT config, METHODS 5.4): 20 warm-up epochs, cosine to 1e-2 x lr, clip 5
+    common.add_supervised_args(p, warmup_epochs=20, clip_grad=5.0)
     g = p.add_argument_group("ViTKD (METHODS 5.1-5.2)")
     g.add_argument("--alpha_vitkd", default=3e-5, type=float, help="weight of L_lr, shallow mimicking (0: off)")
     g.add_argument("--beta_vitkd", default=3e-6, type=float, help="weight of L_gen, deep generation (0: off)")
@@ -84,8 +67,6 @@ def get_args_parser():
     g.add_argument("--nkd_temperature", default=1.0, type=float)
     g.add_argument("--kd_weight", default=0.0, type=float, help="classic KD weight (0: off)")
     g.add_argument("--kd_temperature", default=1.0, type=float)
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and at the end)")
     common.add_data_args(p)
     common.add_run_args(p)
     return p
@@ -108,15 +89,8 @@ def main(args):
     common.seed_everything(args.seed)
 
     # ---------------- data ----------------
-    train_set = common.build_dataset(args, "train", common.build_transform(args, True, args.randaug, args.reprob))
-    val_set = common.build_dataset(args, "val", common.build_transform(args, False))
+    train_set, loader, val_loader, mixup, criterion = common.build_supervised_data(args)
     num_classes = len(train_set.classes)
-    loader = common.build_loader(train_set, args.batch_size, True, args.num_workers, args.seed, args.repeated_aug)
-    val_loader = common.build_loader(val_set, args.batch_size, False, args.num_workers)
-    mixup = common.build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing, num_classes)
-    if mixup is not None and args.batch_size % 2:
-        common.fail("Mixup / CutMix need an even --batch_size")
-    criterion = common.build_criterion(mixup, args.smoothing)
 
     # ---------------- student, teacher, ViTKD modules ----------------
     torch.manual_seed(args.seed)  # the same initial student on every rank
@@ -275,11 +249,7 @@ def nkd_loss(logits_s, logits_t, target, temperature=1.0, gamma=1.0):
     return first + gamma * temperature ** 2 * second
 
 
-def kd_loss(logits_s, logits_t, temperature):
-    """Hinton KD: KL(softmax(t / T) || softmax(s / T)), batch mean, times T^2."""
-    log_s = (logits_s.float() / temperature).log_softmax(1)
-    log_t = (logits_t.float().detach() / temperature).log_softmax(1)
-    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2
+kd_loss = common.kd_loss  # Hinton KD: batch-mean KL(teacher || student) at temperature T, x T^2
 
 
 class ViTKDLoss(nn.Module):

@@ -1,0 +1,428 @@
+"""SSTA: head-level attention distillation from a supervised teacher (SL) and a self-supervised teaching
+assistant (SSL) (Wu et al., "Self-supervised Models are Good Teaching Assistants for Vision
+Transformers", ICML 2022). There is no official code; ../shared/METHODS.md section 2 fixes what the
+paper leaves open, and every such Decision is a flag here.
+
+  # Table 2: DeiT-Ti student, DeiT-S SL teacher, DINO ViT-S/16 assistant with its linear probe (8 GPUs)
+  torchrun --nproc_per_node=8 ssta.py --student deit_tiny --teacher deit_small --teacher_weights deit_s.pth \\
+      --ta vit_small_patch16_224 --ta_weights dino_deitsmall16_pretrain.pth --ta_probe dino_deitsmall16_linearweights.pth \\
+      --data_path /imagenet --output_dir out/ssta
+  # only the head selection (cached in output_dir/heads.json)
+  python ssta.py ... --select_only
+
+Method: in each distilled layer (default: the last three blocks) student head 0 learns the attention
+map (N x N, CLS included) of the most important head of the SL teacher and student head 1 that of
+the assistant, by KL(teacher || student) per query row. The most important heads are the
+combination (one head per distilled layer, all zeroed together) whose removal costs the teacher the
+most accuracy on a fixed held-out subset of the training split; all H^|L| combinations are evaluated
+as a tree over the distilled layers. Loss: alpha CE + beta L_SL + lambda L_SSL, with beta = lambda = 0
+after the early-stop epoch (default: the first third of training), after which the teachers no longer
+run and the student is back to fused attention. Paper: DeiT-Ti 72.2 -> 74.0 top-1 on ImageNet.
+"""
+import argparse
+import itertools
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import common
+from eval_knn_linear import feature_blocks, features_from_tokens, load_probe
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("SSTA head-level attention distillation", add_help=False)
+    g = p.add_argument_group("models")
+    g.add_argument("--student", default="deit_tiny", type=str)
+    g.add_argument("--patch_size", default=None, type=int, help="student override")
+    g.add_argument("--depth", default=None, type=int, help="student override")
+    g.add_argument("--embed_dim", default=None, type=int, help="student override")
+    g.add_argument("--num_heads", default=None, type=int, help="student override")
+    g.add_argument("--drop_path", default=0.1, type=float, help="student drop-path rate (DeiT recipe)")
+    g.add_argument("--teacher", default=None, type=str, help="SL teacher architecture (optional for files of this repository)")
+    g.add_argument("--teacher_weights", default="", type=str, help="SL teacher: file, hub:NAME or 'random'; '' = no SL teacher")
+    g.add_argument("--teacher_key", default=None, type=str)
+    g.add_argument("--ta", default=None, type=str, help="assistant architecture (optional for files of this repository)")
+    g.add_argument("--ta_weights", default="", type=str, help="assistant: file, hub:NAME or 'random'; '' = no assistant")
+    g.add_argument("--ta_key", default=None, type=str)
+    g.add_argument("--ta_probe", default="", type=str,
+                   help="the assistant's linear probe (eval_knn_linear.py, or DINO's *_linearweights.pth): its classifier for head selection")
+    g.add_argument("--ta_supervised", action=argparse.BooleanOptionalAction, default=False,
+                   help="the assistant is a supervised model with its own classifier (Table 3's two-SL-teacher row)")
+    common.add_supervised_args(p)  # DeiT recipe (METHODS 2.4): 5 warm-up epochs, no clipping
+    g = p.add_argument_group("SSTA (METHODS 2.2-2.3)")
+    g.add_argument("--distill_layers", default=[-3, -2, -1], type=int, nargs="+", help="blocks distilled (paper: 10-12 of 12)")
+    g.add_argument("--early_stop_epoch", default=None, type=int,
+                   help="last distillation epoch + 1 (default: a third of --epochs, the paper's 100 of 300; --epochs: never stop)")
+    g.add_argument("--alpha", default=1.0, type=float, help="weight of the cross-entropy")
+    g.add_argument("--beta", default=1.0, type=float, help="weight of the SL teacher's loss")
+    g.add_argument("--lambda_ssl", default=1.0, type=float, help="weight of the assistant's loss")
+    g.add_argument("--head_mode", default="imp", choices=["imp", "avg", "rand"],
+                   help="target head: most important (imp), mean of the layer's heads (avg), seeded random (rand) (Table 3)")
+    g.add_argument("--heads_sl", default=None, type=int, nargs="+", help="SL teacher heads by hand, one per distilled layer")
+    g.add_argument("--heads_ssl", default=None, type=int, nargs="+", help="assistant heads by hand, one per distilled layer")
+    g.add_argument("--assignment", default="eq", choices=["eq", "fig6"],
+                   help="eq: student head 0 <- SL, head 1 <- SSL (Eq. 5-6); fig6: the reverse (Fig. 6 caption)")
+    g.add_argument("--kl", default="forward", choices=["forward", "reverse"], help="KL(teacher || student) or the reverse")
+    g.add_argument("--sl_loss", default="head", choices=["head", "lkd", "at"],
+                   help="the SL teacher's loss: head-level (ours), logit KD or attention transfer (Table 6)")
+    g.add_argument("--kd_temperature", default=1.0, type=float, help="for --sl_loss lkd")
+    g.add_argument("--selection_images", default=10000, type=int, help="held-out training images for head selection")
+    g.add_argument("--selection_batch_size", default=64, type=int)
+    g.add_argument("--select_only", action="store_true", help="select the heads, write heads.json, stop")
+    common.add_data_args(p)
+    common.add_run_args(p)
+    return p
+
+
+def main(args):
+    device = common.init_distributed()
+    # ---------------- checks, before any work ----------------
+    use_sl, use_ssl = bool(args.teacher_weights) and args.beta > 0, bool(args.ta_weights) and args.lambda_ssl > 0
+    if not (use_sl or use_ssl):
+        common.fail("no teacher: give --teacher_weights and/or --ta_weights (with --beta / --lambda_ssl > 0); "
+                    "for the plain baseline use vitkd.py without a teacher")
+    if use_ssl and args.head_mode == "imp" and not args.heads_ssl and not (args.ta_probe or args.ta_supervised):
+        common.fail("choosing the assistant's heads needs its classifier: --ta_probe (or --ta_supervised, or --heads_ssl)")
+    early = args.epochs // 3 if args.early_stop_epoch is None else args.early_stop_epoch
+    ckpt = common.prepare_output_dir(args, "ssta.py")
+    start_epoch = ckpt["epoch"] if ckpt is not None else 0
+    common.seed_everything(args.seed)
+
+    # ---------------- data ----------------
+    train_set, loader, val_loader, mixup, criterion = common.build_supervised_data(args)
+    num_classes = len(train_set.classes)
+
+    # ---------------- student and teachers ----------------
+    torch.manual_seed(args.seed)
+    student = common.create_model(args.student, num_classes=num_classes, img_size=args.input_size,
+                                  patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim,
+                                  num_heads=args.num_heads, drop_path_rate=args.drop_path).to(device)
+    layers = {"student": resolve_layers(args.distill_layers, student, "student")}
+    sl_head, ssl_head = (0, 1) if args.assignment == "eq" else (1, 0)
+    if student.blocks[0].attn.num_heads < (2 if use_sl and use_ssl else 1):
+        common.fail(f"the student has {student.blocks[0].attn.num_heads} head(s); SSTA needs one per teacher")
+    if not (use_sl and use_ssl):
+        sl_head = ssl_head = 0  # a single teacher teaches head 0
+    teachers = {}
+    if start_epoch < early:  # teachers are needed only before the early stop (not when resuming after it)
+        if use_sl:
+            teachers["sl"] = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key,
+                                                  num_classes=num_classes, img_size=args.input_size).to(device)
+        if use_ssl:
+            teachers["ssl"] = common.build_teacher(args.ta, args.ta_weights, args.ta_key, img_size=args.input_size,
+                                                   num_classes=num_classes if args.ta_supervised else 0).to(device)
+        for name, t in teachers.items():
+            layers[name] = resolve_layers(args.distill_layers, t, f"{name} teacher")
+            check_tokens(student, t, name)
+
+    # ---------------- head selection (cached in output_dir/heads.json) ----------------
+    heads = {}
+    if teachers:
+        heads = select_heads(args, teachers, {n: layers[n] for n in teachers}, train_set, device)
+        if args.select_only:
+            return heads
+    student_ddp = DistributedDataParallel(student) if common.get_world_size() > 1 else student
+
+    # ---------------- optimizer, resume ----------------
+    lr = common.resolve_lr(args)
+    optimizer = torch.optim.AdamW(common.param_groups(student, args.weight_decay), lr=lr)
+    scaler = common.grad_scaler(device, args.amp)
+    if ckpt is not None:
+        student.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    schedule = dict(total=args.epochs * len(loader), base=lr, final=args.min_lr,
+                    warmup=args.warmup_epochs * len(loader), start=lr * args.warmup_ratio)
+
+    # ---------------- taps: attention maps of the distilled blocks only ----------------
+    taps = {}
+    if teachers:
+        at = args.sl_loss == "at"
+        taps = {n: common.ViTTaps(m, attn=layers[n], blocks=layers[n] if at else ())
+                for n, m in (("student", student), *teachers.items())}
+    plan = dict(layers=layers, heads=heads, student_heads={"sl": sl_head, "ssl": ssl_head},
+                weights={"sl": args.beta, "ssl": args.lambda_ssl})
+
+    # ---------------- training ----------------
+    common.print0(f"| distillation until epoch {early}, training until {args.epochs}")
+    test_stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        if epoch == early and teachers:  # early stop: drop the teachers, back to fused attention everywhere
+            for t in taps.values():
+                t.close()
+            teachers, taps = {}, {}
+            common.print0(f"| early stop of the distillation at epoch {epoch}")
+        common.seed_everything(args.seed, epoch)
+        loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(student_ddp, teachers, taps, plan, loader, criterion, mixup, optimizer,
+                                      scaler, schedule, epoch, device, args)
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            test_stats = common.evaluate(student, val_loader, device, args.amp)
+            common.print0(f"| epoch {epoch}: top-1 {test_stats['acc1']:.2f}  top-5 {test_stats['acc5']:.2f}")
+        common.log_stats(args.output_dir, {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                                           **{f"test_{k}": v for k, v in test_stats.items()}})
+        common.save_checkpoint(args.output_dir, "ssta.py", args, epoch + 1, args.save_every,
+                               model=student.state_dict(), optimizer=optimizer.state_dict(),
+                               scaler=scaler.state_dict(), model_config=student.model_config)
+    for t in taps.values():
+        t.close()
+    common.export_backbone(student, os.path.join(args.output_dir, "student_backbone.pth"))
+    if not test_stats:
+        test_stats = common.evaluate(student, val_loader, device, args.amp)
+    common.print0(f"| final top-1 {test_stats['acc1']:.2f}  top-5 {test_stats['acc5']:.2f}")
+    return student, test_stats
+
+
+def train_one_epoch(student, teachers, taps, plan, loader, criterion, mixup, optimizer, scaler, schedule, epoch,
+                    device, args):
+    student.train()
+    meter = common.Meter()
+    steps = len(loader)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for it, (images, target) in enumerate(loader):
+        lr = common.cosine_schedule(epoch * steps + it, schedule["total"], schedule["base"], schedule["final"],
+                                    schedule["warmup"], schedule["start"])
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if mixup is not None:
+            images, target = mixup(images, target)
+        with common.autocast(device, args.amp):
+            t_logits = {}
+            with torch.no_grad():  # all three networks see the same (mixed) batch
+                for name, t in teachers.items():
+                    t_logits[name] = t(images) if name == "sl" and args.sl_loss == "lkd" else t.forward_features(images)
+            logits = student(images)
+            losses = {"ce": args.alpha * criterion(logits, target)}
+            for name in teachers:
+                w = plan["weights"][name]
+                if name == "sl" and args.sl_loss == "lkd":
+                    losses[name] = w * common.kd_loss(logits, t_logits[name], args.kd_temperature)
+                else:  # the i-th distilled block of the student learns from the i-th of the teacher
+                    pairs = list(zip(plan["layers"]["student"], plan["layers"][name]))
+                    s_taps, npt = taps["student"], taps["student"].num_prefix_tokens
+                    if name == "sl" and args.sl_loss == "at":
+                        terms = [attention_transfer(s_taps.tokens[ls], taps[name].tokens[lt], npt) for ls, lt in pairs]
+                    else:
+                        terms = [attention_kd_loss(s_taps.attn[ls][:, plan["student_heads"][name]],
+                                                   teacher_map(taps[name], lt, plan["heads"][name][i], npt),
+                                                   reverse=args.kl == "reverse") for i, (ls, lt) in enumerate(pairs)]
+                    losses[name] = w * sum(terms)
+            loss = sum(losses.values())
+        common.check_finite(loss, f"at epoch {epoch} iteration {it}")
+        common.optimizer_step(loss, optimizer, scaler, params, args.clip_grad)
+        meter.update(loss=loss.item(), lr=lr, **{k: v.item() for k, v in losses.items()})
+        if it % args.log_every == 0 or it == steps - 1:
+            common.print0(meter.line(f"epoch {epoch}", it, steps))
+    return common.reduce_metrics(meter.averages(), device)
+
+
+# ---------------------------------------------------------------------------------------------
+# losses and targets
+# ---------------------------------------------------------------------------------------------
+def attention_kd_loss(student_attn, teacher_attn, reverse=False, eps=1e-8):
+    """B x N x N maps of one head each: KL(teacher || student) of every query row (summed over keys),
+    mean over batch and rows; fp32, probabilities clamped at eps (bf16 rows underflow). reverse=True:
+    KL(student || teacher)."""
+    s, t = student_attn.float().clamp_min(eps), teacher_attn.float().detach().clamp_min(eps)
+    p, q = (s, t) if reverse else (t, s)
+    return (p * (p.log() - q.log())).sum(-1).mean()
+
+
+def teacher_map(taps, layer, head, student_npt):
+    """The teacher's target map in `layer`: one head (an int) or the mean of all heads ('avg'), with a
+    distillation token the student does not have dropped (row and column) and the rows renormalised."""
+    a = taps.attn[layer]
+    a = a.mean(1) if head == "avg" else a[:, head]
+    extra = taps.num_prefix_tokens - student_npt
+    if extra > 0:  # DeiT-distilled teacher: prefix = [CLS, dist]; keep CLS and the patches
+        keep = torch.cat([torch.arange(student_npt), torch.arange(taps.num_prefix_tokens, a.shape[-1])]).to(a.device)
+        a = a[:, keep][:, :, keep]
+        a = a / a.sum(-1, keepdim=True)
+    return a
+
+
+def attention_transfer(s_tokens, t_tokens, npt):
+    """Attention transfer (Zagoruyko & Komodakis) on ViT tokens, our reading for Table 6: the spatial map
+    mean_c(F^2) of the patch tokens, L2-normalised, squared distance, batch mean."""
+    a_s = F.normalize(s_tokens[:, npt:].float().pow(2).mean(-1), dim=1)
+    a_t = F.normalize(t_tokens[:, -a_s.shape[1]:].float().pow(2).mean(-1), dim=1)
+    return (a_s - a_t).pow(2).sum(1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# head selection (paper 3.2.1, METHODS 2.2)
+# ---------------------------------------------------------------------------------------------
+def select_heads(args, teachers, layers, train_set, device):
+    """{'sl' / 'ssl': [head per distilled layer] or 'avg' entries}; layers: {name: its distilled blocks}.
+    imp mode: the combination with the
+    largest accuracy drop on a fixed held-out subset of the training split (cached, with every
+    combination's accuracy, in output_dir/heads.json); --heads_sl / --heads_ssl by hand; rand: seeded."""
+    by_hand = {"sl": args.heads_sl, "ssl": args.heads_ssl}
+    path = os.path.join(args.output_dir, "heads.json")
+    cached = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+    n = min(args.selection_images, len(train_set))
+    subset = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:n].sort().values
+    heads, record = {}, {}
+    for name, model in teachers.items():
+        H, L = model.blocks[0].attn.num_heads, len(layers[name])
+        key = {"weights": args.teacher_weights if name == "sl" else args.ta_weights, "probe": args.ta_probe if name == "ssl" else "",
+               "layers": layers[name], "images": n, "seed": args.seed, "mode": args.head_mode}
+        if by_hand[name]:
+            if len(by_hand[name]) != L or not all(0 <= h < H for h in by_hand[name]):
+                common.fail(f"--heads_{name} needs one head in [0, {H}) per distilled layer ({L})")
+            heads[name] = list(by_hand[name])
+        elif args.head_mode == "avg":
+            heads[name] = ["avg"] * L
+        elif args.head_mode == "rand":
+            g = torch.Generator().manual_seed(args.seed + (0 if name == "sl" else 1))
+            heads[name] = torch.randint(0, H, (L,), generator=g).tolist()
+        elif cached.get(name, {}).get("key") == key:
+            heads[name] = cached[name]["heads"]
+            common.print0(f"| {name} heads {heads[name]} from {path}")
+        else:
+            classify, need = teacher_classifier(args, name, model, device)
+            eval_set = common.build_dataset(args, "train", common.build_transform(args, False))
+            data = torch.utils.data.Subset(eval_set, subset.tolist())
+            loader = common.build_loader(data, args.selection_batch_size, False, args.num_workers)
+            acc_all, accs = head_importance(model, classify, need, layers[name], loader, device, args.amp)
+            combos = list(itertools.product(range(H), repeat=L))
+            best = max(range(len(accs)), key=lambda i: (acc_all - accs[i], -i))  # ties: the lowest combination
+            heads[name] = [int(h) for h in combos[best]]
+            record[name] = {"key": key, "heads": heads[name], "acc_all": acc_all,
+                            "importance": {",".join(map(str, c)): acc_all - a for c, a in zip(combos, accs)},
+                            "indices": subset.tolist()}
+            common.print0(f"| {name} teacher: accuracy {acc_all:.2f}% on {n} held-out training images; most important "
+                          f"heads {heads[name]} (drop {acc_all - accs[best]:.2f} points)")
+    if record and common.is_main_process():
+        cached.update(record)
+        with open(path + ".tmp", "w") as f:
+            json.dump(cached, f)
+        os.replace(path + ".tmp", path)
+    return heads
+
+
+def teacher_classifier(args, name, model, device):
+    """(classify(last_tokens, block_outputs) -> logits, blocks whose outputs it reads) for head selection:
+    the teacher's own head, or the assistant's linear probe on the feature it was trained on."""
+    if name == "sl" or args.ta_supervised:
+        return (lambda x, outs: model.forward_head(model.norm(x))), set()
+    probe, spec = load_probe(args.ta_probe, model.embed_dim)
+    need = set(feature_blocks(model, [spec]))
+    dim = features_from_tokens(model, {b: torch.zeros(1, 2, model.embed_dim) for b in need}, spec).shape[1]
+    if probe.linear.in_features != dim:
+        common.fail(f"--ta_probe {args.ta_probe} expects {probe.linear.in_features}-d features, but its spec {spec} "
+                    f"gives {dim} on this assistant")
+    probe = probe.to(device)
+
+    def classify(x, outs):
+        return probe(features_from_tokens(model, {b: model.norm(outs[b]) for b in need}, spec).float())
+    return classify, need
+
+
+@torch.no_grad()
+def head_importance(model, classify, need, layers, loader, device, amp="bf16", naive=False):
+    """Accuracy (%) with all heads and with each combination (one head zeroed per distilled layer, all at
+    once), in itertools.product order. Tree evaluation: the blocks before the first distilled layer run
+    once per image; each zeroed head of a distilled layer runs once and its output feeds every choice
+    in the next distilled layer (3 layers of 6 heads: 6 + 36 + 216 block runs per image, not 216
+    full forwards). naive=True runs every combination from the start (for checks and benchmarks).
+    Sharded over processes; every process returns the same numbers."""
+    depth = len(model.blocks)
+    H = model.blocks[layers[0]].attn.num_heads
+    combos = list(itertools.product(range(H), repeat=len(layers)))
+    hits = torch.zeros(len(combos) + 1, device=device, dtype=torch.float64)  # last entry: all heads
+    count = torch.zeros(1, device=device, dtype=torch.float64)
+    taps = common.ViTTaps(model)  # head masks only
+
+    def run(x, outs, first, stop):  # blocks [first, stop) on all rows, keeping the outputs the classifier reads
+        for b in range(first, stop):
+            x = model.blocks[b](x)
+            if b in need:
+                outs[b] = x
+        return x
+
+    def zeroed(rows, per_row_head):  # (rows, H) masks with one head off per row
+        m = torch.ones(rows, H, device=device)
+        m[torch.arange(rows, device=device), per_row_head] = 0
+        return m
+
+    def subtree(x, outs, level):  # -> logits (H, ..., H, B, C) for every choice of the remaining layers
+        B = x.shape[0]
+        l = layers[level]
+        xs = x.repeat(H, 1, 1)  # child h: rows h*B .. (h+1)*B
+        outs = {b: v.repeat(H, 1, 1) for b, v in outs.items()}
+        taps.set_head_masks({l: zeroed(H * B, torch.arange(H, device=device).repeat_interleave(B))})
+        xs = model.blocks[l](xs)
+        taps.set_head_masks({})
+        if l in need:
+            outs[l] = xs
+        xs = run(xs, outs, l + 1, layers[level + 1] if level + 1 < len(layers) else depth)
+        if level + 1 == len(layers):
+            return classify(xs, outs).unflatten(0, (H, B))
+        return torch.stack([subtree(xs[h * B:(h + 1) * B], {b: v[h * B:(h + 1) * B] for b, v in outs.items()}, level + 1)
+                            for h in range(H)])
+
+    try:
+        for images, target in common.progress(loader, "head selection"):
+            images, target = images.to(device), target.to(device)
+            with common.autocast(device, amp):
+                x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+                outs = {}
+                x = run(x, outs, 0, layers[0])
+                all_outs = dict(outs)
+                logits_all = classify(run(x, all_outs, layers[0], depth), all_outs)
+                if naive:
+                    per_combo = []
+                    for c in combos:
+                        taps.set_head_masks({l: zeroed(len(images), torch.full((len(images),), h, device=device))
+                                             for l, h in zip(layers, c)})
+                        o = {}
+                        xc = run(run(model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images)))),
+                                     o, 0, layers[0]), o, layers[0], depth)
+                        per_combo.append(classify(xc, o))
+                    taps.set_head_masks({})
+                    logits = torch.stack(per_combo)
+                else:
+                    logits = subtree(x, outs, 0).reshape(len(combos), len(images), -1)
+            hits[:-1] += (logits.argmax(-1) == target).sum(1).double()
+            hits[-1] += (logits_all.argmax(-1) == target).sum().double()
+            count += len(target)
+    finally:
+        taps.close()
+    common.all_reduce_sum(hits)
+    common.all_reduce_sum(count)
+    acc = (100.0 * hits / count.clamp_min(1)).tolist()
+    return acc[-1], acc[:-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------
+def resolve_layers(layers, model, name):
+    """Distilled block indices of one model (0-based, sorted; negative indices count from its end)."""
+    depth = len(model.blocks)
+    if any(not -depth <= l < depth for l in layers):
+        common.fail(f"--distill_layers {layers} outside the {depth} blocks of the {name}")
+    out = sorted({l % depth for l in layers})
+    if len(out) != len(layers):
+        common.fail(f"--distill_layers {layers} name a block of the {name} twice")
+    return out
+
+
+def check_tokens(student, teacher, name):
+    s_grid, t_grid = tuple(student.patch_embed.grid_size), tuple(teacher.patch_embed.grid_size)
+    extra = teacher.num_prefix_tokens - student.num_prefix_tokens
+    if s_grid != t_grid or extra not in (0, 1):
+        common.fail(f"student and {name} teacher attention maps differ: patch grids {s_grid} vs {t_grid}, prefix tokens "
+                    f"{student.num_prefix_tokens} vs {teacher.num_prefix_tokens} (same input size and patch size needed)")
+
+
+if __name__ == "__main__":
+    common.run_main(main, argparse.ArgumentParser("ssta", parents=[get_args_parser()]))
