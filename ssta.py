@@ -140,8 +140,11 @@ def main(args):
     # ---------------- taps: attention maps of the distilled blocks only ----------------
     taps = {}
     if teachers:
-        at = args.sl_loss == "at"
-        taps = {n: common.ViTTaps(m, attn=layers[n], blocks=layers[n] if at else ())
+        # unfused attention only where a head-level loss reads it; block outputs only for attention transfer
+        maps = {"sl": args.sl_loss == "head", "ssl": True}
+        maps["student"] = any(maps[n] for n in teachers)
+        tokens = {"sl": args.sl_loss == "at", "ssl": False, "student": args.sl_loss == "at" and "sl" in teachers}
+        taps = {n: common.ViTTaps(m, attn=layers[n] if maps[n] else (), blocks=layers[n] if tokens[n] else ())
                 for n, m in (("student", student), *teachers.items())}
     plan = dict(layers=layers, heads=heads, student_heads={"sl": sl_head, "ssl": ssl_head},
                 weights={"sl": args.beta, "ssl": args.lambda_ssl})
@@ -341,6 +344,9 @@ def head_importance(model, classify, need, layers, loader, device, amp="bf16", n
     count = torch.zeros(1, device=device, dtype=torch.float64)
     taps = common.ViTTaps(model)  # head masks only
 
+    def embed(images):  # the start of timm's VisionTransformer.forward_features (_pos_embed adds the prefix tokens)
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
     def run(x, outs, first, stop):  # blocks [first, stop) on all rows, keeping the outputs the classifier reads
         for b in range(first, stop):
             x = model.blocks[b](x)
@@ -373,7 +379,7 @@ def head_importance(model, classify, need, layers, loader, device, amp="bf16", n
         for images, target in common.progress(loader, "head selection"):
             images, target = images.to(device), target.to(device)
             with common.autocast(device, amp):
-                x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+                x = embed(images)
                 outs = {}
                 x = run(x, outs, 0, layers[0])
                 all_outs = dict(outs)
@@ -384,8 +390,7 @@ def head_importance(model, classify, need, layers, loader, device, amp="bf16", n
                         taps.set_head_masks({l: zeroed(len(images), torch.full((len(images),), h, device=device))
                                              for l, h in zip(layers, c)})
                         o = {}
-                        xc = run(run(model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images)))),
-                                     o, 0, layers[0]), o, layers[0], depth)
+                        xc = run(embed(images), o, 0, depth)
                         per_combo.append(classify(xc, o))
                     taps.set_head_masks({})
                     logits = torch.stack(per_combo)

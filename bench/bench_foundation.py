@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from harness import device_and_amp, report, timeit
+from harness import compare, device_and_amp, report, timeit
 import common
 import eval_knn_linear
 
@@ -52,10 +52,9 @@ def main():
             model.zero_grad(set_to_none=True)
         return step
 
-    rows = [(name, timeit(fn, device, repeats=args.repeats), args.batch_size) for name, fn in
-            [("train step, no taps", plain),
-             ("train step, attention of 3/12 blocks captured", with_taps(False)),
-             ("  ... and a loss on the 3 maps", with_taps(True))]]
+    fns = {"train step, no taps": plain, "train step, attention of 3/12 blocks captured": with_taps(False),
+           "  ... and a loss on the 3 maps": with_taps(True)}
+    rows = [(name, sec, args.batch_size) for name, sec in compare(fns, device, repeats=args.repeats).items()]
     report(f"ViT taps: {args.model} {args.input_size}px, batch {args.batch_size}", rows, device)
 
     # 2. linear probe on cached features vs one extraction pass -------------------------------

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from harness import device_and_amp, report, timeit
+from harness import compare, device_and_amp, report
 import common
 import vitkd
 
@@ -34,8 +34,6 @@ def main():
     teacher = common.build_teacher(opts.teacher, "random", num_classes=1000, img_size=opts.input_size).to(device)
     loss = vitkd.ViTKDLoss(student.embed_dim, teacher.embed_dim, student.patch_embed.num_patches,
                            generator=opts.generator).to(device)
-    taps = {n: (common.ViTTaps(m, blocks=args.mimic_layers), common.ViTTaps(m, blocks=[-1], norm=True))
-            for n, m in (("student", student), ("teacher", teacher))}  # as vitkd.main sets them up
     x = torch.randn(opts.batch_size, 3, opts.input_size, opts.input_size, device=device)
     y = torch.randint(0, 1000, (opts.batch_size,), device=device)
     batches = [(x, y)] * opts.steps
@@ -45,10 +43,22 @@ def main():
     opt = torch.optim.AdamW(common.param_groups(mods, 0.05), lr=1e-4)
     scaler = common.grad_scaler(device, args.amp)
 
-    def step(with_teacher):
+    plain_args = argparse.Namespace(**{**vars(args), "nkd": False})  # the student's supervised step alone
+    no_gen = vitkd.ViTKDLoss(student.embed_dim, teacher.embed_dim, student.patch_embed.num_patches, beta=0.0).to(device)
+
+    def step(with_teacher, module=loss):
         def run():
-            vitkd.train_one_epoch(student, teacher if with_teacher else None, loss if with_teacher else None, taps,
-                                  batches, criterion, None, opt, scaler, schedule, 0, device, args)
+            taps = {}
+            if with_teacher:  # as vitkd.main sets them up; only for the ViTKD step
+                taps = {n: (common.ViTTaps(m, blocks=args.mimic_layers), common.ViTTaps(m, blocks=[-1], norm=True))
+                        for n, m in (("student", student), ("teacher", teacher))}
+            try:
+                vitkd.train_one_epoch(student, teacher if with_teacher else None, module if with_teacher else None, taps,
+                                      batches, criterion, None, opt, scaler, schedule, 0, device,
+                                      args if with_teacher else plain_args)
+            finally:
+                for t in (t for pair in taps.values() for t in pair):
+                    t.close()
         return run
 
     def teacher_forward():
@@ -56,16 +66,17 @@ def main():
             with torch.no_grad(), common.autocast(device, args.amp):
                 teacher(x)
 
-    args.nkd = False
-    t_student = timeit(step(False), device, warmup=1, repeats=opts.repeats)
-    t_teacher = timeit(teacher_forward, device, warmup=1, repeats=opts.repeats)
-    args.nkd = True
-    t_vitkd = timeit(step(True), device, warmup=1, repeats=opts.repeats)
+    t = compare({"student": step(False), "teacher": teacher_forward, "vitkd": step(True), "no_gen": step(True, no_gen)},
+                device, repeats=opts.repeats)
+    t_student, t_teacher, t_vitkd = t["student"], t["teacher"], t["vitkd"]
     n = opts.batch_size * opts.steps
     report(f"ViTKD ({opts.generator} generator) + NKD step: {opts.student} <- {opts.teacher}, {opts.input_size}px, "
            f"batch {opts.batch_size}", [("student step + teacher forward (sum of parts)", t_student + t_teacher, n),
                                         ("  student step alone", t_student, n), ("  teacher forward alone", t_teacher, n),
-                                        ("ViTKD + NKD step", t_vitkd, n)], device)
+                                        ("ViTKD + NKD step", t_vitkd, n),
+                                        ("  the same without the generator (beta 0)", t["no_gen"], n)], device)
+    gen = teacher.embed_dim ** 2 * 9 * 2 * student.patch_embed.num_patches * 3 / 1e9  # 2 convs, forward + backward
+    print(f"  the {opts.generator} generator is {gen:.2f} GMAC per image (forward + backward)")
 
 
 if __name__ == "__main__":

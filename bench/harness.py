@@ -39,6 +39,23 @@ def timeit(fn, device, warmup=2, repeats=5):
     return statistics.median(times)
 
 
+def compare(fns, device, warmup=1, repeats=3):
+    """{name: median seconds} of several functions timed round-robin (a, b, c, a, b, c, ...), after
+    warming each up, so that drifts of the machine and allocator warm-up hit them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def machine(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name()
