@@ -855,6 +855,29 @@ def cosine_schedule(step, total_steps, base, final=0.0, warmup_steps=0, start=0.
     return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def lr_schedule(base, final, total_steps, warmup_steps=0, start=0.0):
+    """step -> lr: cosine_schedule with these settings."""
+    return lambda step: cosine_schedule(step, total_steps, base, final, warmup_steps, start)
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def train_batches(loader, optimizer, schedule, epoch, device, mixup=None):
+    """Iterate one training epoch: set this iteration's lr from schedule(global step), move the batch
+    to the device, apply Mixup / CutMix if any. Yields (it, lr, images, target)."""
+    steps = len(loader)
+    for it, (images, target) in enumerate(loader):
+        lr = schedule(epoch * steps + it)
+        set_lr(optimizer, lr)
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if mixup is not None:
+            images, target = mixup(images, target)
+        yield it, lr, images, target
+
+
 def resolve_lr(args, base_batch=256):
     """The absolute lr: --lr if given, else --blr x global batch / base_batch (printed, with the
     global batch, which counts processes and --accum_iter if the script has it). args is not
@@ -1056,8 +1079,10 @@ def versions():
             "python": sys.version.split()[0], "device": device, "git": git}
 
 
-def log_stats(output_dir, stats):
-    """Append one JSON object to output_dir/log.txt (rank 0)."""
+def log_stats(output_dir, epoch, train=None, test=None):
+    """Append {'epoch', 'train_*', 'test_*'} as one JSON line to output_dir/log.txt (rank 0)."""
+    stats = {"epoch": epoch, **{f"train_{k}": v for k, v in (train or {}).items()},
+             **{f"test_{k}": v for k, v in (test or {}).items()}}
     if is_main_process():
         with open(os.path.join(output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(stats) + "\n")
@@ -1073,6 +1098,13 @@ class Meter:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
         self.count += 1
+
+    def log(self, epoch, it, steps, every, **values):
+        """Add this iteration's values (floats or 0-d tensors) and print the running line every
+        `every` iterations and at the last one."""
+        self.update(**{k: v.item() if torch.is_tensor(v) else v for k, v in values.items()})
+        if it % every == 0 or it == steps - 1:
+            print0(self.line(f"epoch {epoch}", it, steps))
 
     def averages(self):
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}

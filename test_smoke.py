@@ -92,19 +92,15 @@ def toy_main(args):
         for it, (x, y) in enumerate(loader):
             step = epoch * steps + it
             lr = common.cosine_schedule(step, args.epochs * steps, base_lr, 1e-6, args.warmup_epochs * steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            common.set_lr(opt, lr)
             with common.autocast(device, args.amp):
                 loss = F.cross_entropy(ddp(x.to(device)), y.to(device))
             common.check_finite(loss, f"at epoch {epoch} iteration {it}")
             norm = common.optimizer_step(loss, opt, scaler, model.parameters(), args.clip_grad)
-            meter.update(loss=loss.item(), lr=lr, **({"grad_norm": norm.item()} if norm is not None else {}))
-            if it % args.log_every == 0:
-                common.print0(meter.line(f"epoch {epoch}", it, steps))
+            meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **({"grad_norm": norm} if norm is not None else {}))
         stats = common.evaluate(model, val_loader, device, args.amp)
         train = common.reduce_metrics(meter.averages(), device)
-        common.log_stats(args.output_dir, {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
-                                           **{f"test_{k}": v for k, v in stats.items()}})
+        common.log_stats(args.output_dir, epoch, train, stats)
         common.save_checkpoint(args.output_dir, "toy", args, epoch + 1, model=model.state_dict(),
                                optimizer=opt.state_dict(), model_config=model.model_config)
     common.export_backbone(model, os.path.join(args.output_dir, "student_backbone.pth"))

@@ -134,8 +134,8 @@ def main(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"]
-    schedule = dict(total=args.epochs * len(loader), base=lr, final=args.min_lr,
-                    warmup=args.warmup_epochs * len(loader), start=lr * args.warmup_ratio)
+    schedule = common.lr_schedule(lr, args.min_lr, args.epochs * len(loader), args.warmup_epochs * len(loader),
+                                  lr * args.warmup_ratio)
 
     # ---------------- taps: the features ViTKD reads, captured during the normal forwards ----------------
     taps = None
@@ -155,8 +155,7 @@ def main(args):
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             test_stats = common.evaluate(student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: top-1 {test_stats['acc1']:.2f}  top-5 {test_stats['acc5']:.2f}")
-        common.log_stats(args.output_dir, {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                                           **{f"test_{k}": v for k, v in test_stats.items()}})
+        common.log_stats(args.output_dir, epoch, train_stats, test_stats)
         common.save_checkpoint(args.output_dir, "vitkd.py", args, epoch + 1, args.save_every,
                                model=student.state_dict(), **({"vitkd": vitkd.state_dict()} if vitkd is not None else {}),
                                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
@@ -180,14 +179,7 @@ def train_one_epoch(student, teacher, vitkd, taps, loader, criterion, mixup, opt
     meter = common.Meter()
     steps = len(loader)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    for it, (images, target) in enumerate(loader):
-        lr = common.cosine_schedule(epoch * steps + it, schedule["total"], schedule["base"], schedule["final"],
-                                    schedule["warmup"], schedule["start"])
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        if mixup is not None:
-            images, target = mixup(images, target)
+    for it, lr, images, target in common.train_batches(loader, optimizer, schedule, epoch, device, mixup):
         hard = target.argmax(1) if target.dim() == 2 else target  # NKD's target class under Mixup / CutMix
         with common.autocast(device, args.amp):
             if teacher is not None:
@@ -207,9 +199,7 @@ def train_one_epoch(student, teacher, vitkd, taps, loader, criterion, mixup, opt
             loss = sum(losses.values())
         common.check_finite(loss, f"at epoch {epoch} iteration {it}")
         common.optimizer_step(loss, optimizer, scaler, params, args.clip_grad)
-        meter.update(loss=loss.item(), lr=lr, **{k: v.item() for k, v in losses.items()})
-        if it % args.log_every == 0 or it == steps - 1:
-            common.print0(meter.line(f"epoch {epoch}", it, steps))
+        meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
     return common.reduce_metrics(meter.averages(), device)
 
 

@@ -38,7 +38,7 @@ def main():
     y = torch.randint(0, 1000, (opts.batch_size,), device=device)
     batches = [(x, y)] * opts.steps
     criterion = common.build_criterion(None, 0.1)
-    schedule = dict(total=10 ** 6, base=1e-4, final=1e-5, warmup=0, start=0.0)
+    schedule = common.lr_schedule(1e-4, 1e-5, 10 ** 6)
     mods = torch.nn.ModuleDict({"student": student, "vitkd": loss})
     opt = torch.optim.AdamW(common.param_groups(mods, 0.05), lr=1e-4)
     scaler = common.grad_scaler(device, args.amp)
