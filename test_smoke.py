@@ -584,6 +584,18 @@ def test_probe_learning_rates_trained_together_match_one_at_a_time():
         assert one["per_lr"][f"{lr:g}"] == both["per_lr"][f"{lr:g}"]
 
 
+def test_probe_batchnorm_head_and_label_fraction():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g) * 50 + 20  # badly scaled features: the BN head standardises them
+    y = (x[:, 0] > 20).long()
+    args = argparse.Namespace(probe_lrs=[0.1], probe_epochs=20, probe_batch_size=50, probe_bn=True,
+                              probe_weight_decay=0.0, seed=0)
+    res, probe = eval_knn_linear.train_linear_probes(x, y, x, y, 2, args, torch.device("cpu"))
+    assert res["acc1"] > 90 and probe.bn.running_mean.abs().max() > 10
+    keep = eval_knn_linear.class_fraction(torch.tensor([0] * 100 + [1] * 10), 0.1, 0)
+    assert len(keep) == 11 and (keep >= 100).sum() == 1  # 10% per class, at least one image each
+
+
 def test_dino_linear_classifier_files_load_with_their_feature_spec(tmp_path):
     torch.save({"state_dict": {"module.linear.weight": torch.randn(10, 4 * 192), "module.linear.bias": torch.zeros(10)}},
                tmp_path / "dino_s.pth")
@@ -881,6 +893,26 @@ def test_ssta_end_to_end_early_stop_and_resume(tmp_path, supervised_run, ta_prob
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     assert not forwards
+
+
+@pytest.mark.parametrize("flags", [["--head_mode", "avg", "--sl_loss", "lkd"], ["--head_mode", "rand", "--sl_loss", "at"],
+                                   ["--heads_sl", "2", "0", "--assignment", "fig6", "--kl", "reverse"]])
+def test_ssta_ablations_run(tmp_path, supervised_run, ta_probe, flags):
+    teachers = ["--teacher_weights", str(supervised_run / "checkpoint.pth"),
+                "--ta_weights", str(supervised_run / "student_backbone.pth"), "--ta_probe", str(ta_probe)]
+    _, stats = run_ssta(tmp_path, *teachers, *flags, "--epochs", "1", "--early_stop_epoch", "1", "--synthetic_size", "64",
+                        "--selection_images", "32")
+    log = json.loads((tmp_path / "log.txt").read_text())
+    assert math.isfinite(log["train_sl"]) and math.isfinite(log["train_ssl"]) and log["train_sl"] > 0
+    heads = json.loads((tmp_path / "heads.json").read_text()) if (tmp_path / "heads.json").exists() else {}
+    assert ("--heads_sl" in flags) == ("ssl" in heads)  # imp selection only ran where heads were not given
+
+
+def test_ssta_select_only(tmp_path, supervised_run):
+    heads = run_ssta(tmp_path, "--teacher_weights", str(supervised_run / "checkpoint.pth"), "--select_only",
+                     "--selection_images", "32")
+    assert heads["sl"] == json.loads((tmp_path / "heads.json").read_text())["sl"]["heads"]
+    assert not (tmp_path / "checkpoint.pth").exists()
 
 
 def test_ssta_bad_input(tmp_path, supervised_run, ta_probe):
