@@ -1101,8 +1101,12 @@ class Meter:
 
     def log(self, epoch, it, steps, every, **values):
         """Add this iteration's values (floats or 0-d tensors) and print the running line every
-        `every` iterations and at the last one."""
-        self.update(**{k: v.item() if torch.is_tensor(v) else v for k, v in values.items()})
+        `every` iterations and at the last one. Call it right after check_finite (which has already
+        waited for the forward), before the optimizer step, so that logging adds no GPU sync."""
+        tensors = [k for k, v in values.items() if torch.is_tensor(v)]  # one device -> host copy for all of them
+        if tensors:
+            values.update(zip(tensors, torch.stack([values[k].detach().float() for k in tensors]).tolist()))
+        self.update(**values)
         if it % every == 0 or it == steps - 1:
             print0(self.line(f"epoch {epoch}", it, steps))
 

@@ -208,8 +208,8 @@ def train_one_epoch(student, teachers, taps, plan, loader, criterion, mixup, opt
                     losses[name] = w * sum(terms)
             loss = sum(losses.values())
         common.check_finite(loss, f"at epoch {epoch} iteration {it}")
-        common.optimizer_step(loss, optimizer, scaler, params, args.clip_grad)
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
+        common.optimizer_step(loss, optimizer, scaler, params, args.clip_grad)
     return common.reduce_metrics(meter.averages(), device)
 
 

@@ -198,8 +198,8 @@ def train_one_epoch(student, teacher, vitkd, taps, loader, criterion, mixup, opt
                 losses["kd"] = args.kd_weight * kd_loss(logits, t_out, args.kd_temperature)
             loss = sum(losses.values())
         common.check_finite(loss, f"at epoch {epoch} iteration {it}")
-        common.optimizer_step(loss, optimizer, scaler, params, args.clip_grad)
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
+        common.optimizer_step(loss, optimizer, scaler, params, args.clip_grad)
     return common.reduce_metrics(meter.averages(), device)
 
 
