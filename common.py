@@ -213,7 +213,13 @@ def create_model(name, num_classes=None, sincos_pos_embed=False, frozen_patch_em
     try:
         model = timm.create_model(full, pretrained=False, **kwargs)
     except TypeError as e:
-        fail(f"model '{name}' does not take these options {sorted(kwargs)}: {e}")
+        sized = {k: kwargs.pop(k) for k in ("img_size", "dynamic_img_size") if k in kwargs}
+        try:  # a model without a fixed input size (CNNs) takes any size: drop img_size for it
+            model = timm.create_model(full, pretrained=False, **kwargs) if sized else None
+        except TypeError:
+            model = None
+        if model is None:
+            fail(f"model '{name}' does not take these options {sorted({**kwargs, **sized})}: {e}")
     if sincos_pos_embed or frozen_patch_embed:
         if not hasattr(model, "pos_embed") or not hasattr(model, "patch_embed"):
             fail(f"sincos_pos_embed / frozen_patch_embed need a ViT, not '{name}'")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import common
 import eval_knn_linear
+import sskd
 import ssta
 import vitkd
 
@@ -931,6 +932,90 @@ def test_ssta_bad_input(tmp_path, supervised_run, ta_probe):
         run_ssta(tmp_path / "d", *ta[:2], "--ta_probe", str(bad))
     with pytest.raises(common.UserError, match="needs its classifier"):
         run_ssta(tmp_path / "e", *ta[:2])
+
+
+# ---------------------------------------------------------------------------------------------
+# sskd.py
+# ---------------------------------------------------------------------------------------------
+def test_sskd_selective_transfer_and_losses_by_hand():
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.8], [0.1, 0.3, 0.6], [0.5, 0.4, 0.3]])
+    levels = sskd.error_levels(scores, torch.tensor([0, 2, 0, 2]))
+    assert levels.tolist() == [0, 0, 2, 2]  # a tie with the positive counts as correct
+    assert sskd.selective_mask(levels, 0.0).tolist() == [True, True, False, False]
+    assert sskd.selective_mask(levels, 0.5).tolist() == [True, True, True, False]  # tie at the cut: lower row first
+    assert sskd.selective_mask(levels, 1.0).tolist() == [True] * 4
+    assert sskd.selective_mask(torch.tensor([3, 0, 1, 2]), 0.67).tolist() == [False, True, True, True]  # int(3 x 0.67) = 2
+    sim_s = torch.tensor([[0.2, 0.9], [0.5, -0.1], [0.3, 0.3]])
+    sim_t = torch.tensor([[0.1, 0.8], [0.9, 0.0], [-0.5, 0.7]])
+    keep = torch.tensor([True, False, True])
+    T = 0.5
+    want = sum(sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(softmax_list([v / T for v in sim_t[r].tolist()]),
+                                                                      softmax_list([v / T for v in sim_s[r].tolist()])))
+               for r in (0, 2)) / 2 * T * T
+    assert sskd.sskd_ss_loss(sim_s, sim_t, T, keep).item() == pytest.approx(want, rel=1e-5)
+    assert sskd.sskd_ss_loss(sim_s, sim_t, T, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+def test_rotate_views_are_exact_rotations_in_image_major_order():
+    x = torch.arange(2 * 4, dtype=torch.float32).view(2, 1, 2, 2)  # image 0: [[0, 1], [2, 3]]
+    v = sskd.rotate_views(x)
+    assert v.shape == (8, 1, 2, 2)
+    assert v[0, 0].tolist() == [[0, 1], [2, 3]] and v[1, 0].tolist() == [[1, 3], [0, 2]]  # 90 degrees
+    assert v[2, 0].tolist() == [[3, 2], [1, 0]] and v[3, 0].tolist() == [[2, 0], [3, 1]]
+    assert torch.equal(v[4:], sskd.rotate_views(x[1:]))
+    four = torch.randn(3, 4, 3, 8, 8)  # four separately cropped copies: copy k turned by k x 90 degrees
+    v = sskd.rotate_views(four)
+    assert all(torch.equal(v[4 * b + k], torch.rot90(four[b, k], k, dims=(1, 2))) for b in range(3) for k in range(4))
+    views = sskd.FourViews(32)(common.SyntheticShapes(1).render(0))
+    assert views.shape == (4, 3, 32, 32)
+
+
+def run_sskd(out, *extra):
+    argv = ["--dataset", "synthetic", "--synthetic_size", "256", "--num_workers", "0", "--batch_size", "16",
+            "--output_dir", str(out), *extra]
+    return sskd.main(sskd.get_args_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("pair", ["cnn_to_vit", "vit_to_vit"])
+def test_sskd_stages_end_to_end(tmp_path, supervised_run, pair, monkeypatch):
+    if pair == "cnn_to_vit":  # stage 1 with this script: a tiny CNN teacher
+        run_sskd(tmp_path / "t", "--student", "test_resnet", "--epochs", "2")
+        teacher_file = tmp_path / "t" / "checkpoint.pth"
+    else:
+        teacher_file = supervised_run / "checkpoint.pth"
+    before = common.read_checkpoint(str(teacher_file))["model"]
+    teacher, stats = run_sskd(tmp_path / "ss", "--stage", "teacher_ss", "--teacher_weights", str(teacher_file),
+                              "--ss_epochs", "2")
+    after = torch.load(tmp_path / "ss" / "checkpoint.pth", weights_only=True)
+    assert all(torch.equal(before[k], after["model"][k]) for k in before)  # stage 2 changes only the SS module
+    assert 0 <= stats["ss_acc1"] <= 100 and "ss_head" in after
+    seen = []
+    build = common.build_teacher
+    monkeypatch.setattr(common, "build_teacher", lambda *a, **kw: seen.append(build(*a, **kw)) or seen[-1])
+    student, stats = run_sskd(tmp_path / "s", "--student", "deit_tiny", "--depth", "2", "--patch_size", "8",
+                              "--epochs", "2", "--teacher_weights", str(tmp_path / "ss" / "checkpoint.pth"))
+    assert all(p.grad is None and not p.requires_grad for p in seen[0].parameters())  # the teacher never learns
+    log = [json.loads(line) for line in (tmp_path / "s" / "log.txt").read_text().splitlines()]
+    assert all(math.isfinite(log[-1][f"train_{k}"]) for k in ("ce", "kd", "tf", "ss")) and stats["acc1"] >= 0
+    assert log[-1]["train_ss"] < log[0]["train_ss"] or log[-1]["train_loss"] < log[0]["train_loss"]
+
+
+def test_sskd_data_regimes_and_bad_input(tmp_path, supervised_run):
+    ds = common.SyntheticShapes(200)
+    sub = sskd.data_regime(ds, 0.25, 0.5, 10, seed=0)
+    assert len(sub) == 50 and sub.classes == ds.classes
+    again = sskd.data_regime(ds, 0.25, 0.5, 10, seed=0)
+    assert sub.indices == again.indices and sub.labels == again.labels  # seeded: the same for every method
+    flipped = sum(lab != ds.targets[i] for i, lab in zip(sub.indices, sub.labels))
+    assert 10 <= flipped <= 40
+    with pytest.raises(common.UserError, match="run --stage teacher_ss first"):
+        run_sskd(tmp_path / "a", "--teacher_weights", str(supervised_run / "checkpoint.pth"))
+    with pytest.raises(common.UserError, match="at least 2"):
+        run_sskd(tmp_path / "b", "--batch_size", "1")
+    m = common.create_model("test_resnet", num_classes=5)
+    torch.save(m.state_dict(), tmp_path / "five.pth")
+    with pytest.raises(common.UserError, match="holds no classifier"):
+        run_sskd(tmp_path / "c", "--teacher", "test_resnet", "--teacher_weights", str(tmp_path / "five.pth"), "--ss_weight", "0")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""sskd.py: cost of SSKD's own machinery (SS modules, similarity matrices, selective transfer, losses).
+
+One SSKD student step on 4B views (sskd.train_one_epoch on fixed batches) vs the sum of its parts
+measured in the same run: a plain student step on the same 4B views + the teacher's forward on them.
+Target: ratio <= 1.10.
+
+  python bench/bench_sskd.py                                  # CPU: DeiT-Ti <- DeiT-S, 224 px, 4 x 4 views
+  python bench/bench_sskd.py --teacher test_resnet --input_size 32 --images 64   # CNN -> ViT at CIFAR size
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from harness import compare, device_and_amp, report
+import common
+import sskd
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--student", default="deit_tiny")
+    p.add_argument("--teacher", default="deit_small")
+    p.add_argument("--input_size", default=224, type=int)
+    p.add_argument("--images", default=4, type=int, help="images per step (4 views each)")
+    p.add_argument("--steps", default=3, type=int)
+    p.add_argument("--repeats", default=3, type=int)
+    opts = p.parse_args()
+    device, _ = device_and_amp()
+    args = sskd.get_args_parser().parse_args(["--log_every", "1000000"])
+    torch.manual_seed(0)
+    student = common.create_model(opts.student, num_classes=100, img_size=opts.input_size).to(device)
+    teacher = common.build_teacher(opts.teacher, "random", num_classes=100, img_size=opts.input_size).to(device)
+    s_ss, t_ss = sskd.SSHead(student.num_features).to(device), common.freeze(sskd.SSHead(teacher.num_features).to(device))
+    x = torch.randn(opts.images, 4, 3, opts.input_size, opts.input_size, device=device)
+    y = torch.randint(0, 100, (opts.images,), device=device)
+    batches = [(x, y)] * opts.steps
+    x4, y4 = sskd.rotate_views(x), y.repeat_interleave(4)
+    mods = torch.nn.ModuleDict({"student": student, "ss": s_ss})
+    opt = torch.optim.SGD(common.param_groups(mods, 5e-4), lr=0.01, momentum=0.9)
+    scaler = common.grad_scaler(device, args.amp)
+    schedule = common.lr_schedule(0.01, 0.01, 10 ** 6)
+    wrapped = sskd.WithFeatures(student)
+
+    def sskd_step():
+        sskd.train_one_epoch(wrapped, s_ss, teacher, t_ss, batches, opt, scaler, schedule, 0, device, args)
+
+    def student_step():  # the plain supervised step on the same 4B views
+        for _ in range(opts.steps):
+            with common.autocast(device, args.amp):
+                loss = F.cross_entropy(wrapped(sskd.rotate_views(x))[1].float(), y4)
+            common.optimizer_step(loss, opt, scaler)
+
+    def teacher_forward():
+        for _ in range(opts.steps):
+            with torch.no_grad(), common.autocast(device, args.amp):
+                sskd.features_and_logits(teacher, sskd.rotate_views(x))
+
+    t = compare({"student": student_step, "teacher": teacher_forward, "sskd": sskd_step}, device, repeats=opts.repeats)
+    n = 4 * opts.images * opts.steps
+    report(f"SSKD step: {opts.student} <- {opts.teacher}, {opts.input_size}px, {opts.images} images x 4 views",
+           [("student step + teacher forward on 4B views (sum of parts)", t["student"] + t["teacher"], n),
+            ("  student step alone", t["student"], n), ("  teacher forward alone", t["teacher"], n),
+            ("SSKD step", t["sskd"], n)], device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""SSKD: knowledge distillation with a self-supervised auxiliary task and selective transfer (Xu et al.,
+"Knowledge Distillation Meets Self-Supervision", ECCV 2020), for any timm teacher and student (the
+method reads only final features and logits: ViT -> ViT, CNN -> ViT, CNN -> CNN).
+
+Three stages, one script (defaults: the official CIFAR code, METHODS.md section 6):
+  # 1. the teacher, supervised (no --teacher_weights: plain training on the normal view)
+  python sskd.py --student resnet32x4_or_any_timm_name --data_path ... --output_dir out/teacher
+  # 2. the teacher's self-supervision module: backbone and classifier frozen, 60 epochs
+  python sskd.py --stage teacher_ss --teacher_weights out/teacher/checkpoint.pth --data_path ... --output_dir out/teacher_ss
+  # 3. the student: CE + KD on normal views, KD on transformed views and the SS similarity loss,
+  #    both with selective transfer
+  torchrun --nproc_per_node=8 sskd.py --student deit_tiny --teacher_weights out/teacher_ss/checkpoint.pth ...
+
+Each image gives 4 views, image-major: rotations 0/90/180/270 of one horizontally flipped copy, each with
+its own random crop (view 0 is the "normal" one). The SS module (Linear F->F, ReLU, Linear F->F on the
+pre-logit feature) scores each transformed view against every normal view of the batch by cosine
+similarity; the student matches the teacher's row-softmax of those similarities. Paper (CIFAR-100):
+vgg13 -> vgg8 KD 72.98 -> SSKD 75.33.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torchvision import transforms
+
+import common
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("SSKD", add_help=False)
+    g = p.add_argument_group("models and stage")
+    g.add_argument("--stage", default="student", choices=["student", "teacher_ss"],
+                   help="student: train --student (plain, KD or SSKD); teacher_ss: train the teacher's SS module")
+    g.add_argument("--student", default="deit_tiny", type=str, help="any timm name or alias")
+    g.add_argument("--patch_size", default=None, type=int, help="student override (ViTs)")
+    g.add_argument("--depth", default=None, type=int, help="student override (ViTs)")
+    g.add_argument("--embed_dim", default=None, type=int, help="student override (ViTs)")
+    g.add_argument("--num_heads", default=None, type=int, help="student override (ViTs)")
+    g.add_argument("--drop_path", default=0.0, type=float)
+    g.add_argument("--teacher", default=None, type=str, help="teacher architecture (optional for files of this repository)")
+    g.add_argument("--teacher_weights", default="", type=str, help="file, hub:NAME or 'random'; '' = no teacher")
+    g.add_argument("--teacher_key", default=None, type=str)
+    g = p.add_argument_group("optimisation (official CIFAR code: SGD, step decay)")
+    g.add_argument("--epochs", default=240, type=int, help="student epochs (stage teacher_ss: --ss_epochs)")
+    g.add_argument("--batch_size", default=64, type=int, help="images per process; each gives 4 views")
+    g.add_argument("--blr", default=0.2, type=float, help="lr per 256 images (0.05 at batch 64)")
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (overrides --blr)")
+    g.add_argument("--momentum", default=0.9, type=float)
+    g.add_argument("--weight_decay", default=5e-4, type=float)
+    g.add_argument("--decay_epochs", default=[150, 180, 210], type=int, nargs="*", help="lr x decay_rate at these epochs")
+    g.add_argument("--decay_rate", default=0.1, type=float)
+    g.add_argument("--ss_epochs", default=60, type=int, help="stage teacher_ss epochs")
+    g.add_argument("--ss_decay_epochs", default=[30, 45], type=int, nargs="*")
+    g.add_argument("--eval_every", default=1, type=int)
+    g = p.add_argument_group("SSKD losses (code defaults; the arXiv paper: --ss_weight 2.7 --tf_weight 10)")
+    g.add_argument("--ce_weight", default=0.1, type=float, help="lambda1 (without a teacher the CE weight is 1)")
+    g.add_argument("--kd_weight", default=0.9, type=float, help="lambda2 (KD on normal views)")
+    g.add_argument("--tf_weight", default=2.7, type=float, help="weight of L_T, KD on transformed views (0: off)")
+    g.add_argument("--ss_weight", default=10.0, type=float, help="weight of L_ss, the SS similarity loss (0: off)")
+    g.add_argument("--kd_temperature", default=4.0, type=float)
+    g.add_argument("--tf_temperature", default=4.0, type=float)
+    g.add_argument("--ss_temperature", default=0.5, type=float)
+    g.add_argument("--ratio_tf", default=1.0, type=float, help="selective transfer: share of wrong rows kept for L_T")
+    g.add_argument("--ratio_ss", default=0.75, type=float, help="selective transfer: share of wrong rows kept for L_ss")
+    g.add_argument("--views", default="rotation", choices=["rotation", "paper"],
+                   help="rotation: 0/90/180/270 (official code); paper: colour dropping, rotation, crop+resize, "
+                        "colour distortion drawn per transformed view")
+    g = p.add_argument_group("data regimes (Fig. 4)")
+    g.add_argument("--train_fraction", default=1.0, type=float, help="keep this share of each class (seeded)")
+    g.add_argument("--label_noise", default=0.0, type=float, help="replace this share of labels by another class (seeded)")
+    common.add_data_args(p, input_size=32)
+    common.add_run_args(p)
+    return p
+
+
+def main(args):
+    device = common.init_distributed()
+    # ---------------- checks, before any work ----------------
+    teacher_ss = args.stage == "teacher_ss"
+    kd = bool(args.teacher_weights) and not teacher_ss
+    if teacher_ss and not args.teacher_weights:
+        common.fail("--stage teacher_ss needs the supervised teacher: --teacher_weights")
+    if args.batch_size < 2:
+        common.fail("--batch_size must be at least 2: the SS task contrasts each view with the other images of the batch")
+    if not (0 < args.train_fraction <= 1 and 0 <= args.label_noise < 1):
+        common.fail("--train_fraction must be in (0, 1] and --label_noise in [0, 1)")
+    ckpt = common.prepare_output_dir(args, "sskd.py")
+    common.seed_everything(args.seed)
+
+    # ---------------- data: 4 views per image ----------------
+    views = FourViews(args.input_size, args.views)
+    train_set = common.build_dataset(args, "train", views)
+    num_classes = len(train_set.classes)
+    train_set = data_regime(train_set, args.train_fraction, args.label_noise, num_classes, args.seed)
+    val_set = common.build_dataset(args, "val", common.build_transform(args, False))
+    loader = common.build_loader(train_set, args.batch_size, True, args.num_workers, args.seed)
+    val_loader = common.build_loader(val_set, 4 * args.batch_size, False, args.num_workers)
+
+    # ---------------- models ----------------
+    teacher = t_ss = None
+    if args.teacher_weights:
+        teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, num_classes=num_classes,
+                                       img_size=args.input_size).to(device)
+        t_ss = SSHead(teacher.num_features).to(device)
+        saved = common.read_checkpoint(args.teacher_weights) if os.path.isfile(args.teacher_weights) else {}
+        if "ss_head" in saved:
+            t_ss.load_state_dict(saved["ss_head"])
+        elif kd and args.ss_weight > 0:
+            common.fail(f"{args.teacher_weights} has no trained SS module: run --stage teacher_ss first (or --ss_weight 0)")
+        if not teacher_ss:
+            common.freeze(t_ss)
+    torch.manual_seed(args.seed)
+    if teacher_ss:  # stage 2: only the teacher's SS module learns
+        student, s_ss, trainable = teacher, None, t_ss
+        epochs, decay = args.ss_epochs, args.ss_decay_epochs
+    else:
+        student = common.create_model(args.student, num_classes=num_classes, drop_path_rate=args.drop_path,
+                                      img_size=args.input_size, patch_size=args.patch_size, depth=args.depth,
+                                      embed_dim=args.embed_dim, num_heads=args.num_heads).to(device)
+        s_ss = SSHead(student.num_features).to(device) if kd and args.ss_weight > 0 else None
+        trainable = nn.ModuleDict({"student": student, **({"ss": s_ss} if s_ss is not None else {})})
+        epochs, decay = args.epochs, args.decay_epochs
+    ddp = common.get_world_size() > 1
+    wrap = lambda m: DistributedDataParallel(m) if ddp and m is not None else m  # noqa: E731
+    student_ddp, s_ss_ddp = (None, wrap(t_ss)) if teacher_ss else (wrap(WithFeatures(student)), wrap(s_ss))
+
+    # ---------------- optimizer, schedule, resume ----------------
+    lr = common.resolve_lr(args)
+    optimizer = torch.optim.SGD(common.param_groups(trainable, args.weight_decay), lr=lr, momentum=args.momentum)
+    schedule = lambda step: lr * args.decay_rate ** sum(step >= e * len(loader) for e in decay)  # noqa: E731
+    scaler = common.grad_scaler(device, args.amp)
+    start_epoch = 0
+    if ckpt is not None:
+        trainable.load_state_dict(ckpt["trainable"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = ckpt["epoch"]
+
+    # ---------------- training ----------------
+    stats = {}
+    for epoch in range(start_epoch, epochs):
+        common.seed_everything(args.seed, epoch)
+        loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(student_ddp, s_ss_ddp, teacher, t_ss, loader, optimizer, scaler, schedule, epoch,
+                                      device, args)
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
+            stats = ss_accuracy(teacher, t_ss, val_loader, device, args) if teacher_ss else \
+                common.evaluate(student, val_loader, device, args.amp)
+            common.print0(f"| epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in stats.items()))
+        common.log_stats(args.output_dir, epoch, train_stats, stats)
+        state = {"model": (teacher if teacher_ss else student).state_dict(),
+                 "model_config": (teacher if teacher_ss else student).model_config}
+        if teacher_ss:
+            state["ss_head"] = t_ss.state_dict()
+        common.save_checkpoint(args.output_dir, "sskd.py", args, epoch + 1, args.save_every, trainable=trainable.state_dict(),
+                               optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **state)
+    if teacher_ss:
+        common.print0(f"| teacher's contrastive-prediction accuracy {stats.get('ss_acc1', float('nan')):.2f}% "
+                      f"(the paper: about 50% for vgg13); pass {os.path.join(args.output_dir, 'checkpoint.pth')} "
+                      "as --teacher_weights of the student")
+        return teacher, stats
+    common.export_backbone(student, os.path.join(args.output_dir, "student_backbone.pth"))
+    common.print0(f"| final top-1 {stats['acc1']:.2f}  top-5 {stats['acc5']:.2f}")
+    return student, stats
+
+
+def train_one_epoch(student, s_ss, teacher, t_ss, loader, optimizer, scaler, schedule, epoch, device, args):
+    """Stage teacher_ss: CE of the teacher SS module's raw cosine similarities (temperature 1) against
+    the positive column. Student stage: lambda1 CE + lambda2 KD on normal views (+ L_T + L_ss)."""
+    teacher_ss = args.stage == "teacher_ss"
+    (s_ss if teacher_ss else student).train()
+    meter = common.Meter()
+    steps = len(loader)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    all_views = teacher_ss or (teacher is not None and (args.tf_weight > 0 or args.ss_weight > 0))
+    for it, lr, images, target in common.train_batches(loader, optimizer, schedule, epoch, device):
+        x = rotate_views(images) if all_views else images[:, 0]  # 4B image-major views, or the B normal views
+        normal = torch.arange(0, len(x), 4, device=device) if all_views else torch.arange(len(x), device=device)
+        transformed = torch.arange(len(x), device=device)[(torch.arange(len(x), device=device) % 4) != 0]
+        with common.autocast(device, args.amp):
+            if teacher is not None:
+                with torch.no_grad():
+                    t_feat, t_logits = features_and_logits(teacher, x)
+            if teacher_ss:
+                sim = similarities(s_ss(t_feat.float()), normal, transformed)
+                losses = {"ss_ce": F.cross_entropy(sim, positives(len(normal), device))}
+            else:
+                feat, logits = student(x)
+                ce_weight = args.ce_weight if teacher is not None else 1.0  # lambda1 only next to the teacher's losses
+                losses = {"ce": ce_weight * F.cross_entropy(logits[normal].float(), target)}
+                if teacher is not None:
+                    losses["kd"] = args.kd_weight * common.kd_loss(logits[normal], t_logits[normal], args.kd_temperature)
+                if teacher is not None and args.tf_weight > 0:
+                    y = target.repeat_interleave(3)  # transformed rows of image b: 4b+1 .. 4b+3
+                    keep = selective_mask(error_levels(t_logits[transformed].float(), y), args.ratio_tf)
+                    losses["tf"] = args.tf_weight * masked_kd(logits[transformed], t_logits[transformed],
+                                                              args.tf_temperature, keep)
+                if s_ss is not None:
+                    with torch.no_grad():
+                        sim_t = similarities(t_ss(t_feat.float()), normal, transformed)
+                    sim_s = similarities(s_ss(feat.float()), normal, transformed)
+                    keep = selective_mask(error_levels(sim_t, positives(len(normal), device)), args.ratio_ss)
+                    losses["ss"] = args.ss_weight * sskd_ss_loss(sim_s, sim_t, args.ss_temperature, keep)
+            loss = sum(losses.values())
+        common.check_finite(loss, f"at epoch {epoch} iteration {it}")
+        meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
+        common.optimizer_step(loss, optimizer, scaler, params)
+    return common.reduce_metrics(meter.averages(), device)
+
+
+# ---------------------------------------------------------------------------------------------
+# views, features, selective transfer, losses
+# ---------------------------------------------------------------------------------------------
+def rotate_views(x):
+    """(B, C, H, W) -> (4B, C, H, W): each image rotated by 0, 90, 180, 270 degrees, image-major
+    ([x0 r0, x0 r90, x0 r180, x0 r270, x1 r0, ...]). A (B, 4, C, H, W) batch of four separately cropped
+    copies gets copy k rotated by k x 90 degrees, in the same order."""
+    if x.dim() == 4:
+        x = x[:, None].expand(-1, 4, -1, -1, -1)
+    return torch.stack([torch.rot90(x[:, k], k, dims=(-2, -1)) for k in range(4)], 1).flatten(0, 1)
+
+
+class FourViews:
+    """PIL image -> (4, C, H, W) un-rotated views for rotate_views: one horizontal flip shared by the four,
+    an independent random crop (padding input_size / 8) for each (official code). views='paper': the
+    three transformed views are each one of colour dropping, rotation, crop + resize, colour distortion
+    (drawn at random; our reading of the paper), marked for rotate_views by pre-rotating them back."""
+
+    def __init__(self, input_size, kind="rotation"):
+        self.kind = kind
+        norm = [transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+        self.crop = transforms.Compose([transforms.Resize(input_size), transforms.RandomCrop(input_size, padding=input_size // 8)] + norm)
+        self.others = [transforms.Compose([transforms.Resize(input_size), transforms.CenterCrop(input_size), t] + norm) for t in (
+            transforms.Grayscale(3), transforms.RandomRotation((90, 270)),
+            transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0)), transforms.ColorJitter(0.4, 0.4, 0.4, 0.1))]
+
+    def __call__(self, img):
+        if torch.rand(()) < 0.5:
+            img = transforms.functional.hflip(img)
+        if self.kind == "rotation":
+            return torch.stack([self.crop(img) for _ in range(4)])
+        views = [self.crop(img)] + [self.others[int(torch.randint(0, 4, ()))](img) for _ in range(3)]
+        # rotate_views turns view k by k x 90 degrees: pre-rotate the others back so they arrive as drawn
+        return torch.stack([views[0]] + [torch.rot90(v, -k, dims=(-2, -1)) for k, v in enumerate(views[1:], 1)])
+
+
+def features_and_logits(model, x):
+    """(pooled pre-logit feature, logits) of any timm model (ViT: final-norm CLS; CNN: global pool)."""
+    feat = model.forward_head(model.forward_features(x), pre_logits=True)
+    return feat, model.get_classifier()(feat)
+
+
+class WithFeatures(nn.Module):
+    """The student as one module returning (feature, logits), so that DDP sees a single forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return features_and_logits(self.model, x)
+
+
+class SSHead(nn.Module):
+    """SSKD's SS module: Linear(F, F) -> ReLU -> Linear(F, F), PyTorch default init."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def similarities(z, normal, transformed):
+    """3B x B cosine similarities: each transformed view against every normal view of the batch."""
+    z = F.normalize(z.float(), dim=1)
+    return z[transformed] @ z[normal].T
+
+
+def positives(batch, device):
+    """The positive column of each transformed row: its own image, row j -> j // 3."""
+    return torch.arange(batch, device=device).repeat_interleave(3)
+
+
+def error_levels(scores, positive):
+    """Rank of the positive in each row of scores (R x C), 0 = the top score; ties count in the
+    positive's favour (rank = number of strictly higher scores)."""
+    return (scores > scores.gather(1, positive[:, None])).sum(1)
+
+
+def selective_mask(levels, ratio):
+    """Rows kept by selective transfer: all rows with level 0, plus the int(n_wrong x ratio) wrong rows
+    with the smallest levels (ties: lower row index first)."""
+    wrong = levels > 0
+    k = int(int(wrong.sum()) * ratio)
+    keep = ~wrong
+    if k > 0:
+        order = torch.argsort(torch.where(wrong, levels, torch.full_like(levels, -1)), stable=True)
+        keep[order[int((~wrong).sum()):][:k]] = True
+    return keep
+
+
+def sskd_ss_loss(sim_s, sim_t, temperature, keep):
+    """KL(softmax(sim_t / T) || softmax(sim_s / T)) per kept row, mean over kept rows, x T^2."""
+    return masked_kd(sim_s, sim_t, temperature, keep)
+
+
+def masked_kd(logits_s, logits_t, temperature, keep):
+    """KD over the kept rows only (batch mean over kept rows, x T^2); 0 when no row is kept."""
+    if not keep.any():
+        return logits_s.sum() * 0.0
+    return common.kd_loss(logits_s[keep], logits_t[keep], temperature)
+
+
+@torch.no_grad()
+def ss_accuracy(teacher, t_ss, loader, device, args):
+    """The teacher's contrastive prediction: share of transformed views whose most similar normal view
+    (over the evaluation batch) is their own image."""
+    hits = torch.zeros(2, device=device, dtype=torch.float64)
+    for images, _ in common.progress(loader, "ss accuracy"):
+        if len(images) < 2:
+            continue
+        x = rotate_views(images.to(device))
+        normal = torch.arange(0, len(x), 4, device=device)
+        transformed = torch.arange(len(x), device=device)[(torch.arange(len(x), device=device) % 4) != 0]
+        with common.autocast(device, args.amp):
+            sim = similarities(t_ss(features_and_logits(teacher, x)[0].float()), normal, transformed)
+        hits += torch.tensor([(sim.argmax(1) == positives(len(normal), device)).sum().item(), len(transformed)],
+                             device=device, dtype=torch.float64)
+    common.all_reduce_sum(hits)
+    return {"ss_acc1": 100.0 * hits[0].item() / max(hits[1].item(), 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# data regimes and model options
+# ---------------------------------------------------------------------------------------------
+class Relabelled(torch.utils.data.Dataset):
+    def __init__(self, dataset, indices, labels):
+        self.dataset, self.indices, self.labels = dataset, indices, labels
+        self.classes = dataset.classes
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]][0], self.labels[i]
+
+
+def data_regime(dataset, fraction, noise, num_classes, seed):
+    """A seeded per-class subset (few-shot) and/or seeded symmetric label noise (another class drawn
+    uniformly), the same for every method given the seed."""
+    if fraction >= 1 and noise == 0:
+        return dataset
+    if not hasattr(dataset, "targets"):
+        common.fail(f"--train_fraction / --label_noise need a dataset with labels listed (not {type(dataset).__name__})")
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.as_tensor(dataset.targets)
+    keep = []
+    for c in range(num_classes):
+        idx = (targets == c).nonzero().flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:max(1, round(fraction * len(idx)))]])
+    keep = torch.cat(keep).sort().values
+    labels = targets[keep].clone()
+    flip = torch.rand(len(keep), generator=g) < noise
+    other = (labels + torch.randint(1, num_classes, (len(keep),), generator=g)) % num_classes
+    labels = torch.where(flip, other, labels)
+    common.print0(f"| {len(keep)} training images ({fraction:.0%} per class), {int(flip.sum())} labels flipped")
+    return Relabelled(dataset, keep.tolist(), labels.tolist())
+
+
+if __name__ == "__main__":
+    common.run_main(main, argparse.ArgumentParser("sskd", parents=[get_args_parser()]))
