@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import common
 import eval_knn_linear
+import sdssl
 import sskd
 import ssta
 import vitkd
@@ -463,16 +464,27 @@ def test_one_line_error_from_the_command_line(tmp_path):
     assert r.stderr.strip().splitlines() == [f"error: data path not found: {tmp_path / 'nowhere'}"]
 
 
-def test_torchrun_two_ranks_equal_one_process(tmp_path):
-    # plain SGD: the update is linear in the averaged gradient, so a wrong average would show
-    flags = ["--synthetic_size", "64", "--epochs", "1", "--warmup_epochs", "0", "--no-train_aug", "--drop_path", "0",
+# plain SGD: the update is linear in the averaged gradient, so a wrong average would show
+DDP_FLAGS = ["--synthetic_size", "64", "--epochs", "1", "--warmup_epochs", "0", "--no-train_aug", "--drop_path", "0",
              "--opt", "sgd", "--blr", "2.0", "--weight_decay", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def torchrun_ranks(tmp_path_factory):
+    """One 2-process torchrun (gloo) for all distributed checks: the toy training, the gathers, sharded
+    feature extraction (ddp_worker) and sdssl.py's losses on a split batch (sdssl_worker)."""
+    out = tmp_path_factory.mktemp("ddp")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "test_smoke.py", "--dataset", "synthetic", "--num_workers", "0", *flags, "--batch_size", "8",
-                        "--output_dir", str(tmp_path / "ddp")], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+                        "test_smoke.py", "--dataset", "synthetic", "--num_workers", "0", *DDP_FLAGS, "--batch_size", "8",
+                        "--output_dir", str(out)], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [torch.load(tmp_path / "ddp" / f"rank{i}.pth", weights_only=True) for i in range(2)]
+    return out
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, torchrun_ranks):
+    flags = DDP_FLAGS
+    ranks = [torch.load(torchrun_ranks / f"rank{i}.pth", weights_only=True) for i in range(2)]
     single = toy(tmp_path / "single", *flags, "--batch_size", "16")  # same global batch in one process
     assert ranks[0]["gather_ok"] and ranks[1]["gather_ok"]
     init = tiny_init().state_dict()
@@ -481,7 +493,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(ranks[0]["model"][k] - init[k], v - init[k], atol=1e-6, rtol=1e-4)
     assert (single.head.weight - init["head.weight"]).abs().max() > 1e-2  # it did train
     # sharded evaluation counts every image once: same metrics and features as one process
-    logs = [json.loads((tmp_path / d / "log.txt").read_text()) for d in ("ddp", "single")]
+    logs = [json.loads((d / "log.txt").read_text()) for d in (torchrun_ranks, tmp_path / "single")]
     assert logs[0]["test_acc1"] == logs[1]["test_acc1"] and logs[0]["test_loss"] == pytest.approx(logs[1]["test_loss"], rel=1e-4)
     feats, labels = extract_11(single)
     assert torch.equal(ranks[0]["labels"], labels) and torch.equal(ranks[1]["labels"], labels)
@@ -518,6 +530,7 @@ def ddp_worker(argv):
     feats, labels = extract_11(model)
     torch.save({"model": model.state_dict(), "gather_ok": bool(ok), "feats": feats, "labels": labels},
                os.path.join(args.output_dir, f"rank{rank}.pth"))
+    sdssl_worker(args.output_dir)
     torch.distributed.destroy_process_group()
 
 
@@ -1016,6 +1029,156 @@ def test_sskd_data_regimes_and_bad_input(tmp_path, supervised_run):
     torch.save(m.state_dict(), tmp_path / "five.pth")
     with pytest.raises(common.UserError, match="holds no classifier"):
         run_sskd(tmp_path / "c", "--teacher", "test_resnet", "--teacher_weights", str(tmp_path / "five.pth"), "--ss_weight", "0")
+
+
+# ---------------------------------------------------------------------------------------------
+# sdssl.py
+# ---------------------------------------------------------------------------------------------
+def test_sdssl_losses_and_alpha_ramp_by_hand():
+    q = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    k = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    tau = 0.2
+    rows = []
+    for i in range(2):
+        logits = [sum(a * b for a, b in zip(q[i].tolist(), k[j].tolist())) / tau for j in range(2)]
+        rows.append(-math.log(softmax_list(logits)[i]))
+    assert sdssl.ctr_loss(q, k, tau).item() == pytest.approx(sum(rows) / 2 * 2 * tau, rel=1e-5)
+    assert sdssl.ctr_loss(torch.cat([q, 3 * q]), k, tau).item() == pytest.approx(sum(rows) / 2 * 2 * tau, rel=1e-5)
+    p, z = torch.tensor([[1.0, 1.0], [0.0, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert sdssl.byol_loss(p, z).item() == pytest.approx(((2 - 2 / math.sqrt(2)) + 0.0) / 2, rel=1e-5)
+    assert sdssl.alpha_schedule(0, 100, 1.0) == 0.0 and sdssl.alpha_schedule(50, 100, 1.0) == pytest.approx(0.5)
+    assert sdssl.alpha_schedule(100, 100, 0.8) == pytest.approx(0.8)
+    # NT-Xent against a direct single-process computation
+    g = torch.Generator().manual_seed(0)
+    zz = torch.randn(6, 4, generator=g)
+    n = F.normalize(zz, dim=1)
+    sim = n @ n.T / tau
+    sim.fill_diagonal_(float("-inf"))
+    want = F.cross_entropy(sim, torch.tensor([3, 4, 5, 0, 1, 2]))
+    torch.testing.assert_close(sdssl.nt_xent(zz, zz, tau), want)
+
+
+def test_sdssl_batched_heads_equal_separate_mlps():
+    torch.manual_seed(0)
+    m = sdssl.BatchedMLP(3, [4, 8, 8, 5], last_bn=True).train()
+    x = torch.randn(3, 6, 4)
+    out = m(x)
+    for j in range(3):
+        ref = nn.Sequential(nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8, bias=False),
+                            nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5, bias=False), nn.BatchNorm1d(5, affine=False))
+        with torch.no_grad():
+            for li, wi in ((0, 0), (3, 1), (6, 2)):
+                ref[li].weight.copy_(m.weights[wi][j])
+            for bi, ni, c in ((1, 0, 8), (4, 1, 8)):
+                ref[bi].weight.copy_(m.norms[ni].weight[j * c:(j + 1) * c])
+                ref[bi].bias.copy_(m.norms[ni].bias[j * c:(j + 1) * c])
+        torch.testing.assert_close(out[j], ref(x[j]), atol=1e-5, rtol=1e-5)
+
+
+SD_TINY = ["--arch", "vit_small", "--depth", "3", "--embed_dim", "96", "--num_heads", "3", "--patch_size", "8",
+           "--dataset", "synthetic", "--input_size", "32", "--num_workers", "0", "--warmup_epochs", "1", "--batch_size", "32",
+           "--proj_hidden", "128", "--mid_proj_hidden", "64", "--pred_hidden", "128", "--out_dim", "32", "--crop_min_scale", "0.4"]
+
+
+def sd_args(*extra):
+    return sdssl.framework_defaults(sdssl.get_args_parser().parse_args(SD_TINY + list(extra)))
+
+
+def sd_losses_on(args, views):
+    """Build the models as sdssl.main does and return the loss terms on one batch of two views."""
+    student, heads, teacher, taps, mid = sdssl.build_models(args, torch.device("cpu"))
+    with torch.no_grad():
+        out = sdssl.sdssl_losses(student, heads, teacher, taps, mid, len(student.blocks) - 1, views, 0.5, args)
+    taps.close()
+    return {k: v.item() for k, v in out.items()}
+
+
+def sd_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
+
+
+def test_sdssl_without_distillation_is_the_plain_framework():
+    args = sd_args("--framework", "mocov3", "--alpha_max", "0", "--no-pred_loss")
+    student, heads, teacher, taps, mid = sdssl.build_models(args, torch.device("cpu"))
+    assert mid == [] and heads.mid_proj is None and heads.pred.n == 1
+    x1, x2 = sd_batch()
+    losses = sdssl.sdssl_losses(student, heads, teacher, taps, mid, 2, (x1, x2), 0.0, args)
+    taps.close()
+    assert set(losses) == {"ssl"}
+    # plain MoCo v3 written out: q = predictor(projector(backbone(x))), k = momentum projector(momentum backbone(x))
+    mlp = lambda m, x: m(x[None])[0]  # noqa: E731
+    q1, q2 = (mlp(heads.pred, mlp(heads.last_proj, student(x))) for x in (x1, x2))
+    k1, k2 = (mlp(teacher["proj"], teacher["backbone"](x)) for x in (x1, x2))
+
+    def ctr(q, k):
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        return F.cross_entropy(q @ k.T / 0.2, torch.arange(len(q))) * 2 * 0.2
+    torch.testing.assert_close(losses["ssl"], ctr(q1, k2) + ctr(q2, k1), atol=1e-5, rtol=1e-5)
+
+
+def test_sdssl_teacher_moves_only_by_ema_and_patch_projection_stays(tmp_path, monkeypatch):
+    built = []
+    build = sdssl.build_models
+    monkeypatch.setattr(sdssl, "build_models", lambda *a: built.append(build(*a)) or built[-1])
+    for m, out in (("1.0", "frozen"), ("0.9", "moving")):
+        sdssl.main(sd_args("--momentum", m, "--epochs", "1", "--synthetic_size", "64", "--output_dir", str(tmp_path / out)))
+    init = build(sd_args(), torch.device("cpu"))
+    for (student, heads, teacher, taps, mid), m in zip(built, ("1.0", "0.9")):
+        assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+        assert torch.equal(student.patch_embed.proj.weight, init[0].patch_embed.proj.weight)
+        assert torch.equal(student.pos_embed, init[0].pos_embed)  # fixed sin-cos
+        moved = not torch.equal(teacher["backbone"].blocks[0].mlp.fc1.weight, init[0].blocks[0].mlp.fc1.weight)
+        assert moved == (m == "0.9")  # momentum 1: no update at all, so nothing but the EMA moves it
+        assert not torch.equal(student.blocks[0].mlp.fc1.weight, init[0].blocks[0].mlp.fc1.weight)
+
+
+def test_sdssl_torchrun_two_ranks_give_the_single_process_losses(torchrun_ranks):
+    ranks = [torch.load(torchrun_ranks / f"sd{i}.pth", weights_only=True) for i in range(2)]
+    x1, x2 = sd_batch()
+    for fw in ("mocov3", "simclr"):
+        single = sd_losses_on(sd_args("--framework", fw), (x1, x2))
+        for k, v in single.items():
+            assert (ranks[0][fw][k] + ranks[1][fw][k]) / 2 == pytest.approx(v, rel=1e-4, abs=1e-5), (fw, k)
+
+
+def sdssl_worker(out):
+    """Each rank computes sdssl.py's losses on its half of one batch (run inside ddp_worker)."""
+    rank = common.get_rank()
+    x1, x2 = sd_batch()
+    shard = slice(4 * rank, 4 * rank + 4)
+    res = {fw: sd_losses_on(sd_args("--framework", fw), (x1[shard], x2[shard])) for fw in ("mocov3", "simclr")}
+    torch.save(res, os.path.join(out, f"sd{rank}.pth"))
+
+
+def test_sdssl_learns_and_resumes(tmp_path, monkeypatch):
+    # The shapes' random colours are the easiest instance cue, so a short run needs a stronger colour jitter
+    # to learn shape; with it, 6 epochs of SD-SimCLR raise the final-CLS k-NN from about 18% to about 30%.
+    args = sd_args("--framework", "simclr", "--depth", "2", "--synthetic_size", "1024", "--epochs", "6", "--blr", "1e-2",
+                   "--proj_hidden", "256", "--mid_proj_hidden", "128", "--pred_hidden", "256", "--out_dim", "64",
+                   "--color_jitter", "0.8", "0.8", "0.8", "0.5", "--knn_every", "6", "--output_dir", str(tmp_path / "learn"))
+    init = sdssl.knn_monitor(sdssl.build_models(args, torch.device("cpu"))[0], args, torch.device("cpu"))
+    _, _, knn = sdssl.main(args)
+    assert knn["knn_acc1"] > init["knn_acc1"] + 6, (init, knn)
+    flags = ["--framework", "mocov3", "--epochs", "2", "--synthetic_size", "64"]
+    straight, _, _ = sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "a")))
+    save = common.save_checkpoint
+
+    def crash_after_first(*a, **kw):
+        save(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "save_checkpoint", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "b")))
+    monkeypatch.setattr(common, "save_checkpoint", save)
+    resumed, teacher, _ = sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "b")))
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(common.UserError, match="at least 2 blocks"):
+        sdssl.main(sd_args("--depth", "1", "--output_dir", str(tmp_path / "c")))
+    with pytest.raises(common.UserError, match="at least 2 per process"):
+        sdssl.main(sd_args("--batch_size", "1", "--output_dir", str(tmp_path / "d")))
 
 
 if __name__ == "__main__":

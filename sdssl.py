@@ -1,0 +1,388 @@
+"""SDSSL: self-distilled self-supervised learning (Jang et al., WACV 2023): every intermediate layer of the
+ViT learns, through its own projector (and predictor), from the final layer's target; plus the plain
+baselines MoCo v3, BYOL, SimCLR (--alpha_max 0 --no-pred_loss). Spec: ../shared/METHODS.md section 4.
+
+  torchrun --nproc_per_node=8 sdssl.py --framework mocov3 --arch vit_small --data_path /imagenet --output_dir out/sd_mocov3
+  torchrun --nproc_per_node=8 sdssl.py --framework mocov3 --alpha_max 0 --no-pred_loss ... --output_dir out/mocov3
+  # CPU smoke run
+  python sdssl.py --arch vit_small --depth 4 --patch_size 8 --dataset synthetic --input_size 32 --epochs 2 --num_workers 0
+
+Per-layer representation: the shared final LayerNorm on the CLS token after each block. Heads: a
+3-layer projector per layer (hidden 4096 for the last, 2048 for the others, output 256) and a predictor
+per layer (256 -> 4096 -> 256) for MoCo v3 and BYOL; the intermediate projectors and all predictors run
+as one batched computation each (stacked weights, batched matmuls, BatchNorm over stacked channels).
+The momentum teacher is the backbone plus the last projector. Loss: L_ssl (last layer) + alpha(t) L_isd
+(layers 1..L-1 against the stop-gradient teacher target, alpha ramped by cosine from 0) + L x L_pred
+(predictors on detached projections). Paper (ImageNet, ViT-S/16, 300 epochs, k-NN / linear): MoCo v3
+66.5 / 70.0 -> SD-MoCo v3 68.0 / 71.5.
+"""
+import argparse
+import copy
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import common
+from eval_knn_linear import extract_features, knn_classify
+
+DEFAULTS = {"mocov3": dict(alpha_max=1.0, blr=1.5e-4), "byol": dict(alpha_max=0.8, blr=1.5e-4),
+            "simclr": dict(alpha_max=0.8, blr=1.3e-4)}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("SDSSL / MoCo v3 / BYOL / SimCLR", add_help=False)
+    g = p.add_argument_group("framework and backbone")
+    g.add_argument("--framework", default="mocov3", choices=["mocov3", "byol", "simclr"])
+    g.add_argument("--arch", default="vit_small", type=str)
+    g.add_argument("--patch_size", default=None, type=int)
+    g.add_argument("--depth", default=None, type=int)
+    g.add_argument("--embed_dim", default=None, type=int)
+    g.add_argument("--num_heads", default=12, type=int, help="MoCo v3 ViT-S has 12 heads (DeiT-S: 6)")
+    g.add_argument("--sincos_pos_embed", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--frozen_patch_embed", action=argparse.BooleanOptionalAction, default=True)
+    g = p.add_argument_group("SDSSL (METHODS 4.2-4.3)")
+    g.add_argument("--alpha_max", default=None, type=float, help="end of the alpha ramp (default 1.0 MoCo v3, 0.8 BYOL/SimCLR; 0: baseline)")
+    g.add_argument("--alpha_const", action=argparse.BooleanOptionalAction, default=False, help="no ramp: alpha = alpha_max throughout")
+    g.add_argument("--pred_loss", action=argparse.BooleanOptionalAction, default=True, help="L x predictor loss (MoCo v3, BYOL)")
+    g.add_argument("--distill_every", default=1, type=int, help="distil every n-th intermediate layer (Table 6)")
+    g.add_argument("--mid_proj_layers", default=3, type=int, choices=[1, 2, 3],
+                   help="intermediate projector depth (2: Table 6; 1: a single Linear, our reading of 'no MLP')")
+    g.add_argument("--proj_hidden", default=4096, type=int)
+    g.add_argument("--mid_proj_hidden", default=2048, type=int)
+    g.add_argument("--pred_hidden", default=4096, type=int)
+    g.add_argument("--out_dim", default=256, type=int)
+    g.add_argument("--tau", default=0.2, type=float, help="temperature (MoCo v3, SimCLR)")
+    g.add_argument("--momentum", default=0.996, type=float, help="EMA momentum, cosine-scheduled to 1")
+    g = p.add_argument_group("optimisation (METHODS 4.4)")
+    g.add_argument("--epochs", default=300, type=int)
+    g.add_argument("--batch_size", default=128, type=int, help="per process")
+    g.add_argument("--blr", default=None, type=float, help="lr per 256 images (default 1.5e-4; SimCLR 1.3e-4)")
+    g.add_argument("--lr", default=None, type=float)
+    g.add_argument("--min_lr", default=0.0, type=float)
+    g.add_argument("--warmup_epochs", default=40, type=int)
+    g.add_argument("--weight_decay", default=0.1, type=float)
+    g.add_argument("--clip_grad", default=0.0, type=float)
+    g.add_argument("--crop_min_scale", default=0.08, type=float, help="RandomResizedCrop scale (BYOL / MoCo v3: 0.08)")
+    g.add_argument("--color_jitter", default=[0.4, 0.4, 0.2, 0.1], type=float, nargs=4, metavar=("B", "C", "S", "H"),
+                   help="colour jitter strengths (brightness, contrast, saturation, hue), applied with p 0.8")
+    g.add_argument("--knn_every", default=0, type=int, help="k-NN monitor (k = 20) every N epochs on the labelled splits (0: off)")
+    common.add_data_args(p)
+    common.add_run_args(p)
+    return p
+
+
+def main(args):
+    device = common.init_distributed()
+    # ---------------- checks, before any work ----------------
+    framework_defaults(args)
+    if args.batch_size < 2:
+        common.fail("--batch_size must be at least 2 per process: the heads' BatchNorm and the contrastive losses need several images")
+    ckpt = common.prepare_output_dir(args, "sdssl.py")
+    common.seed_everything(args.seed)
+
+    # ---------------- data ----------------
+    train_set = common.build_dataset(args, "train", common.TwoViews(args.input_size, (args.crop_min_scale, 1.0), args.color_jitter))
+    loader = common.build_loader(train_set, args.batch_size, True, args.num_workers, args.seed)
+
+    # ---------------- backbone, heads, momentum teacher ----------------
+    student, heads, teacher, taps, mid = build_models(args, device)
+    ddp = common.get_world_size() > 1
+    student_ddp = DistributedDataParallel(student) if ddp else student
+    heads_ddp = DistributedDataParallel(heads) if ddp else heads
+
+    # ---------------- optimizer, schedules, resume ----------------
+    lr = common.resolve_lr(args)
+    trainable = nn.ModuleDict({"student": student, "heads": heads})
+    optimizer = torch.optim.AdamW(common.param_groups(trainable, args.weight_decay), lr=lr)
+    scaler = common.grad_scaler(device, args.amp)
+    total = args.epochs * len(loader)
+    schedule = common.lr_schedule(lr, args.min_lr, total, args.warmup_epochs * len(loader))
+    start_epoch = 0
+    if ckpt is not None:
+        trainable.load_state_dict(ckpt["trainable"])
+        if teacher is not None:
+            teacher.load_state_dict(ckpt["teacher_full"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = ckpt["epoch"]
+    common.print0(f"| {args.framework}: {len(mid)} distilled intermediate layers, alpha_max {args.alpha_max}, "
+                  f"pred loss {args.pred_loss and args.framework != 'simclr'}")
+
+    # ---------------- training ----------------
+    knn = {}
+    for epoch in range(start_epoch, args.epochs):
+        common.seed_everything(args.seed, epoch)
+        loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(student_ddp, heads_ddp, teacher, taps, mid, loader, optimizer, scaler, schedule,
+                                      total, epoch, device, args)
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            knn = knn_monitor(teacher["backbone"] if teacher is not None else student, args, device)
+            common.print0(f"| epoch {epoch}: k-NN top-1 {knn['knn_acc1']:.2f}")
+        common.log_stats(args.output_dir, epoch, train_stats, knn)
+        state = {"teacher": teacher["backbone"].state_dict(), "teacher_full": teacher.state_dict()} if teacher is not None else {}
+        common.save_checkpoint(args.output_dir, "sdssl.py", args, epoch + 1, args.save_every, model=student.state_dict(),
+                               trainable=trainable.state_dict(), optimizer=optimizer.state_dict(),
+                               scaler=scaler.state_dict(), model_config=student.model_config, **state)
+    taps.close()
+    common.export_backbone(student, os.path.join(args.output_dir, "student_backbone.pth"))
+    return student, teacher, knn
+
+
+def framework_defaults(args):
+    """Fill --alpha_max and --blr left unset with the framework's values (official configs)."""
+    for k, v in DEFAULTS[args.framework].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def build_models(args, device):
+    """(student backbone, heads, momentum teacher or None, taps reading the per-layer CLS, distilled
+    intermediate blocks). Same initial weights on every process (seeded)."""
+    torch.manual_seed(args.seed)
+    student = common.create_model(args.arch, num_classes=0, img_size=args.input_size, patch_size=args.patch_size,
+                                  depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads,
+                                  sincos_pos_embed=args.sincos_pos_embed, frozen_patch_embed=args.frozen_patch_embed).to(device)
+    depth = len(student.blocks)
+    if depth < 2:
+        common.fail("SDSSL needs a backbone of at least 2 blocks")
+    mid = [l for l in range(depth - 1) if (l + 1) % args.distill_every == 0] if args.alpha_max > 0 else []
+    heads = SDHeads(student.embed_dim, len(mid), args).to(device)
+    teacher = None
+    if args.framework != "simclr":
+        # no gradient, moved only by EMA; kept in train mode like MoCo v3's momentum encoder (projector BN on batch stats)
+        teacher = nn.ModuleDict({"backbone": copy.deepcopy(student), "proj": copy.deepcopy(heads.last_proj)})
+        teacher.requires_grad_(False)
+    taps = common.ViTTaps(student, blocks=mid + [depth - 1], norm=True)  # per-layer final-norm CLS, one forward
+    return student, heads, teacher, taps, mid
+
+
+def train_one_epoch(student, heads, teacher, taps, mid, loader, optimizer, scaler, schedule, total, epoch, device, args):
+    student.train()
+    heads.train()
+    meter = common.Meter()
+    steps = len(loader)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    last = len(common.unwrap(student).blocks) - 1
+    for it, lr, views, _ in common.train_batches(loader, optimizer, schedule, epoch, device):
+        step = epoch * steps + it
+        alpha = args.alpha_max if args.alpha_const else alpha_schedule(step, total, args.alpha_max)
+        with common.autocast(device, args.amp):
+            losses = sdssl_losses(student, heads, teacher, taps, mid, last, views, alpha, args)
+            loss = sum(losses.values())
+        common.check_finite(loss, f"at epoch {epoch} iteration {it}")
+        meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, alpha=alpha, **losses)
+        common.optimizer_step(loss, optimizer, scaler, params, args.clip_grad)
+        if teacher is not None:  # EMA, momentum cosine-scheduled from args.momentum to 1
+            m = 1 - (1 - args.momentum) * (math.cos(math.pi * (step + 1) / total) + 1) / 2
+            common.ema_update(teacher["backbone"], student, m)
+            common.ema_update(teacher["proj"], common.unwrap(heads).last_proj, m)
+    return common.reduce_metrics(meter.averages(), device)
+
+
+def sdssl_losses(student, heads, teacher, taps, mid, last, views, alpha, args):
+    """{'ssl', 'isd', 'pred'} for one batch of two views (METHODS 4.3). One backbone forward on both views
+    and one heads forward, so that DDP sees each module once per step."""
+    x1, x2 = views
+    B = len(x1)
+    student(torch.cat([x1, x2]))  # the taps keep the per-layer final-norm CLS
+    f_mid = torch.stack([taps.tokens[l][:, 0] for l in mid]) if mid else None
+    f_last = taps.tokens[last][:, 0]
+    feats = [(f_mid[:, v * B:(v + 1) * B] if mid else None, f_last[v * B:(v + 1) * B]) for v in (0, 1)]
+    out = heads(feats, pred_loss=args.pred_loss)  # per view: projections, predictions, predictions of detached projections
+    losses = {}
+    if args.framework == "simclr":
+        z = torch.cat([o["h_last"] for o in out])  # [view 1; view 2]
+        losses["ssl"] = nt_xent(z, z, args.tau)
+        if mid:
+            anchors = torch.cat([o["h_mid"] for o in out], 1).flatten(0, 1)  # per layer: [view 1 rows; view 2 rows]
+            losses["isd"] = alpha * nt_xent(anchors, z, args.tau, detach_columns=True)
+        return losses
+    with torch.no_grad():  # the momentum teacher's targets, one per view (its BN sees each view's batch)
+        z = [teacher["proj"](teacher["backbone"](x).float()[None])[0] for x in (x1, x2)]
+    if args.framework == "mocov3":
+        loss_fn = lambda q, k: ctr_loss(q, k, args.tau)  # noqa: E731
+    else:
+        loss_fn = lambda q, k: byol_loss(q, k.repeat(len(q) // len(k), 1))  # noqa: E731
+    ssl = isd = pred = 0.0
+    for v, o in enumerate(out):  # view v's predictions against the other view's target (symmetric)
+        ssl = ssl + loss_fn(o["q_last"], z[1 - v])
+        if mid:
+            isd = isd + loss_fn(o["q_mid"].flatten(0, 1), z[1 - v])
+        if args.pred_loss:  # the mean over all layers' rows x L = a sum over layers (METHODS 4.3)
+            pred = pred + (len(mid) + 1) * loss_fn(o["p_all"], z[1 - v])
+    losses["ssl"] = ssl
+    if mid:
+        losses["isd"] = alpha * isd
+    if args.pred_loss:
+        losses["pred"] = pred
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# losses and schedules
+# ---------------------------------------------------------------------------------------------
+def ctr_loss(q, k, tau):
+    """MoCo v3 contrastive loss: L2-normalised q (rows: any multiple of the local batch) against the keys of
+    all processes (no gradient), labels = row index mod local batch + rank x local batch; CE x 2 tau."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    keys = common.concat_all_gather(k.detach())
+    labels = torch.arange(len(q), device=q.device) % len(k) + len(k) * common.get_rank()
+    return F.cross_entropy(q @ keys.T / tau, labels) * 2 * tau
+
+
+def byol_loss(p, z):
+    """BYOL: mean over rows of 2 - 2 cos(p, z) (z without gradient)."""
+    return (2 - 2 * F.cosine_similarity(p.float(), z.float().detach(), dim=-1)).mean()
+
+
+def nt_xent(anchors, z, tau, detach_columns=False):
+    """SimCLR NT-Xent. z: (2B, d) local projections [view 1; view 2]; anchors: copies of that layout
+    stacked (L x 2B rows). Columns: z of all processes (gathered with gradient unless detach_columns);
+    each anchor's positive is the other view of its image, its own position is excluded."""
+    n = len(z)
+    cols = common.concat_all_gather(z.detach()) if detach_columns else common.all_gather_grad(z)
+    a, c = F.normalize(anchors.float(), dim=1), F.normalize(cols.float(), dim=1)
+    logits = a @ c.T / tau
+    i = torch.arange(len(anchors), device=z.device) % n
+    own, pos = i + n * common.get_rank(), (i + n // 2) % n + n * common.get_rank()
+    logits = logits.masked_fill(F.one_hot(own, logits.shape[1]).bool(), float("-inf"))
+    return F.cross_entropy(logits, pos)
+
+
+def alpha_schedule(step, total_steps, alpha_max):
+    """The ratio annealing: alpha_max (1 - cos(pi t / T)) / 2, from 0 at t = 0 to alpha_max at t = T."""
+    return alpha_max * (1 - math.cos(math.pi * min(step, total_steps) / total_steps)) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# heads
+# ---------------------------------------------------------------------------------------------
+class BatchedMLP(nn.Module):
+    """n parallel MLPs of the same shape as one computation: x (n, B, d_in) -> (n, B, d_out). Per layer a
+    bias-free Linear (one batched matmul over stacked weights) then, except after the last layer,
+    BatchNorm over the n x width stacked channels (= a BatchNorm per MLP) and ReLU; after the last layer
+    a BatchNorm without affine when last_bn."""
+
+    def __init__(self, n, dims, last_bn):
+        super().__init__()
+        self.n, self.dims = n, dims
+        self.weights = nn.ParameterList()
+        self.norms = nn.ModuleList()
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            w = torch.empty(n, b, a)
+            for j in range(n):  # nn.Linear's default init, per MLP
+                nn.init.kaiming_uniform_(w[j], a=math.sqrt(5))
+            self.weights.append(nn.Parameter(w))
+            last = i == len(dims) - 2
+            self.norms.append(GlobalBatchNorm(n * b, affine=not last) if (not last or last_bn) else nn.Identity())
+
+    def forward(self, x):
+        for i, (w, bn) in enumerate(zip(self.weights, self.norms)):
+            x = torch.bmm(x, w.transpose(1, 2))  # (n, B, width)
+            n, B, c = x.shape
+            x = bn(x.transpose(0, 1).reshape(B, n * c)).reshape(B, n, c).transpose(0, 1)
+            if i < len(self.weights) - 1:
+                x = F.relu(x)
+        return x
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; each process's output depends on every input, so the gradient is summed too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        torch.distributed.all_reduce(g)
+        return g
+
+
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the global batch of all processes (the official code's
+    SyncBN, which PyTorch only runs on GPUs; this one also runs on CPU with gloo). One process: plain BN."""
+
+    def forward(self, x):
+        if not (self.training and common.get_world_size() > 1):
+            return super().forward(x)
+        stats = _AllReduceSum.apply(torch.cat([x.float().sum(0), x.float().pow(2).sum(0),
+                                               x.new_full((1,), x.shape[0], dtype=torch.float32)]))
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean.pow(2)).clamp_min(0)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        y = (x.float() - mean) / (var + self.eps).sqrt()
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+class SDHeads(nn.Module):
+    """Projectors for the distilled intermediate layers (batched) and the last layer, predictors for all
+    (batched; MoCo v3 and BYOL). BYOL: no BatchNorm after the output layers."""
+
+    def __init__(self, dim, n_mid, args):
+        super().__init__()
+        last_bn = args.framework != "byol"
+        mid_dims = {3: [dim, args.mid_proj_hidden, args.mid_proj_hidden, args.out_dim],
+                    2: [dim, args.mid_proj_hidden, args.out_dim], 1: [dim, args.out_dim]}[args.mid_proj_layers]
+        self.mid_proj = BatchedMLP(n_mid, mid_dims, last_bn) if n_mid else None
+        self.last_proj = BatchedMLP(1, [dim, args.proj_hidden, args.proj_hidden, args.out_dim], last_bn)
+        self.pred = None
+        if args.framework != "simclr":
+            self.pred = BatchedMLP(n_mid + 1, [args.out_dim, args.pred_hidden, args.out_dim], last_bn)
+
+    def project(self, f_mid, f_last):
+        """(n_mid, B, D) or None, (B, D) -> projections (n_mid, B, out) or None, (B, out)."""
+        h_mid = self.mid_proj(f_mid.float()) if self.mid_proj is not None else None
+        return h_mid, self.last_proj(f_last.float()[None])[0]
+
+    def predict(self, h_mid, h_last):
+        """All predictors in one batched computation -> (n_mid + 1, B, out), the last layer last."""
+        return self.pred(torch.cat([h_mid, h_last[None]]) if h_mid is not None else h_last[None])
+
+    def forward(self, feats, pred_loss=True):
+        """feats: per view (f_mid, f_last). Per view: h_mid, h_last (projections), q_mid, q_last
+        (predictions) and p_all (predictions of the detached projections, all layers' rows, for L_pred)."""
+        out = []
+        for f_mid, f_last in feats:
+            h_mid, h_last = self.project(f_mid, f_last)
+            o = {"h_mid": h_mid, "h_last": h_last}
+            if self.pred is not None:
+                q = self.predict(h_mid, h_last)
+                o.update(q_mid=q[:-1] if h_mid is not None else None, q_last=q[-1])
+                if pred_loss:
+                    o["p_all"] = self.predict(h_mid.detach() if h_mid is not None else None, h_last.detach()).flatten(0, 1)
+            out.append(o)
+        return out
+
+
+@torch.no_grad()
+def knn_monitor(backbone, args, device):
+    """k-NN (k = 20, T = 0.07) of the final CLS on the labelled train / val splits (evaluation transform)."""
+    t = common.build_transform(args, False)
+    spec = [dict(n_last_blocks=1, avgpool=False)]
+    was = backbone.training
+    backbone.eval()
+    (ftr, ytr), (fva, yva) = (extract_features(backbone, common.build_dataset(args, s, t), spec, args.batch_size,
+                                               args.num_workers, device, args.amp, s) for s in ("train", "val"))
+    backbone.train(was)
+    res = knn_classify(ftr["cls"], ytr, fva["cls"], yva, int(max(ytr.max(), yva.max())) + 1, (20,), 0.07, device)
+    return {"knn_acc1": res[20]["acc1"]}
+
+
+if __name__ == "__main__":
+    common.run_main(main, argparse.ArgumentParser("sdssl", parents=[get_args_parser()]))
