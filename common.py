@@ -915,12 +915,12 @@ def resolve_lr(args, base_batch=256):
     return lr
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norms (any 1-D parameter) and on the names a
-    submodule lists in no_weight_decay() (timm ViT: pos_embed, cls_token, dist_token). Frozen
-    parameters are left out."""
+def param_groups(model, weight_decay, skip_listed=True):
+    """AdamW groups: no weight decay on biases, norms (any 1-D parameter) and, when skip_listed, on the
+    names a submodule lists in no_weight_decay() (timm ViT: pos_embed, cls_token, dist_token; MAE's
+    code, which AttnDistill uses, decays those). Frozen parameters are left out."""
     skip = set()
-    for prefix, m in model.named_modules():
+    for prefix, m in model.named_modules() if skip_listed else ():
         if hasattr(m, "no_weight_decay") and callable(m.no_weight_decay):
             skip |= {f"{prefix}.{n}" if prefix else n for n in m.no_weight_decay()}
     decay, no_decay = [], []

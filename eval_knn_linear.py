@@ -360,6 +360,21 @@ def load_probe(path, embed_dim=None):
     return probe.eval(), spec
 
 
+@torch.no_grad()
+def knn_monitor(backbone, args, device):
+    """The training scripts' k-NN monitor (k = 20, T = 0.07, DINO's): final-norm CLS of `backbone` on the
+    labelled train / val splits of args' dataset, evaluation transform. Returns {'knn_acc1': ...}."""
+    t = common.build_transform(args, False)
+    spec = [dict(n_last_blocks=1, avgpool=False)]
+    was = backbone.training
+    backbone.eval()
+    (ftr, ytr), (fva, yva) = (extract_features(backbone, common.build_dataset(args, s, t), spec, args.batch_size,
+                                               args.num_workers, device, args.amp, s) for s in ("train", "val"))
+    backbone.train(was)
+    res = knn_classify(ftr["cls"], ytr, fva["cls"], yva, int(max(ytr.max(), yva.max())) + 1, (20,), 0.07, device)
+    return {"knn_acc1": res[20]["acc1"]}
+
+
 def print_table(results):
     rows = sorted(set(results["knn"]) | set(results["linear"]))
     ks = sorted({k for r in results["knn"].values() for k in r})

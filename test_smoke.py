@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import attn_distill
 import common
 import eval_knn_linear
 import sdssl
@@ -1068,7 +1069,7 @@ def test_sdssl_batched_heads_equal_separate_mlps():
                             nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 5, bias=False), nn.BatchNorm1d(5, affine=False))
         with torch.no_grad():
             for li, wi in ((0, 0), (3, 1), (6, 2)):
-                ref[li].weight.copy_(m.weights[wi][j])
+                ref[li].weight.copy_(m.weights[wi][j].T)
             for bi, ni, c in ((1, 0, 8), (4, 1, 8)):
                 ref[bi].weight.copy_(m.norms[ni].weight[j * c:(j + 1) * c])
                 ref[bi].bias.copy_(m.norms[ni].bias[j * c:(j + 1) * c])
@@ -1179,6 +1180,115 @@ def test_sdssl_learns_and_resumes(tmp_path, monkeypatch):
         sdssl.main(sd_args("--depth", "1", "--output_dir", str(tmp_path / "c")))
     with pytest.raises(common.UserError, match="at least 2 per process"):
         sdssl.main(sd_args("--batch_size", "1", "--output_dir", str(tmp_path / "d")))
+
+
+# ---------------------------------------------------------------------------------------------
+# attn_distill.py
+# ---------------------------------------------------------------------------------------------
+def test_attn_distill_functions_by_hand():
+    rows = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]])  # B 1, H 2, N 3
+    T = 10.0
+    logsum = softmax_list([(math.log(rows[0, 0, n]) + math.log(rows[0, 1, n])) / T for n in range(3)])
+    torch.testing.assert_close(attn_distill.aggregate_heads(rows, T)[0], torch.tensor(logsum))
+    torch.testing.assert_close(attn_distill.aggregate_heads(rows, T, "mean")[0], torch.tensor([0.3, 0.45, 0.25]))
+    torch.testing.assert_close(attn_distill.aggregate_heads(rows, T, "max")[0], torch.tensor([0.5, 0.6, 0.3]) / 1.4)
+    torch.testing.assert_close(attn_distill.aggregate_heads(rows, T, "min")[0], torch.tensor([0.1, 0.3, 0.2]) / 0.6)
+
+    # resizing: a uniform patch part stays uniform with the same mass, the CLS entry is kept, rows sum to 1
+    uniform = torch.cat([torch.full((1, 1, 1), 0.2), torch.full((1, 1, 16), 0.05)], -1)
+    torch.testing.assert_close(attn_distill.resize_cls_attention(uniform, 4, 2),
+                               torch.tensor([[[0.2, 0.2, 0.2, 0.2, 0.2]]]))
+    g = torch.Generator().manual_seed(0)
+    fine = torch.randn(2, 3, 1 + 28 * 28, generator=g).mul(3).softmax(-1)
+    coarse = attn_distill.resize_cls_attention(fine, 28, 14)
+    assert coarse.shape == (2, 3, 1 + 14 * 14)
+    torch.testing.assert_close(coarse.sum(-1), torch.ones(2, 3))
+    assert torch.equal(coarse[..., 0], fine[..., 0])
+    assert torch.equal(attn_distill.resize_cls_attention(fine, 28, 28), fine)
+
+    # the loss: clamp to [1e-5, 0.996], renormalise, KL(teacher || student) summed over keys and heads, / B
+    s = torch.tensor([[[0.7, 0.3, 0.0], [0.2, 0.2, 0.6]], [[0.999, 0.001, 0.0], [0.3, 0.3, 0.4]]])
+    t = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]], [[0.4, 0.4, 0.2], [0.0, 0.5, 0.5]]])
+
+    def prep(row):
+        row = [min(max(v, 1e-5), 0.996) for v in row]
+        return [v / sum(row) for v in row]
+
+    def kl(tr, sr):
+        tr, sr = prep(tr), prep(sr)
+        return sum(a * (math.log(a) - math.log(b)) for a, b in zip(tr, sr))
+
+    per_head = sum(kl(t[b, h].tolist(), s[b, h].tolist()) for b in range(2) for h in range(2)) / 2
+    assert attn_distill.attn_distill_loss(s, t, T).item() == pytest.approx(per_head, rel=1e-5)
+    agg = [(attn_distill.aggregate_heads(x, T)) for x in (s, t)]
+    by_hand = sum(kl(agg[1][b].tolist(), agg[0][b].tolist()) for b in range(2)) / 2
+    assert attn_distill.attn_distill_loss(s, t, T, "logsum").item() == pytest.approx(by_hand, rel=1e-5)
+    mse = sum(sum((a - b) ** 2 for a, b in zip(prep(s[b, h].tolist()), prep(t[b, h].tolist())))
+              for b in range(2) for h in range(2)) / 2
+    assert attn_distill.attn_distill_loss(s, t, T, None, "mse").item() == pytest.approx(mse, rel=1e-5)
+    assert attn_distill.attn_distill_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="equal shapes"):
+        attn_distill.attn_distill_loss(s[:, :1], t, T)  # 1 student head vs 2 teacher heads, no aggregation
+    # 3 student heads vs 6 teacher heads aggregate fine
+    assert attn_distill.attn_distill_loss(fine[:, :, :5].softmax(-1), fine[:, :, :5].repeat(1, 2, 1).softmax(-1), T, "logsum") > 0
+
+
+def test_attn_distill_projector_widths():
+    x = torch.randn(2, 5, 8)
+    for k in (1, 2, 4, 8):
+        p = attn_distill.build_projector(8, 12, k)
+        linears = [m for m in p if isinstance(m, nn.Linear)]
+        assert isinstance(p[0], nn.LayerNorm) and len(linears) == k
+        assert [m.out_features for m in linears] == [16, 8, 16, 8, 16, 8, 16][:k - 1] + [12]
+        assert p(x).shape == (2, 5, 12)
+
+
+AD_TINY = ["--student", "deit_tiny", "--depth", "2", "--embed_dim", "48", "--patch_size", "8", "--dataset", "synthetic",
+           "--input_size", "32", "--num_workers", "0", "--batch_size", "32", "--blr", "1e-2", "--warmup_epochs", "1"]
+
+
+def run_attn_distill(out, *extra):
+    return attn_distill.main(attn_distill.get_args_parser().parse_args(AD_TINY + ["--output_dir", str(out), *extra]))
+
+
+def test_attn_distill_learns_from_a_trained_teacher_that_gets_no_gradient(tmp_path, supervised_run, monkeypatch):
+    teacher_file = str(supervised_run / "student_backbone.pth")  # the supervised tiny ViT trained in this session
+    built, build = [], common.build_teacher
+    monkeypatch.setattr(common, "build_teacher", lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])
+    args = attn_distill.get_args_parser().parse_args(AD_TINY + ["--output_dir", str(tmp_path / "x")])
+    torch.manual_seed(args.seed)  # the student attn_distill.main starts from
+    init = eval_knn_linear.knn_monitor(common.create_model("deit_tiny", num_classes=0, img_size=32, patch_size=8, depth=2,
+                                                           embed_dim=48), args, torch.device("cpu"))
+    model, knn = run_attn_distill(tmp_path / "run", "--teacher_weights", teacher_file, "--epochs", "6",
+                                  "--synthetic_size", "1024", "--knn_every", "6")
+    # the student (chance 10%) learns from the teacher's CLS and attention: k-NN well above its random init
+    assert knn["knn_acc1"] > init["knn_acc1"] + 10, (init, knn)
+    teacher, ref = built[0], build(None, teacher_file, num_classes=0)
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    for (k, a), b in zip(teacher.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert not teacher.training and all(b.attn.fused_attn for b in teacher.blocks)  # taps closed, nothing left behind
+    norm = model.backbone.norm  # never trained: only the evaluation features go through it
+    assert torch.equal(norm.weight, torch.ones(48)) and torch.equal(norm.bias, torch.zeros(48))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert log[-1]["train_attn"] < log[0]["train_attn"] and log[-1]["train_cls"] < log[0]["train_cls"]
+    # the exported backbone loads into timm and eval_knn_linear.py
+    backbone = eval_knn_linear.build_backbone(eval_knn_linear.get_args_parser().parse_args(
+        ["--weights", str(tmp_path / "run" / "student_backbone.pth"), "--dataset", "synthetic", "--input_size", "32"]))
+    assert torch.equal(backbone.blocks[1].mlp.fc1.weight, model.backbone.blocks[1].mlp.fc1.weight)
+
+    # other shapes: a 6-head student on a 2 x 2 grid (patch 16) against the 3-head teacher on 4 x 4:
+    # aggregated heads, resized teacher rows; ablation paths run
+    for extra in (["--patch_size", "16", "--num_heads", "6"], ["--attn_layers", "all", "--value_norm", "--patch_align", "1",
+                                                               "--aggregate", "max", "--proj_layers", "2", "--accum_iter", "2"]):
+        model, _ = run_attn_distill(tmp_path / "-".join(extra).replace("--", ""), "--teacher_weights", teacher_file,
+                                    "--epochs", "1", "--synthetic_size", "64", *extra)
+    with pytest.raises(common.UserError, match="heads by index"):
+        run_attn_distill(tmp_path / "e1", "--teacher_weights", teacher_file, "--num_heads", "6", "--aggregate", "none")
+    with pytest.raises(common.UserError, match="needs a teacher"):
+        run_attn_distill(tmp_path / "e2")
+    with pytest.raises(common.UserError, match="same patch grid"):
+        run_attn_distill(tmp_path / "e3", "--teacher_weights", teacher_file, "--patch_size", "16", "--patch_align", "1")
 
 
 if __name__ == "__main__":
