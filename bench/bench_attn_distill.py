@@ -1,0 +1,76 @@
+"""attn_distill.py: cost of AttnDistill's own machinery (projector P on the CLS, the unfused last block of
+each network, the CLS attention rows, head handling, resize, losses).
+
+One AttnDistill step (attn_distill.train_one_epoch on fixed batches) vs the sum of its parts measured
+in the same run: a plain student step (its final-norm CLS, a loss on it) + the teacher's forward.
+Target: ratio <= 1.10. A second line with a ViT-S/8 teacher (785 tokens, rows resized 28 -> 14).
+
+  python bench/bench_attn_distill.py                        # CPU: ViT-T/16 <- ViT-S/16, 224 px, batch 8
+  python bench/bench_attn_distill.py --batch_size 128 --steps 10   # GPU (bf16)
+"""
+import argparse
+
+import torch
+
+from harness import compare, device_and_amp, report
+import attn_distill
+import common
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--student", default="vit_tiny")
+    p.add_argument("--teachers", default=["vit_small_patch16_224", "vit_small_patch8_224"], nargs="+")
+    p.add_argument("--input_size", default=224, type=int)
+    p.add_argument("--batch_size", default=8, type=int)
+    p.add_argument("--steps", default=2, type=int)
+    p.add_argument("--repeats", default=3, type=int)
+    opts = p.parse_args()
+    device, _ = device_and_amp()
+    args = attn_distill.get_args_parser().parse_args(["--log_every", "1000000"])
+    x = torch.randn(opts.batch_size, 3, opts.input_size, opts.input_size, device=device)
+    batches = [(x, torch.zeros(opts.batch_size, dtype=torch.long))] * opts.steps
+    for name in opts.teachers:
+        torch.manual_seed(0)
+        backbone = common.create_model(opts.student, num_classes=0, img_size=opts.input_size).to(device)
+        backbone.norm.requires_grad_(False)
+        teacher = common.build_teacher(name, "random", num_classes=0, img_size=opts.input_size).to(device)
+        s_grid, t_grid = attn_distill.check_vit(backbone, "student"), attn_distill.check_vit(teacher, "teacher")
+        model = attn_distill.StudentWithProjector(backbone, teacher.embed_dim, args.proj_layers).to(device)
+        h_s, h_t = backbone.blocks[-1].attn.num_heads, teacher.blocks[-1].attn.num_heads
+        aggregate = None if h_s == h_t else "logsum"
+        opt = torch.optim.AdamW(common.param_groups(model, 0.05, skip_listed=False), lr=1e-4, betas=(0.9, 0.95))
+        scaler = common.grad_scaler(device, args.amp)
+        schedule = common.lr_schedule(1e-4, 0.0, 10 ** 6)
+        pairs = [(len(backbone.blocks) - 1, len(teacher.blocks) - 1)]
+
+        def distill_step():  # taps exist only inside the method's step
+            taps = {"student": common.ViTTaps(backbone, attn=[-1]), "teacher": common.ViTTaps(teacher, attn=[-1])}
+            attn_distill.train_one_epoch(model, teacher, taps, None, pairs, (s_grid, t_grid), aggregate, batches, opt,
+                                         scaler, schedule, 0, device, args)
+            for t in taps.values():
+                t.close()
+
+        def student_step():  # the plain student: its final-norm CLS and a loss on it
+            for _ in range(opts.steps):
+                with common.autocast(device, args.amp):
+                    loss = backbone.forward_features(x)[:, 0].float().square().mean()
+                common.optimizer_step(loss, opt, scaler)
+
+        def teacher_forward():
+            for _ in range(opts.steps):
+                with torch.no_grad(), common.autocast(device, args.amp):
+                    teacher.forward_features(x)
+
+        t = compare({"student": student_step, "teacher": teacher_forward, "distill": distill_step}, device,
+                    repeats=opts.repeats)
+        n = opts.batch_size * opts.steps
+        report(f"AttnDistill step: {opts.student} ({h_s} heads, {s_grid}x{s_grid}) <- {name} ({h_t} heads, "
+               f"{t_grid}x{t_grid}), {opts.input_size}px, batch {opts.batch_size}",
+               [("student step + teacher forward (sum of parts)", t["student"] + t["teacher"], n),
+                ("  student step alone", t["student"], n), ("  teacher forward alone", t["teacher"], n),
+                ("AttnDistill step", t["distill"], n)], device)
+
+
+if __name__ == "__main__":
+    main()
