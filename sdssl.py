@@ -81,15 +81,15 @@ def main(args):
     framework_defaults(args)
     if args.batch_size < 2:
         common.fail("--batch_size must be at least 2 per process: the heads' BatchNorm and the contrastive losses need several images")
+
+    # ---------------- backbone, heads, momentum teacher (checks the depth) ----------------
+    student, heads, teacher, taps, mid = build_models(args, device)
     ckpt = common.prepare_output_dir(args, "sdssl.py")
     common.seed_everything(args.seed)
 
     # ---------------- data ----------------
     train_set = common.build_dataset(args, "train", common.TwoViews(args.input_size, (args.crop_min_scale, 1.0), args.color_jitter))
     loader = common.build_loader(train_set, args.batch_size, True, args.num_workers, args.seed)
-
-    # ---------------- backbone, heads, momentum teacher ----------------
-    student, heads, teacher, taps, mid = build_models(args, device)
     ddp = common.get_world_size() > 1
     student_ddp = DistributedDataParallel(student) if ddp else student
     heads_ddp = DistributedDataParallel(heads) if ddp else heads
