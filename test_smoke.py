@@ -637,6 +637,20 @@ TINY_RECIPE = ["--dataset", "synthetic", "--input_size", "32", "--num_workers", 
                "--student", "deit_tiny", "--depth", "2", "--embed_dim", "96", "--patch_size", "8"]
 
 
+def crash_after_first_checkpoint(monkeypatch, run):
+    """Call run() with common.save_checkpoint raising KeyboardInterrupt right after its first write."""
+    save = common.save_checkpoint
+
+    def crash(*a, **kw):
+        save(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(common, "save_checkpoint", save)
+
+
 def run_vitkd(out, *extra):
     args = vitkd.get_args_parser().parse_args(TINY_RECIPE + ["--output_dir", str(out), *extra])
     return vitkd.main(args)
@@ -759,16 +773,7 @@ def test_vitkd_end_to_end_resume_and_export(tmp_path, supervised_run, monkeypatc
     flags = ["--epochs", "2", "--synthetic_size", "128", "--teacher_weights", str(supervised_run / "student_backbone.pth"),
              "--nkd", "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0"]
     straight, _ = run_vitkd(tmp_path / "a", *flags)
-    save = common.save_checkpoint
-
-    def crash_after_first(*a, **kw):
-        save(*a, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(common, "save_checkpoint", crash_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        run_vitkd(tmp_path / "b", *flags)
-    monkeypatch.setattr(common, "save_checkpoint", save)
+    crash_after_first_checkpoint(monkeypatch, lambda: run_vitkd(tmp_path / "b", *flags))
     resumed, _ = run_vitkd(tmp_path / "b", *flags)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
@@ -1163,16 +1168,7 @@ def test_sdssl_learns_and_resumes(tmp_path, monkeypatch):
     assert knn["knn_acc1"] > init["knn_acc1"] + 6, (init, knn)
     flags = ["--framework", "mocov3", "--epochs", "2", "--synthetic_size", "64"]
     straight, _, _ = sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "a")))
-    save = common.save_checkpoint
-
-    def crash_after_first(*a, **kw):
-        save(*a, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(common, "save_checkpoint", crash_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "b")))
-    monkeypatch.setattr(common, "save_checkpoint", save)
+    crash_after_first_checkpoint(monkeypatch, lambda: sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "b"))))
     resumed, teacher, _ = sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "b")))
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
