@@ -25,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 import common
-from eval_knn_linear import knn_monitor
 
 
 def get_args_parser():
@@ -41,8 +40,14 @@ def get_args_parser():
                    help="teacher timm name (e.g. vit_small_patch16_224.dino); not needed for this repository's files")
     g.add_argument("--teacher_weights", default="", type=str, help="file, hub:<timm name>, or 'random' (smoke tests)")
     g.add_argument("--teacher_key", default=None, type=str, help="checkpoint key holding the teacher (e.g. teacher)")
+    g.add_argument("--teacher_mean", default=None, type=float, nargs=3,
+                   help="the teacher's input normalisation (default: its file's, timm's config for hub / tagged names, else ImageNet's)")
+    g.add_argument("--teacher_std", default=None, type=float, nargs=3)
     g = p.add_argument_group("AttnDistill (METHODS 3.2)")
     g.add_argument("--proj_layers", default=4, type=int, help="Linear layers of the projector P (Table 10: 1, 2, 4, 8)")
+    g.add_argument("--projector", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-projector: align the student's own final-norm CLS with the teacher's directly (the official "
+                        "code's no-projector mode; equal widths needed; the student's final norm is then trained)")
     g.add_argument("--cls_weight", default=1.0, type=float, help="weight of L_c (CLS alignment through P)")
     g.add_argument("--lambda_attn", default=0.1, type=float,
                    help="weight of L_a (paper 0.1; the official argparse default 20 is not what the paper ran; 0: 'PA only')")
@@ -82,11 +87,15 @@ def main(args):
     if not args.teacher_weights:
         common.fail("AttnDistill needs a teacher: --teacher_weights (a file, hub:NAME, or 'random' for smoke tests)")
     torch.manual_seed(args.seed)  # the same initial student, projector and norm on every rank
+    stats = common.data_stats(args)  # the student's input normalisation = the data pipeline's
     backbone = common.create_model(args.student, num_classes=0, img_size=args.input_size, patch_size=args.patch_size,
                                    depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads,
-                                   drop_path_rate=args.drop_path).to(device)
-    teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, num_classes=0,
-                                   img_size=args.input_size).to(device)
+                                   drop_path_rate=args.drop_path, mean=stats[0], std=stats[1]).to(device)
+    teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
+                                   args.teacher_std, num_classes=0, img_size=args.input_size).to(device)
+    if not args.projector and backbone.embed_dim != teacher.embed_dim:
+        common.fail(f"--no-projector aligns the CLS tokens directly: the student's width {backbone.embed_dim} must equal "
+                    f"the teacher's {teacher.embed_dim}")
     s_grid, t_grid = check_vit(backbone, "student"), check_vit(teacher, "teacher")
     h_s, h_t = backbone.blocks[-1].attn.num_heads, teacher.blocks[-1].attn.num_heads
     aggregate = {"auto": None if h_s == h_t else "logsum", "none": None}.get(args.aggregate, args.aggregate)
@@ -103,15 +112,16 @@ def main(args):
                                      interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
+        transforms.Normalize(*stats)])
     train_set = common.build_dataset(args, "train", transform)
     loader = common.build_loader(train_set, args.batch_size, True, args.num_workers, args.seed)
 
     # ---------------- student with P, taps ----------------
     # The student's own final LayerNorm gets no gradient here (L_c goes through P and a new LayerNorm): it
     # stays at its init, as in the official code, and only the evaluation features pass through it.
-    backbone.norm.requires_grad_(False)
-    model = StudentWithProjector(backbone, teacher.embed_dim, args.proj_layers).to(device)
+    # Without P (--no-projector) the loss reads the final-norm CLS, so that norm is trained.
+    backbone.norm.requires_grad_(not args.projector)
+    model = StudentWithProjector(backbone, teacher.embed_dim, args.proj_layers if args.projector else 0).to(device)
     model_ddp = DistributedDataParallel(model) if common.get_world_size() > 1 else model
     depth_s, depth_t = len(backbone.blocks), len(teacher.blocks)
     pairs = [(depth_s - 1, depth_t - 1)] if args.attn_layers == "last" else \
@@ -147,7 +157,7 @@ def main(args):
         train_stats = train_one_epoch(model_ddp, teacher, taps, values, pairs, (s_grid, t_grid), aggregate, loader,
                                       optimizer, scaler, schedule, epoch, device, args)
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn = knn_monitor(backbone, args, device)
+            knn = common.knn_monitor(backbone, args, device)
             common.print0(f"| epoch {epoch}: k-NN top-1 {knn['knn_acc1']:.2f}")
         common.log_stats(args.output_dir, epoch, train_stats, knn)
         common.save_checkpoint(args.output_dir, "attn_distill.py", args, epoch + 1, args.save_every,
@@ -209,17 +219,24 @@ def train_one_epoch(model, teacher, taps, values, pairs, grids, aggregate, loade
 # the student with its projector
 # ---------------------------------------------------------------------------------------------
 class StudentWithProjector(nn.Module):
-    """backbone -> last block's tokens (before the backbone's final norm) -> P -> LayerNorm(D_t)."""
+    """backbone -> last block's tokens (before the backbone's final norm) -> P -> LayerNorm(D_t).
+    proj_layers 0 (--no-projector): the backbone's own final-norm tokens, nothing added."""
 
     def __init__(self, backbone, teacher_dim, proj_layers):
         super().__init__()
         self.backbone = backbone
-        self.projector = build_projector(backbone.embed_dim, teacher_dim, proj_layers)
-        self.norm = nn.LayerNorm(teacher_dim, eps=1e-6)
+        if proj_layers > 0:
+            self.projector = build_projector(backbone.embed_dim, teacher_dim, proj_layers)
+            self.norm = nn.LayerNorm(teacher_dim, eps=1e-6)
+        else:
+            self.projector = None
 
     def forward(self, x, all_tokens=False):
         """(B, 1, D_t) from the CLS token, or (B, N, D_t) from all tokens. P works per token, so
         projecting only the CLS gives the official values for L_c at a fraction of the cost."""
+        if self.projector is None:
+            tokens = self.backbone.forward_features(x)
+            return tokens if all_tokens else tokens[:, :1]
         taps_out = {}
         hook = self.backbone.blocks[-1].register_forward_hook(lambda m, i, o: taps_out.update(last=o))
         try:
@@ -231,10 +248,10 @@ class StudentWithProjector(nn.Module):
 
 
 def build_projector(d_s, d_t, layers):
-    """P: LayerNorm(d_s), then `layers` Linear layers with GELU between, widths alternating 2 d_s, d_s, ...
-    and the last one to d_t (the official code gets the last width wrong for 1-3 layers; METHODS 3.2).
-    Linear init trunc-normal std 0.02, bias 0."""
-    mods, width = [nn.LayerNorm(d_s)], d_s
+    """P: LayerNorm(d_s, eps 1e-6, as the official code), then `layers` Linear layers with GELU between,
+    widths alternating 2 d_s, d_s, ... and the last one to d_t (the official code gets the last width wrong
+    for 1-3 layers; METHODS 3.2). Linear init trunc-normal std 0.02, bias 0."""
+    mods, width = [nn.LayerNorm(d_s, eps=1e-6)], d_s
     for i in range(layers):
         out = d_t if i == layers - 1 else (2 * d_s if i % 2 == 0 else d_s)
         mods.append(nn.Linear(width, out))

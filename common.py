@@ -1,16 +1,8 @@
-"""Shared pieces of the scripts in this repository (and only those that two or more use).
-
-Sections, in order:
-  1. errors and rank-0 printing
-  2. distributed: torchrun / SLURM / single process, gathers, reductions
-  3. models: create_model, load_weights, frozen teachers, backbone export
-  4. ViT taps: block outputs, attention maps and head masks of chosen blocks of a timm ViT
-  5. data: datasets (ImageFolder, CIFAR, FakeData, built-in synthetic shapes), transforms, loaders
-  6. training utilities: seeds, schedules, lr rule, parameter groups, precision, EMA,
-     non-finite check, evaluation, checkpoints, resume, logs
-
-Everything here runs on CPU in a single process as well as under `torchrun` on GPUs.
-"""
+"""Shared pieces of the scripts in this repository (only those that two or more use), in sections: 1. errors,
+rank-0 printing; 2. distributed (torchrun / SLURM / one process); 3. models (create_model, load_weights, frozen
+teachers, backbone export); 4. ViT taps (block outputs, attention maps, head masks); 5. data (datasets, transforms,
+loaders); 6. training utilities (seeds, schedules, lr, precision, evaluation, checkpoints, resume, logs); 7. frozen
+features (feature specs, linear-probe files, k-NN). All runs on CPU in one process and under `torchrun` on GPUs."""
 import argparse
 import datetime
 import json
@@ -20,7 +12,7 @@ import random
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import torch
 import torch.distributed as dist
@@ -28,13 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import timm
 import torchvision
-from PIL import ImageFilter
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.utils import unwrap_model as unwrap  # the plain module inside DDP / torch.compile wrappers
 from torchvision import datasets, transforms
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. errors and printing
-# ---------------------------------------------------------------------------------------------
+# ---- 1. errors and printing -----------------------------------------------------------------
 class UserError(Exception):
     """Bad input (flags, paths, checkpoints). Scripts turn it into a one-line error and exit 2."""
 
@@ -44,8 +36,7 @@ def fail(msg):
 
 
 def run_main(main, parser, argv=None):
-    """`if __name__ == '__main__'` body of every script: parse, run, and report a UserError as
-    one line on stderr (exit 2) instead of a traceback."""
+    """Every script's `__main__` body: parse, run, and report a UserError as one stderr line (exit 2), no traceback."""
     args = parser.parse_args(argv)
     try:
         main(args)
@@ -70,13 +61,10 @@ def progress(iterable, desc="", total=None):
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=2.0)
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. distributed
-# ---------------------------------------------------------------------------------------------
+# ---- 2. distributed -------------------------------------------------------------------------
 def init_distributed():
-    """Set up the process group from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (or SLURM's
-    SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID under srun). Without them: one plain process, no
-    process group. nccl on CUDA, gloo on CPU. Returns the torch.device of this process."""
+    """Process group from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (or SLURM's SLURM_PROCID / SLURM_NTASKS /
+    SLURM_LOCALID under srun); without them one plain process. nccl on CUDA, gloo on CPU. Returns the device."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
@@ -92,14 +80,12 @@ def init_distributed():
         env.setdefault("MASTER_PORT", "29500")
     else:
         rank, world, local = 0, 1, 0
+    device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
         dist.barrier()
     print0(f"| {world} process(es), device {device}")
     return device
@@ -121,31 +107,6 @@ def is_main_process():
     return get_rank() == 0
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums the incoming gradients over ranks and returns this rank's
-    slice, so every rank's loss back-propagates into every rank's input."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        g = torch.stack(grads)
-        dist.all_reduce(g)
-        return g[dist.get_rank()]
-
-
-def all_gather_grad(x):
-    """Concatenate x over ranks along dim 0, keeping the graph (SimCLR-style negatives).
-    Identity in a single process."""
-    if get_world_size() == 1:
-        return x
-    return torch.cat(_GatherWithGrad.apply(x), 0)
-
-
 @torch.no_grad()
 def concat_all_gather(x):
     """Concatenate x over ranks along dim 0, without gradient (MoCo-style keys). Equal sizes."""
@@ -161,10 +122,7 @@ def gather_uneven(x):
     """Like concat_all_gather, but ranks may hold different numbers of rows (evaluation shards)."""
     if get_world_size() == 1:
         return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
+    sizes = concat_all_gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
     pad = x.new_zeros((max(sizes) - x.shape[0],) + x.shape[1:])
     out = concat_all_gather(torch.cat([x, pad], 0)).split(max(sizes), 0)
     return torch.cat([o[:s] for o, s in zip(out, sizes)], 0)
@@ -182,75 +140,85 @@ def reduce_metrics(metrics, device):
     if get_world_size() == 1 or not metrics:
         return dict(metrics)
     keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], device=device, dtype=torch.float64)
-    all_reduce_sum(t)
+    t = all_reduce_sum(torch.tensor([float(metrics[k]) for k in keys], device=device, dtype=torch.float64))
     return {k: v / get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. models
-# ---------------------------------------------------------------------------------------------
-ALIASES = {
-    "deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
-    "deit_base": "deit_base_patch16_224", "vit_tiny": "vit_tiny_patch16_224",
-    "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224",
-}
+# ---- 3. models ------------------------------------------------------------------------------
+ALIASES = {f"{a}_{s}": f"{a}_{s}_patch16_224" for a in ("deit", "vit") for s in ("tiny", "small", "base")}
 CHECKPOINT_KEYS = ("teacher", "student", "model", "state_dict", "state_dict_ema", "model_ema")
 
 
-def create_model(name, num_classes=None, sincos_pos_embed=False, frozen_patch_embed=False, **overrides):
-    """timm.create_model with short aliases (deit_tiny, vit_small, ...), any timm name with a tag
-    (vit_small_patch16_224.dino), and overrides (img_size, patch_size, depth, num_heads, embed_dim,
-    drop_path_rate, dynamic_img_size, ...; None means "timm's default"). Never downloads weights:
-    use load_weights. MoCo v3 options: `sincos_pos_embed` (fixed 2-D sin-cos position embedding,
-    not trained) and `frozen_patch_embed` (random patch projection, not trained). The arguments
-    are kept in `model.model_config`, so the same model can be rebuilt from a checkpoint."""
+def create_model(name, num_classes=None, mean=None, std=None, **overrides):
+    """timm.create_model with aliases (deit_tiny, ...), tagged names (vit_small_patch16_224.dino) and overrides (None:
+    timm's default); never downloads weights. mean / std: its input normalisation (default: input_stats of the name).
+    The arguments are kept in model.model_config, so a checkpoint rebuilds the model and its normalisation."""
     full = ALIASES.get(name, name)
     if not timm.is_model(full.split(".")[0]):
         fail(f"unknown model '{name}': not a timm model name nor one of {sorted(ALIASES)}")
-    kwargs = {k: v for k, v in overrides.items() if v is not None}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
+    kwargs = {k: v for k, v in dict(overrides, num_classes=num_classes).items() if v is not None}
     try:
         model = timm.create_model(full, pretrained=False, **kwargs)
     except TypeError as e:
         sized = {k: kwargs.pop(k) for k in ("img_size", "dynamic_img_size") if k in kwargs}
-        try:  # a model without a fixed input size (CNNs) takes any size: drop img_size for it
+        model = None
+        with suppress(TypeError):  # a model without a fixed input size (CNNs) takes any size: drop img_size for it
             model = timm.create_model(full, pretrained=False, **kwargs) if sized else None
-        except TypeError:
-            model = None
         if model is None:
             fail(f"model '{name}' does not take these options {sorted({**kwargs, **sized})}: {e}")
-    if sincos_pos_embed or frozen_patch_embed:
-        if not hasattr(model, "pos_embed") or not hasattr(model, "patch_embed"):
-            fail(f"sincos_pos_embed / frozen_patch_embed need a ViT, not '{name}'")
-    if sincos_pos_embed:
-        gh, gw = model.patch_embed.grid_size
-        pe = sincos_2d(gh, gw, model.embed_dim)
-        npt = 0 if model.no_embed_class else model.num_prefix_tokens
-        pe = torch.cat([torch.zeros(npt, model.embed_dim), pe], 0)
-        model.pos_embed.data.copy_(pe[None])
-        model.pos_embed.requires_grad_(False)
-    if frozen_patch_embed:
-        w = model.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
-        nn.init.zeros_(model.patch_embed.proj.bias)
-        model.patch_embed.requires_grad_(False)
-    model.model_config = dict(name=full, num_classes=model.num_classes, sincos_pos_embed=sincos_pos_embed,
-                              frozen_patch_embed=frozen_patch_embed, **{k: v for k, v in kwargs.items() if k != "num_classes"})
+    mean, std = input_stats(full, mean=mean, std=std)
+    model.model_config = dict(name=full, num_classes=model.num_classes, mean=mean, std=std,
+                              **{k: v for k, v in kwargs.items() if k != "num_classes"})
     return model
 
 
-def sincos_2d(grid_h, grid_w, dim, temperature=10000.0):
-    """Fixed 2-D sin-cos position embedding (MoCo v3): a quarter of the channels each for
-    sin/cos of the column and of the row index. Returns (grid_h * grid_w, dim), row-major."""
+def input_stats(name, weights=None, mean=None, std=None):
+    """(mean, std) a network expects: the given values; else timm's pretrained config of hub:NAME weights or of a
+    tagged name; else ImageNet's (untagged names, local files, networks trained from scratch here)."""
+    if mean is not None and std is not None:
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    tagged = weights[4:] if weights and weights.startswith("hub:") else (name if "." in name else None)
+    cfg = None
+    with suppress(RuntimeError):  # an unknown tag: create_model / load_weights say so
+        cfg = timm.models.get_pretrained_cfg(tagged) if tagged else None
+    own_mean, own_std = (cfg.mean, cfg.std) if cfg is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    return tuple(float(v) for v in (mean or own_mean)), tuple(float(v) for v in (std or own_std))
+
+
+def renormalize_input(model, data_stats, label="teacher"):
+    """Make `model` take inputs normalised with data_stats = (mean, std) if its model_config's differ: a pre-hook on the
+    first 3-channel conv maps them on the device, so one decoded batch serves every network. Prints both."""
+    own = (tuple(model.model_config["mean"]), tuple(model.model_config["std"]))
+    data = (tuple(data_stats[0]), tuple(data_stats[1]))
+    fmt = lambda st: f"mean {tuple(round(v, 4) for v in st[0])} std {tuple(round(v, 4) for v in st[1])}"  # noqa: E731
+    if own == data:
+        print0(f"| {label} input: {fmt(own)} (the data's)")
+        return model
+    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
+    if stem is None:
+        fail(f"cannot re-normalise the {label}'s input: no 3-channel input convolution found")
+    src_m, src_s, dst_m, dst_s = (torch.tensor(v).view(1, 3, 1, 1) for v in (*data, *own))
+
+    def hook(module, inputs):
+        x = inputs[0]
+        return ((x * src_s.to(x) + src_m.to(x) - dst_m.to(x)) / dst_s.to(x),) + tuple(inputs[1:])
+    stem.register_forward_pre_hook(hook)
+    print0(f"| {label} input: {fmt(own)}; re-normalised on the device from the data's {fmt(data)}")
+    return model
+
+
+def sincos_2d(grid_h, grid_w, dim, layout="mae", temperature=10000.0):
+    """Fixed 2-D sin-cos position embedding, (grid_h * grid_w, dim), row-major tokens. layout='mae' (MAE, the ViTKD
+    generator): [sin x, cos x, sin y, cos y], x the column, y the row; 'moco' (MoCo v3): [sin y, cos y, sin x, cos x]
+    (the row's channels first)."""
     if dim % 4:
         fail(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32),
                           torch.arange(grid_w, dtype=torch.float32), indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    ox, oy = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
-    return torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], 1)
+    first, second = (x, y) if layout == "mae" else (y, x)
+    a, b = first.reshape(-1, 1) * omega, second.reshape(-1, 1) * omega
+    return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], 1)
 
 
 def read_checkpoint(path):
@@ -290,16 +258,11 @@ def pick_state_dict(ckpt, key, source):
 
 
 def adapt_state_dict(sd, model):
-    """Map a foreign state dict onto `model`: strip leading 'module.' / '_orig_mod.'; keep only the
-    'backbone.' / 'base_encoder.' / 'encoder.' part when the file has one (DINO, MoCo v3); drop MAE's
-    decoder; drop a classifier whose shape (or presence) differs; resample pos_embed to the model's
-    patch grid. Returns (state_dict, notes, is_head) where is_head(key) tells classifier keys."""
-    model_sd = model.state_dict()
-    notes = []
-    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
-    for _ in range(2):
-        for p in ("module.", "_orig_mod."):
-            sd = {(k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
+    """Map a foreign state dict onto `model`: strip 'module.' / '_orig_mod.'; keep only a 'backbone.' / 'base_encoder.'
+    / 'encoder.' part (DINO, MoCo v3); drop MAE's decoder and a classifier whose shape or presence differs; resample
+    pos_embed to the patch grid. Returns (state_dict, notes, is_head), is_head(key) telling classifier keys."""
+    model_sd, notes = model.state_dict(), []
+    sd = timm.models.clean_state_dict({k: v for k, v in sd.items() if torch.is_tensor(v)})  # DDP / compile prefixes
     for p in ("backbone.", "base_encoder.", "encoder."):
         if any(k.startswith(p) for k in sd) and not any(k.startswith(p) for k in model_sd):
             kept = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
@@ -321,8 +284,7 @@ def adapt_state_dict(sd, model):
     if ("pos_embed" in sd and "pos_embed" in model_sd and sd["pos_embed"].shape != model_sd["pos_embed"].shape
             and sd["pos_embed"].shape[-1] == model_sd["pos_embed"].shape[-1]):  # other widths: a plain mismatch
         npt = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
-        src = sd["pos_embed"]
-        n = src.shape[1] - npt
+        src, n = sd["pos_embed"], sd["pos_embed"].shape[1] - npt
         side = int(round(math.sqrt(n)))
         if side * side != n:
             fail(f"cannot resample pos_embed {tuple(src.shape)} to {tuple(model_sd['pos_embed'].shape)}")
@@ -335,17 +297,13 @@ def adapt_state_dict(sd, model):
 
 def load_weights(model, source, key=None, ckpt=None, require_head=False):
     """Load weights into `model` from
-      - a local .pth / .pt / .bin / .safetensors file in the formats people hold: timm (plain or
-        'state_dict' / 'state_dict_ema'), DeiT / MAE ('model'), DINO ('teacher' / 'student' with
-        'module.' and 'backbone.' prefixes), MoCo v3 ('state_dict', 'module.base_encoder.'), and
+      - a local .pth / .pt / .bin / .safetensors file: timm (plain, 'state_dict' / 'state_dict_ema'), DeiT / MAE
+        ('model'), DINO ('teacher' / 'student', 'module.backbone.'), MoCo v3 ('state_dict', 'module.base_encoder.'),
         this repository's checkpoints and exported backbones; `key` forces a top-level key;
-      - 'hub:<timm name>' (timm pretrained weights; needs the network or a filled HF cache;
-        HF_HUB_OFFLINE=1 makes it fail at once instead of retrying);
-      - 'random': keep the random initialisation (explicitly asked for, e.g. smoke tests).
-    A path that does not exist is an error (never a download). Any missing or unexpected key beyond
-    a classifier head is an error that lists them; with require_head, a classifier that is not
-    in the file (or has another shape) is an error too. `ckpt`: the file's content when the caller
-    has already read it (it is not read twice)."""
+      - 'hub:<timm name>': timm pretrained weights (network or a filled HF cache; HF_HUB_OFFLINE=1 fails at once);
+      - 'random': keep the random initialisation (asked for explicitly, e.g. smoke tests).
+    Errors: a missing path (never downloaded), missing / unexpected keys beyond a classifier head, and with require_head
+    a classifier absent or of another shape. `ckpt`: the file's content if the caller read it."""
     if source == "random":
         print0(f"warning: {model.model_config['name'] if hasattr(model, 'model_config') else 'model'} keeps RANDOM weights (asked for)")
         return
@@ -361,8 +319,7 @@ def load_weights(model, source, key=None, ckpt=None, require_head=False):
     missing = [k for k in model_sd if k not in sd and not is_head(k)]
     unexpected = [k for k in sd if k not in model_sd]
     if wrong or missing or unexpected:
-        def short(keys):
-            return f"{keys[:6]}{' ... (%d in all)' % len(keys) if len(keys) > 6 else ''}"
+        short = lambda keys: f"{keys[:6]}{' ... (%d in all)' % len(keys) if len(keys) > 6 else ''}"  # noqa: E731
         parts = [f"{n}: {short(v)}" for n, v in (("missing", missing), ("unexpected", unexpected),
                                                  ("shape mismatch", wrong)) if v]
         fail(f"{source} does not match the model: " + "; ".join(parts))
@@ -379,11 +336,9 @@ def load_weights(model, source, key=None, ckpt=None, require_head=False):
 
 def _hub_state_dict(name):
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        try:  # honour an HF_HUB_OFFLINE set after huggingface_hub was imported
+        with suppress(Exception):  # honour an HF_HUB_OFFLINE set after huggingface_hub was imported
             import huggingface_hub.constants as hfc
             hfc.HF_HUB_OFFLINE = True
-        except Exception:
-            pass
     if not timm.is_model(name.split(".")[0]):
         fail(f"unknown timm model in hub:{name}")
     try:
@@ -394,58 +349,55 @@ def _hub_state_dict(name):
 
 
 def saved_model_config(source):
-    """(create_model arguments, file content) of a checkpoint or exported backbone written here:
-    the checkpoint's 'model_config', or the .json beside an exported backbone. (None, content)
-    for foreign files, (None, None) for hub: and random."""
+    """(create_model arguments, content) of a file written here: the checkpoint's 'model_config' or the .json beside
+    an exported backbone. (None, content) for foreign files, (None, None) for hub: and random."""
     if not source or source == "random" or source.startswith("hub:"):
         return None, None
     ckpt = read_checkpoint(os.path.expanduser(source))
     sidecar = os.path.splitext(os.path.expanduser(source))[0] + ".json"
+    config = None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
-        return dict(ckpt["model_config"]), ckpt
-    if os.path.isfile(sidecar):
+        config = dict(ckpt["model_config"])
+    elif os.path.isfile(sidecar):
         with open(sidecar) as f:
-            return json.load(f), ckpt
-    return None, ckpt
+            config = json.load(f)
+    for legacy in ("sincos_pos_embed", "frozen_patch_embed"):  # older sdssl.py files: the weights hold them
+        (config or {}).pop(legacy, None)
+    return config, ckpt
 
 
-def build_teacher(name, weights, key=None, **overrides):
-    """A frozen teacher: created, loaded, eval mode forever, no gradients. `weights` is required:
-    a file, hub:NAME, or 'random' for smoke tests (a teacher is never silently random, nor is its
-    classifier: a teacher with num_classes > 0 must find one of the right shape in the file).
-    `name` may be None for a checkpoint or exported backbone of this repository, which knows its
-    architecture; `overrides` (None values ignored) apply on top."""
+def build_teacher(name, weights, key=None, data_stats=None, mean=None, std=None, label="teacher", **overrides):
+    """A frozen teacher (eval mode forever, no gradients). `weights` (a file, hub:NAME, 'random' for smoke tests) is
+    required: a teacher is never silently random, nor its classifier (num_classes > 0 needs one of the right shape).
+    `name` may be None for this repository's files; `overrides` (None ignored) apply on top. Input statistics: mean /
+    std, else the file's, else input_stats; data_stats inputs are re-normalised to them (renormalize_input)."""
     if not weights:
-        fail(f"teacher '{name}' needs weights: a local file, hub:<timm name>, or 'random' (smoke tests only)")
+        fail(f"{label} '{name}' needs weights: a local file, hub:<timm name>, or 'random' (smoke tests only)")
     config, ckpt = saved_model_config(weights)
+    saved = {k: config[k] for k in ("mean", "std") if config and k in config}
     if name:
         config = {"name": name}
     elif config is None:
-        fail(f"cannot tell the teacher's architecture from {weights}: pass --teacher")
+        fail(f"cannot tell the {label}'s architecture from {weights}: pass --{label.replace(' ', '_')}")
     config.update({k: v for k, v in overrides.items() if v is not None})
+    config["mean"], config["std"] = input_stats(config["name"], weights, mean or saved.get("mean"), std or saved.get("std"))
     model = create_model(**config)
     load_weights(model, weights, key, ckpt=ckpt, require_head=model.num_classes > 0)
+    if data_stats is not None:
+        renormalize_input(model, data_stats, label)
     return freeze(model)
 
 
 def freeze(model):
     """No gradients, eval mode, and train() can no longer switch it back (mdistiller's trick)."""
-    model.requires_grad_(False)
-    model.eval()
+    model.requires_grad_(False).eval()
     model.train = lambda mode=True: model
     return model
 
 
-def unwrap(model):
-    """The plain module inside DDP / torch.compile wrappers."""
-    model = model.module if hasattr(model, "module") else model
-    return getattr(model, "_orig_mod", model)
-
-
 def export_backbone(model, path):
-    """Write the plain timm state dict of `model` (loads with timm.create_model(...,
-    checkpoint_path=path) and eval_knn_linear.py) and, beside it, <path>.json with the
-    create_model arguments that rebuild it."""
+    """Write the plain timm state dict of `model` (timm.create_model(..., checkpoint_path=path) and
+    eval_knn_linear.py load it) and, beside it, <path>.json with the create_model arguments that rebuild it."""
     model = unwrap(model)
     atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     if is_main_process() and hasattr(model, "model_config"):
@@ -453,27 +405,21 @@ def export_backbone(model, path):
             json.dump(model.model_config, f, indent=1)
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. ViT taps
-# ---------------------------------------------------------------------------------------------
+# ---- 4. ViT taps ----------------------------------------------------------------------------
 class ViTTaps:
-    """Read block outputs and attention maps of chosen blocks of a timm VisionTransformer during
-    its ordinary forward, and optionally zero heads. Hooks only (Attention.forward is never
-    replaced); blocks whose attention is read run the unfused path, all others keep fused SDPA.
-
+    """Read block outputs and attention maps of chosen blocks of a timm VisionTransformer during its ordinary
+    forward, and optionally zero heads. Hooks only (Attention.forward is never replaced); blocks whose attention is
+    read run the unfused path, all others keep fused SDPA. Example:
         with ViTTaps(vit, blocks=[0, 1, -1], attn=[-1], norm=[-1]) as taps:
             logits = vit(x)
         taps.tokens[11]   # B x N x D output of block 11 (after the final norm: norm=[-1])
         taps.attn[11]     # B x H x N x N post-softmax attention of block 11
-
     blocks: block outputs to keep, prefix tokens included (taps.num_prefix_tokens of them).
     where: 'ffn' = full block output (FFN-out); 'mha' = block input + attention branch (MHA-out).
     norm: True / False / block indices whose output goes through the model's final norm.
-    attn: blocks whose post-softmax probabilities (before attention dropout) are kept. They keep
-      their graph when grad is enabled (student) and have none under no_grad (teacher).
-    head_masks: {block: mask} with mask of shape (H,) or (B, H), multiplied into the head outputs
-      before the output projection (mask 0 removes that head); set_head_masks() changes them.
-    Use as a context manager or call close(); either restores the model exactly."""
+    attn: blocks whose post-softmax probabilities (before dropout) are kept, with their graph when grad is enabled.
+    head_masks: {block: (H,) or (B, H) mask} multiplied into the head outputs before the output projection (0
+    removes a head); set_head_masks() changes them. Context manager or close(): either restores the model exactly."""
 
     def __init__(self, model, blocks=(), attn=(), where="ffn", norm=False, head_masks=None):
         if not hasattr(model, "blocks") or not all(hasattr(b, "attn") and hasattr(b.attn, "attn_drop")
@@ -489,38 +435,28 @@ class ViTTaps:
         norm_set = set(self.blocks) if norm is True else {idx(i) for i in (norm or ())}
         self.num_prefix_tokens = model.num_prefix_tokens
         self.tokens, self.attn, self.head_masks = {}, {}, {}
-        self._handles, self._fused, self._inputs = [], {}, None
+        self._handles, self._fused, self._inputs, self._mask_hooks = [], {}, None, {}
         for i in self.blocks:
-            blk = model.blocks[i]
-            post = model.norm if i in norm_set else None
+            blk, post = model.blocks[i], (model.norm if i in norm_set else None)
             if where == "ffn":
                 self._handles.append(blk.register_forward_hook(self._save_block(i, post)))
             else:
-                self._handles.append(blk.register_forward_pre_hook(self._save_input(i)))
-                self._handles.append(blk.drop_path1.register_forward_hook(self._save_mha(i, post)))
+                self._handles.append(blk.register_forward_pre_hook(self._save_input))
+                self._handles.append(blk.drop_path1.register_forward_hook(self._save_block(i, post, add_input=True)))
         for i in self.attn_blocks:
             a = model.blocks[i].attn
-            self._fused[i] = a.fused_attn
-            a.fused_attn = False
+            self._fused[i], a.fused_attn = a.fused_attn, False
             self._handles.append(a.attn_drop.register_forward_hook(self._save_attn(i)))
-        self._mask_hooks = {}
         self.set_head_masks({idx(k): v for k, v in (head_masks or {}).items()})
 
-    def _save_block(self, i, post):
+    def _save_block(self, i, post, add_input=False):  # add_input: 'mha', block input + attention branch
         def hook(module, inputs, output):
-            self.tokens[i] = post(output) if post is not None else output
-        return hook
-
-    def _save_input(self, i):
-        def hook(module, inputs):
-            self._inputs = inputs[0]
-        return hook
-
-    def _save_mha(self, i, post):
-        def hook(module, inputs, output):
-            out = self._inputs + output
+            out = self._inputs + output if add_input else output
             self.tokens[i] = post(out) if post is not None else out
         return hook
+
+    def _save_input(self, module, inputs):
+        self._inputs = inputs[0]
 
     def _save_attn(self, i):
         def hook(module, inputs, output):
@@ -549,17 +485,13 @@ class ViTTaps:
             return (x.unflatten(-1, (heads, -1)) * m).flatten(-2),
         return hook
 
-    def clear(self):
-        self.tokens, self.attn = {}, {}
-
     def close(self):
         for h in self._handles + list(self._mask_hooks.values()):
             h.remove()
         self._handles, self._mask_hooks = [], {}
         for i, fused in self._fused.items():
             self.model.blocks[i].attn.fused_attn = fused
-        self._fused = {}
-        self._inputs = None
+        self._fused, self._inputs = {}, None
 
     def __enter__(self):
         return self
@@ -568,9 +500,7 @@ class ViTTaps:
         self.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. data
-# ---------------------------------------------------------------------------------------------
+# ---- 5. data --------------------------------------------------------------------------------
 def add_data_args(parser, input_size=224):
     """Data flags shared by every script."""
     g = parser.add_argument_group("data")
@@ -583,14 +513,21 @@ def add_data_args(parser, input_size=224):
     g.add_argument("--crop_pct", default=0.875, type=float, help="evaluation: resize to input_size / crop_pct, then centre crop")
     g.add_argument("--synthetic_size", default=2000, type=int, help="training images of the synthetic/fake dataset")
     g.add_argument("--num_workers", default=8, type=int, help="data loader workers per process")
+    g.add_argument("--mean", default=None, type=float, nargs=3,
+                   help="input normalisation (training: of the data and the student, default ImageNet's; "
+                        "eval_knn_linear.py: overrides the backbone's own)")
+    g.add_argument("--std", default=None, type=float, nargs=3, help="as --mean")
     return g
 
 
+def data_stats(args):
+    """(mean, std) of the data pipeline: --mean / --std, else ImageNet's. Teachers expecting others re-normalise."""
+    return input_stats("", mean=args.mean, std=args.std)
+
+
 class SyntheticShapes(torch.utils.data.Dataset):
-    """A small learnable dataset made on the fly, for offline runs: 10 classes (disc, square,
-    triangle, cross, ring, diamond, horizontal / vertical / diagonal gratings, checkerboard) in random
-    colours, sizes, positions and frequencies, with pixel noise. Image i is a pure function of
-    (seed, i), so it is the same in every process and every epoch before augmentation."""
+    """Learnable shapes made on the fly for offline runs: 10 classes, random colours, sizes, positions, frequencies,
+    pixel noise. Image i is a function of (seed, i): the same in every process and epoch before augmentation."""
     classes = ["disc", "square", "triangle", "cross", "ring", "diamond", "hgrating", "vgrating", "dgrating", "checker"]
 
     def __init__(self, size, img_size=32, seed=0, transform=None):
@@ -639,11 +576,10 @@ def build_dataset(args, split, transform):
     """split: 'train' or 'val'. Fails with one line on a missing or empty path before any work."""
     name, root = args.dataset, os.path.expanduser(args.data_path or "")
     is_train = split == "train"
-    if name == "synthetic":
+    if name in ("synthetic", "fake"):
         n = args.synthetic_size if is_train else max(args.synthetic_size // 4, 10)
-        return SyntheticShapes(n, seed=0 if is_train else 1, transform=transform)
-    if name == "fake":
-        n = args.synthetic_size if is_train else max(args.synthetic_size // 4, 10)
+        if name == "synthetic":
+            return SyntheticShapes(n, seed=0 if is_train else 1, transform=transform)
         return datasets.FakeData(n, (3, args.input_size, args.input_size), 10, transform,
                                  random_offset=0 if is_train else 10 ** 6)
     if not root:
@@ -668,29 +604,23 @@ def build_dataset(args, split, transform):
         fail(f"no images in {folder}: {e}")
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def build_transform(args, is_train, randaug="rand-m9-mstd0.5-inc1", reprob=0.25, color_jitter=0.3):
-    """DeiT-style training transform (timm: RandomResizedCrop, flip, RandAugment, random erasing; pass
-    randaug=None / reprob=0 to switch them off) or the evaluation transform (resize to
-    input_size / crop_pct, bicubic, centre crop). ImageNet normalisation."""
+def build_transform(args, is_train, randaug="rand-m9-mstd0.5-inc1", reprob=0.25, color_jitter=0.3, stats=None):
+    """DeiT's training transform (timm; randaug=None / reprob=0 switch RandAugment / erasing off) or evaluation one
+    (bicubic resize to floor(input_size / crop_pct), centre crop), normalised with `stats` or data_stats(args)."""
+    mean, std = stats or data_stats(args)
     if is_train:
         from timm.data import create_transform
         t = create_transform(args.input_size, is_training=True, auto_augment=randaug or None,
                              color_jitter=color_jitter, re_prob=reprob, re_mode="pixel", re_count=1,
-                             interpolation="bicubic")
+                             interpolation="bicubic", mean=mean, std=std)
         for op in (op for tt in t.transforms for op in getattr(tt, "ops", ())):
             if "Posterize" in getattr(op, "name", ""):
                 op.aug_fn = _posterize
         return t
-    return transforms.Compose([
-        transforms.Resize(int(round(args.input_size / args.crop_pct)), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(args.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
+    size = math.floor(args.input_size / args.crop_pct)
+    return transforms.Compose([transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                               transforms.CenterCrop(args.input_size), transforms.ToTensor(),
+                               transforms.Normalize(mean, std)])
 
 
 def _posterize(img, bits_to_keep, **_):
@@ -700,44 +630,6 @@ def _posterize(img, bits_to_keep, **_):
     if bits_to_keep >= 8:
         return img
     return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
-
-
-class TwoViews:
-    """The asymmetric two-view augmentation of BYOL, used by MoCo v3 (and SDSSL): random resized
-    crop (scale 0.08-1), flip, colour jitter (brightness, contrast, saturation, hue: 0.4, 0.4, 0.2, 0.1)
-    with p 0.8, grayscale p 0.2,
-    Gaussian blur p 1.0 / 0.1, solarisation p 0 / 0.2. Returns [view1, view2]."""
-
-    def __init__(self, input_size=224, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1)):
-        def view(blur_p, solarize_p):
-            return transforms.Compose([
-                transforms.RandomResizedCrop(input_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.RandomHorizontalFlip(),
-                transforms.RandomApply([transforms.ColorJitter(*jitter)], p=0.8),
-                transforms.RandomGrayscale(p=0.2),
-                transforms.RandomApply([PILGaussianBlur(0.1, 2.0, input_size)], p=blur_p),
-                transforms.RandomSolarize(128, p=solarize_p),
-                transforms.ToTensor(),
-                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ])
-        self.t1, self.t2 = view(1.0, 0.0), view(0.1, 0.2)
-
-    def __call__(self, img):
-        return [self.t1(img), self.t2(img)]
-
-
-class PILGaussianBlur:
-    """Gaussian blur with sigma drawn uniformly from [lo, hi] (torch RNG, so seeded like the other
-    transforms), done by PIL as in the MoCo v3 / DINO code (about 10x faster than torchvision's blur of a
-    PIL image). Below 224 px the sigma range shrinks with the image, so the blur covers the same share of
-    the picture as at 224 px."""
-
-    def __init__(self, lo, hi, input_size=224):
-        self.lo, self.hi, self.scale = lo, hi, min(1.0, input_size / 224)
-
-    def __call__(self, img):
-        sigma = self.lo + (self.hi - self.lo) * torch.rand(()).item()
-        return img.filter(ImageFilter.GaussianBlur(radius=sigma * self.scale))
 
 
 def add_supervised_args(parser, epochs=300, batch_size=128, blr=2.5e-4, min_lr=1e-5, warmup_epochs=5, clip_grad=0.0):
@@ -766,79 +658,66 @@ def add_supervised_args(parser, epochs=300, batch_size=128, blr=2.5e-4, min_lr=1
 
 
 def build_supervised_data(args):
-    """Labelled training / evaluation data with the DeiT recipe (flags of add_supervised_args):
-    (train_set, train_loader, val_loader, mixup_fn or None, criterion)."""
+    """(train_set, train_loader, val_loader, mixup_fn or None, criterion) with the DeiT recipe (add_supervised_args).
+    Under timm's Mixup / CutMix targets become soft labels (smoothing included), the criterion soft-target CE."""
     train_set = build_dataset(args, "train", build_transform(args, True, args.randaug, args.reprob))
     val_set = build_dataset(args, "val", build_transform(args, False))
     loader = build_loader(train_set, args.batch_size, True, args.num_workers, args.seed, args.repeated_aug)
     val_loader = build_loader(val_set, args.batch_size, False, args.num_workers)
-    mixup = build_mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing,
-                        len(train_set.classes))
-    if mixup is not None and args.batch_size % 2:
+    if args.mixup <= 0 and args.cutmix <= 0:
+        return train_set, loader, val_loader, None, nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+    if args.batch_size % 2:
         fail("Mixup / CutMix need an even --batch_size")
-    return train_set, loader, val_loader, mixup, build_criterion(mixup, args.smoothing)
-
-
-def build_mixup(mixup, cutmix, prob, switch_prob, smoothing, num_classes):
-    """timm Mixup/CutMix (None when both alphas are 0). Targets become soft labels."""
-    if mixup <= 0 and cutmix <= 0:
-        return None
     from timm.data import Mixup
-    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
-                 label_smoothing=smoothing, num_classes=num_classes)
+    from timm.loss import SoftTargetCrossEntropy
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                  switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
+                  num_classes=len(train_set.classes))
+    return train_set, loader, val_loader, mixup, SoftTargetCrossEntropy()
 
 
-def build_criterion(mixup_fn, smoothing):
-    """Soft-target CE under Mixup/CutMix (smoothing already in the targets), else label-smoothing CE."""
-    if mixup_fn is not None:
-        from timm.loss import SoftTargetCrossEntropy
-        return SoftTargetCrossEntropy()
-    return nn.CrossEntropyLoss(label_smoothing=smoothing)
-
-
-class EvalSampler(torch.utils.data.Sampler):
-    """Rank r takes samples r, r + W, r + 2W, ...: every sample exactly once over all ranks, no
-    padding, so metrics do not depend on the world size."""
-
-    def __init__(self, n, rank=None, world=None):
-        self.n = n
-        self.rank = get_rank() if rank is None else rank
-        self.world = get_world_size() if world is None else world
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.world))
-
-    def __len__(self):
-        return len(range(self.rank, self.n, self.world))
-
-
-def build_loader(dataset, batch_size, train, num_workers=8, seed=0, repeated_aug=False, collate_fn=None):
-    """Training: shuffled DistributedSampler (also in one process, so one process with batch W*b
-    sees the same batches as W processes with b), last partial batch dropped; repeated
-    augmentation (DeiT) on request. Evaluation: EvalSampler, nothing dropped."""
+def build_loader(dataset, batch_size, train, num_workers=8, seed=0, repeated_aug=False):
+    """Training: shuffled DistributedSampler (also in one process, so batch W*b there sees the batches of W processes
+    with b), last partial batch dropped; DeiT's repeated augmentation on request. Evaluation: rank r takes samples
+    r, r + W, ...: each once, no padding, so metrics do not depend on W. Workers restart each epoch: exact resume."""
     world, rank = get_world_size(), get_rank()
     if batch_size < 1:
         fail(f"--batch_size is per process and must be at least 1 (global batch = batch_size x {world} processes)")
     if train:
         if repeated_aug:
-            from timm.data.distributed_sampler import RepeatAugSampler
-            sampler = RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                       selected_round=256 if len(dataset) >= 256 * world * 4 else 0)
+            sampler = SeededRepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                             selected_round=256 if len(dataset) >= 256 * world * 4 else 0)
+            sampler.seed = seed
         else:
             sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
                                                           shuffle=True, seed=seed, drop_last=True)
         if len(sampler) < batch_size:
             fail(f"{len(dataset)} training images give no full batch of {batch_size} per process on {world} process(es)")
     else:
-        sampler = EvalSampler(len(dataset), rank, world)
+        sampler = range(rank, len(dataset), world)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                       pin_memory=torch.cuda.is_available(), drop_last=train,
-                                       collate_fn=collate_fn)  # workers restart each epoch: exact resume
+                                       pin_memory=torch.cuda.is_available(), drop_last=train)
 
 
-# ---------------------------------------------------------------------------------------------
-# 6. training utilities
-# ---------------------------------------------------------------------------------------------
+class SeededRepeatAugSampler(RepeatAugSampler):
+    """DeiT's repeated augmentation (timm), whose shuffle is seeded by the epoch alone: here by (seed, epoch)."""
+    seed = 0
+
+    def set_epoch(self, epoch):
+        super().set_epoch(self.seed * 100_003 + epoch)
+
+
+def class_subset(labels, fraction, generator):
+    """Sorted indices of round(fraction x size) images of each class (at least 1), drawn with `generator`."""
+    labels = torch.as_tensor(labels)
+    if fraction >= 1:
+        return torch.arange(len(labels))
+    idx = [(labels == c).nonzero().flatten() for c in labels.unique()]
+    return torch.cat([i[torch.randperm(len(i), generator=generator)[:max(1, round(fraction * len(i)))]]
+                      for i in idx]).sort().values
+
+
+# ---- 6. training utilities ------------------------------------------------------------------
 def add_run_args(parser):
     """Run-management flags shared by every training script (not hyperparameters)."""
     g = parser.add_argument_group("run")
@@ -854,21 +733,17 @@ def add_run_args(parser):
 
 
 def seed_everything(seed, epoch=0):
-    """Seed torch / random / numpy with (seed, epoch, rank). Scripts call it at the start of every
-    epoch, so a resumed run draws exactly the numbers the uninterrupted run drew."""
+    """Seed torch / random / numpy with (seed, epoch, rank), every epoch: a resumed run draws the same numbers."""
     s = seed + 1000 * epoch + get_rank()
     torch.manual_seed(s)
     random.seed(s)
-    try:
+    with suppress(ImportError):
         import numpy as np
         np.random.seed(s % 2 ** 32)
-    except ImportError:
-        pass
 
 
 def cosine_schedule(step, total_steps, base, final=0.0, warmup_steps=0, start=0.0):
-    """Per-iteration value: linear warm-up from `start` to `base` over warmup_steps, then half-cosine
-    from `base` to `final` at total_steps. A pure function of the step (nothing to checkpoint)."""
+    """Linear warm-up start -> base over warmup_steps, then half-cosine to `final` at total_steps; pure in `step`."""
     if step < warmup_steps:
         return start + (base - start) * step / warmup_steps
     t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -880,22 +755,15 @@ def lr_schedule(base, final, total_steps, warmup_steps=0, start=0.0):
     return lambda step: cosine_schedule(step, total_steps, base, final, warmup_steps, start)
 
 
-def set_lr(optimizer, lr):
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-
-
 def train_batches(loader, optimizer, schedule, epoch, device, mixup=None):
-    """Iterate one training epoch: set this iteration's lr from schedule(global step), move the batch
-    to the device, apply Mixup / CutMix if any. Yields (it, lr, images, target)."""
+    """One epoch: set lr = schedule(global step), move the batch to `device`, Mixup / CutMix. Yields (it, lr, x, y)."""
     steps = len(loader)
     for it, (images, target) in enumerate(loader):
         lr = schedule(epoch * steps + it)
-        set_lr(optimizer, lr)
-        if isinstance(images, (list, tuple)):  # several views (self-supervised pairs)
-            images = [v.to(device, non_blocking=True) for v in images]
-        else:
-            images = images.to(device, non_blocking=True)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        images = ([v.to(device, non_blocking=True) for v in images] if isinstance(images, (list, tuple))  # views
+                  else images.to(device, non_blocking=True))
         target = target.to(device, non_blocking=True)
         if mixup is not None:
             images, target = mixup(images, target)
@@ -903,9 +771,7 @@ def train_batches(loader, optimizer, schedule, epoch, device, mixup=None):
 
 
 def resolve_lr(args, base_batch=256):
-    """The absolute lr: --lr if given, else --blr x global batch / base_batch (printed, with the
-    global batch, which counts processes and --accum_iter if the script has it). args is not
-    changed, so a resumed run compares equal flags."""
+    """--lr, else --blr x global batch (with --accum_iter) / base_batch; printed. args stays unchanged for resume."""
     global_batch = args.batch_size * get_world_size() * getattr(args, "accum_iter", 1)
     if args.lr is not None:
         print0(f"| lr {args.lr:.3g} (given; global batch {global_batch})")
@@ -916,18 +782,16 @@ def resolve_lr(args, base_batch=256):
 
 
 def param_groups(model, weight_decay, skip_listed=True):
-    """AdamW groups: no weight decay on biases, norms (any 1-D parameter) and, when skip_listed, on the
-    names a submodule lists in no_weight_decay() (timm ViT: pos_embed, cls_token, dist_token; MAE's
-    code, which AttnDistill uses, decays those). Frozen parameters are left out."""
+    """AdamW groups, frozen parameters left out: no weight decay on 1-D parameters and, when skip_listed, the names in
+    a submodule's no_weight_decay() (timm ViT: pos_embed, cls_token; MAE's code, used by AttnDistill, decays them)."""
     skip = set()
     for prefix, m in model.named_modules() if skip_listed else ():
         if hasattr(m, "no_weight_decay") and callable(m.no_weight_decay):
             skip |= {f"{prefix}.{n}" if prefix else n for n in m.no_weight_decay()}
     decay, no_decay = [], []
     for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or n.endswith(".bias") or n in skip else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or n.endswith(".bias") or n in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -944,38 +808,22 @@ def grad_scaler(device, amp):
 
 
 def optimizer_step(loss, optimizer, scaler, params=(), clip_grad=0.0, update=True):
-    """backward (scaled for fp16); then, when `update` (False: accumulate gradients), unscale, clip
-    the gradient norm of `params` to clip_grad (0: no clipping), step, and zero the gradients.
-    Returns the gradient norm before clipping, or None when not clipped."""
+    """backward (scaled for fp16); when `update` (else accumulate): unscale, clip to clip_grad (0: off), step, zero."""
     scaler.scale(loss).backward()
     if not update:
-        return None
-    norm = None
+        return
     if clip_grad > 0:
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
-@torch.no_grad()
-def ema_update(teacher, student, momentum):
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameters and float buffers."""
-    tp = [p for p in teacher.parameters()]
-    sp = [p.detach() for p in unwrap(student).parameters()]
-    torch._foreach_mul_(tp, momentum)
-    torch._foreach_add_(tp, sp, alpha=1.0 - momentum)
-    for tb, sb in zip(teacher.buffers(), unwrap(student).buffers()):
-        tb.copy_(sb)
 
 
 def check_finite(loss, where=""):
     """Stop every rank together when the loss is non-finite on any rank (a rank-local exit would
     hang the others in their next collective). The last checkpoint on disk stays untouched."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
-    all_reduce_sum(bad)
+    bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device))
     if bad.item() > 0:
         fail(f"non-finite loss {where} on {int(bad.item())} rank(s); stopping all ranks. The last good "
              "checkpoint (if any) is untouched in output_dir; try a lower lr, --amp off or gradient clipping")
@@ -991,8 +839,7 @@ def kd_loss(logits_s, logits_t, temperature):
 def accuracy(logits, target, topk=(1, 5)):
     """Number of correct predictions for each k (sums, not percentages)."""
     maxk = min(max(topk), logits.shape[1])
-    pred = logits.topk(maxk, 1).indices
-    hit = pred.eq(target[:, None])
+    hit = logits.topk(maxk, 1).indices.eq(target[:, None])
     return [hit[:, :min(k, maxk)].any(1).sum().item() for k in topk]
 
 
@@ -1004,8 +851,7 @@ def evaluate(model, loader, device, amp="bf16"):
     for images, target in progress(loader, "eval"):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()
         c1, c5 = accuracy(logits, target)
         stats += torch.tensor([c1, c5, F.cross_entropy(logits, target, reduction="sum").item(), len(target)],
                               device=device, dtype=torch.float64)
@@ -1015,8 +861,7 @@ def evaluate(model, loader, device, amp="bf16"):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a job killed while saving
-    never leaves a truncated file. Rank 0 only."""
+    """Rank 0: torch.save to a temporary file, then rename, so a job killed while saving leaves no truncated file."""
     if not is_main_process():
         return
     tmp = f"{path}.tmp{os.getpid()}"
@@ -1025,11 +870,9 @@ def atomic_save(obj, path):
 
 
 def save_checkpoint(output_dir, script, args, epoch, save_every=0, **state):
-    """output_dir/checkpoint.pth with script name, args (a plain dict: loads with weights_only=True),
-    epoch (= the next epoch to run) and the given state dicts; plus checkpoint{epoch:04}.pth every
-    save_every epochs. Convention: 'model' is the student, 'model_config' its create_model
-    arguments; 'teacher' only for a teacher that training changes (EMA), because load_weights
-    prefers 'teacher' (DINO's convention) when asked to evaluate the file."""
+    """output_dir/checkpoint.pth with script, args (a plain dict, for weights_only=True), epoch (the next to run) and
+    the state dicts; plus checkpoint{epoch:04}.pth every save_every epochs. 'model' is the student, 'model_config'
+    its create_model arguments; 'teacher' only for a teacher training changes (EMA): load_weights prefers it."""
     ckpt = {"script": script, "args": vars(args) if isinstance(args, argparse.Namespace) else dict(args),
             "epoch": epoch, **state}
     atomic_save(ckpt, os.path.join(output_dir, "checkpoint.pth"))
@@ -1042,11 +885,9 @@ RESUME_FREE = ("resume", "output_dir", "data_path", "num_workers", "log_every", 
 
 
 def prepare_output_dir(args, script, free=()):
-    """Create output_dir, decide what to resume, and refuse anything that would overwrite a run:
-      --resume auto: continue output_dir/checkpoint.pth if present (same script and same arguments,
-                     up to RESUME_FREE and `free`); --resume none: refused if output_dir holds a checkpoint;
-      --resume PATH: continue PATH (same script; other arguments allowed, they are printed).
-    Writes args.json (with versions and git state) and returns the checkpoint dict or None."""
+    """Create output_dir, pick what to resume, never overwrite a run. --resume auto: output_dir/checkpoint.pth if
+    present (same script, same arguments up to RESUME_FREE and `free`); none: refused if there is one; PATH: continue
+    it (same script; changed arguments printed). Writes args.json (versions, git state); returns the checkpoint/None."""
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--output_dir {out} exists and is not a folder")
@@ -1081,7 +922,8 @@ def prepare_output_dir(args, script, free=()):
         print0(f"| resuming from {path} at epoch {ckpt['epoch']}")
     if is_main_process():
         os.makedirs(out, exist_ok=True)
-        info = {"script": script, "args": vars(args), "versions": versions(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        info = {"script": script, "args": vars(args), "versions": versions(),
+                "started": datetime.datetime.now().isoformat(timespec="seconds")}
         with open(os.path.join(out, "args.json"), "w") as f:
             json.dump(info, f, indent=1, default=str)
         print0("| " + "  ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
@@ -1092,10 +934,9 @@ def prepare_output_dir(args, script, free=()):
 def versions():
     """torch / torchvision / timm / python versions, device and git state of this repository."""
     here = os.path.dirname(os.path.abspath(__file__))
+    run = lambda *a: subprocess.check_output(["git", *a], cwd=here, stderr=subprocess.DEVNULL).strip()  # noqa: E731
     try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, stderr=subprocess.DEVNULL).decode().strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain"], cwd=here, stderr=subprocess.DEVNULL).strip())
-        git = sha + ("-dirty" if dirty else "")
+        git = run("rev-parse", "--short", "HEAD").decode() + ("-dirty" if run("status", "--porcelain") else "")
     except Exception:
         git = "unknown"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -1124,9 +965,8 @@ class Meter:
         self.count += 1
 
     def log(self, epoch, it, steps, every, **values):
-        """Add this iteration's values (floats or 0-d tensors) and print the running line every
-        `every` iterations and at the last one. Call it right after check_finite (which has already
-        waited for the forward), before the optimizer step, so that logging adds no GPU sync."""
+        """Add this iteration's values (floats or 0-d tensors); print the running line every `every` iterations and at
+        the last. Call it right after check_finite (which waited for the forward): logging adds no GPU sync."""
         tensors = [k for k, v in values.items() if torch.is_tensor(v)]  # one device -> host copy for all of them
         if tensors:
             values.update(zip(tensors, torch.stack([values[k].detach().float() for k in tensors]).tolist()))
@@ -1142,3 +982,117 @@ class Meter:
         vals = "  ".join(f"{k} {v:.4g}" for k, v in self.averages().items())
         mem = f"  mem {torch.cuda.max_memory_allocated() / 2 ** 30:.1f}G" if torch.cuda.is_available() else ""
         return f"{prefix} [{step}/{total}]  {vals}  {rate:.2f} it/s{mem}"
+
+
+# ---- 7. frozen features: specs, linear-probe files, k-NN ------------------------------------
+# A feature spec names what a probe reads from a ViT: {'n_last_blocks': n, 'avgpool': bool} (the final-norm CLS of
+# the last n blocks, concatenated; DINO's CLS / mean-patch layout with avgpool) or {'layer': l} (CLS of block l).
+def spec_name(spec):
+    if "layer" in spec:
+        return f"block{spec['layer']}"
+    if spec["n_last_blocks"] == 1:
+        return "cls_avgpool" if spec["avgpool"] else "cls"
+    return f"last{spec['n_last_blocks']}"
+
+
+def feature_blocks(model, specs):
+    """The blocks whose outputs the feature specs read."""
+    depth = len(model.blocks)
+    return sorted(set().union(*({s["layer"] % depth} if "layer" in s else range(depth - s["n_last_blocks"], depth)
+                                for s in specs)))
+
+
+def features_from_tokens(model, tokens, spec):
+    """B x F feature of one spec from {block: B x N x D outputs after the final norm}."""
+    depth, npt = len(model.blocks), model.num_prefix_tokens
+    if "layer" in spec:
+        return tokens[spec["layer"] % depth][:, 0]
+    f = torch.cat([tokens[b][:, 0] for b in range(depth - spec["n_last_blocks"], depth)], -1)
+    if spec["avgpool"]:  # DINO's layout: cls_0, avg_0, cls_1, avg_1, ...
+        f = torch.stack([f, tokens[depth - 1][:, npt:].mean(1)], -1).flatten(1)
+    return f
+
+
+class LinearProbe(nn.Module):
+    """Linear classifier on frozen features, optionally behind BatchNorm1d without affine (MAE); DINO's key names."""
+
+    def __init__(self, dim, num_classes, bn=False):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if bn else nn.Identity()
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.linear(self.bn(x))
+
+
+def save_probe(probe, spec, path, **info):
+    """Probe file: state dict, feature spec, whether it has the BN head, and `info` (accuracy, lr, backbone weights)."""
+    atomic_save({"probe": probe.state_dict(), "feature": spec, "bn": isinstance(probe.bn, nn.BatchNorm1d),
+                 "num_classes": probe.linear.out_features, **info}, path)
+
+
+def load_probe(path, embed_dim=None):
+    """(LinearProbe, feature spec) from a file of save_probe, or from DINO's released
+    *_linearweights.pth (state dict 'module.linear.*'): DINO's feature is the last 4 CLS tokens for
+    ViT-S (in = 4 D) and CLS + mean patch token for ViT-B (in = 2 D), inferred from embed_dim."""
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and "probe" in ckpt and "feature" in ckpt:
+        sd, spec, bn = ckpt["probe"], ckpt["feature"], ckpt.get("bn", False)
+    else:
+        sd, _ = pick_state_dict(ckpt, None, path)
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        if set(sd) != {"linear.weight", "linear.bias"}:
+            fail(f"{path} is neither a probe of eval_knn_linear.py nor a DINO linear classifier: {sorted(sd)[:6]}")
+        if embed_dim is None:
+            fail(f"{path} is a DINO linear classifier: its feature spec needs the backbone width")
+        k, rest = divmod(sd["linear.weight"].shape[1], embed_dim)
+        if rest:
+            fail(f"{path}: input width {sd['linear.weight'].shape[1]} is not a multiple of {embed_dim}")
+        spec, bn = (dict(n_last_blocks=1, avgpool=True) if k == 2 else dict(n_last_blocks=k, avgpool=False)), False
+    num_classes, dim = sd["linear.weight"].shape
+    probe = LinearProbe(dim, num_classes, bn=bn)
+    probe.load_state_dict(sd)
+    return probe.eval(), spec
+
+
+@torch.no_grad()
+def knn_classify(train_x, train_y, test_x, test_y, num_classes, ks=(10, 20, 100, 200), temperature=0.07,
+                 device="cpu", max_entries=2 ** 26):
+    """Weighted k-NN (DINO): {k: {'acc1', 'acc5'}} in %, similarities in chunks of <= max_entries (bounded memory)."""
+    device = torch.device(device)
+    bank, bank_y = F.normalize(train_x.to(device).float(), dim=1), train_y.to(device)
+    test_x, test_y = F.normalize(test_x.float(), dim=1), test_y.to(device)
+    kmax = min(max(ks), len(bank))
+    chunk = max(1, max_entries // max(1, len(bank)))
+    hits = {k: torch.zeros(2, dtype=torch.long) for k in ks}
+    for s in range(0, len(test_x), chunk):
+        q = test_x[s:s + chunk].to(device)
+        sim, idx = (q @ bank.T).topk(kmax, dim=1)
+        w, neighbours = (sim / temperature).exp(), bank_y[idx]
+        for k in ks:
+            kk = min(k, kmax)
+            votes = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, neighbours[:, :kk], w[:, :kk])
+            hit = votes.topk(min(5, num_classes), dim=1).indices.eq(test_y[s:s + chunk, None])
+            hits[k] += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item()])
+    n = len(test_x)
+    return {k: {"acc1": 100.0 * h[0].item() / n, "acc5": 100.0 * h[1].item() / n} for k, h in hits.items()}
+
+
+@torch.no_grad()
+def knn_monitor(backbone, args, device):
+    """{'knn_acc1': %} of DINO's k-NN (k = 20, T = 0.07) on backbone(x) (a ViT without classifier: final-norm CLS)
+    over args' train / val splits, evaluation transform. Each process embeds a shard; k-NN needs no order."""
+    t, was, feats = build_transform(args, False), backbone.training, {}
+    backbone.eval()
+    for split in ("train", "val"):
+        x, y = [], []
+        for images, target in progress(build_loader(build_dataset(args, split, t), args.batch_size, False,
+                                                    args.num_workers), split):
+            with autocast(device, args.amp):
+                x.append(backbone(images.to(device, non_blocking=True)).float())
+            y.append(target.to(device))
+        feats[split] = gather_uneven(torch.cat(x)), gather_uneven(torch.cat(y))
+    backbone.train(was)
+    (xtr, ytr), (xva, yva) = feats["train"], feats["val"]
+    res = knn_classify(xtr, ytr, xva, yva, int(max(ytr.max(), yva.max())) + 1, (20,), 0.07, device)
+    return {"knn_acc1": res[20]["acc1"]}

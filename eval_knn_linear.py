@@ -20,8 +20,9 @@ transform: resize + centre crop, no augmentation), then
   python eval_knn_linear.py --arch deit_tiny --weights random --patch_size 4 --dataset synthetic --input_size 32
 
 Writes output_dir/eval_results.json and output_dir/linear_probe[_FEATURE].pth: the probe with its
-feature spec, which ssta.py loads as the classifier of a self-supervised teacher (DINO's released
-*_linearweights.pth files load the same way through load_probe).
+feature spec (common.save_probe), which ssta.py loads as the classifier of a self-supervised teacher
+(DINO's released *_linearweights.pth files load the same way through common.load_probe). Images are
+normalised with the evaluated backbone's own statistics (common.input_stats; --mean / --std override).
 """
 import argparse
 import json
@@ -96,11 +97,14 @@ def main(args):
             common.fail(f"{args.load_features} was not written by --dump_features")
         specs = cache["specs"]
     else:
-        train_set = common.build_dataset(args, "train", common.build_transform(args, is_train=False))
-        val_set = common.build_dataset(args, "val", common.build_transform(args, is_train=False))
         model = build_backbone(args).to(device).eval()
         if not hasattr(model, "blocks") and specs != [dict(n_last_blocks=1, avgpool=False)]:
             common.fail("--n_last_blocks / --avgpool_patchtokens / --layers need a ViT backbone")
+        stats = (tuple(model.model_config["mean"]), tuple(model.model_config["std"]))  # the backbone's own
+        common.print0(f"| input normalisation: mean {stats[0]} std {stats[1]}")
+        transform = common.build_transform(args, is_train=False, stats=stats)
+        train_set = common.build_dataset(args, "train", transform)
+        val_set = common.build_dataset(args, "val", transform)
         cache = {"specs": specs, "weights": args.weights,
                  "num_classes": len(getattr(train_set, "classes", [])) or 10}
         for split, ds in (("train", train_set), ("val", val_set)):
@@ -113,7 +117,7 @@ def main(args):
     train_feats, train_y = cache["train"]
     val_feats, val_y = cache["val"]
     num_classes = int(max(cache["num_classes"], train_y.max().item() + 1, val_y.max().item() + 1))
-    keep = class_fraction(train_y, args.train_fraction, args.seed)
+    keep = common.class_subset(train_y, args.train_fraction, torch.Generator().manual_seed(args.seed))
 
     # ---------------- k-NN and linear probes ----------------
     os.makedirs(args.output_dir, exist_ok=True)
@@ -121,18 +125,16 @@ def main(args):
     results = {"weights": cache["weights"], "train_images": int(keep.numel()), "val_images": int(val_y.numel()),
                "knn": {}, "linear": {}, "args": vars(args)}
     for spec in specs:
-        name = spec_name(spec)
+        name = common.spec_name(spec)
         xtr, ytr, xva = train_feats[name][keep], train_y[keep], val_feats[name]
         if args.knn:
-            results["knn"][name] = knn_classify(xtr, ytr, xva, val_y, num_classes, args.nb_knn,
+            results["knn"][name] = common.knn_classify(xtr, ytr, xva, val_y, num_classes, args.nb_knn,
                                                 args.knn_temperature, knn_dev)
         if args.linear:
             res, probe = train_linear_probes(xtr, ytr, xva, val_y, num_classes, args, device)
             results["linear"][name] = res
             path = os.path.join(args.output_dir, "linear_probe.pth" if name == "cls" else f"linear_probe_{name}.pth")
-            common.atomic_save({"probe": probe.state_dict(), "feature": spec, "bn": args.probe_bn,
-                                "num_classes": num_classes, "lr": res["best_lr"], "acc1": res["acc1"],
-                                "weights": cache["weights"]}, path)
+            common.save_probe(probe, spec, path, lr=res["best_lr"], acc1=res["acc1"], weights=cache["weights"])
     print_table(results)
     with open(results_path, "w") as f:
         json.dump(results, f, indent=1, default=str)
@@ -155,6 +157,8 @@ def build_backbone(args):
     config["num_classes"] = 0
     if args.patch_size:
         config["patch_size"] = args.patch_size
+    config["mean"], config["std"] = common.input_stats(config["name"], args.weights, args.mean or config.get("mean"),
+                                                       args.std or config.get("std"))
     model = common.create_model(**config)
     grid = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if grid is not None and tuple(grid) != (args.input_size, args.input_size) and not getattr(model, "dynamic_img_size", False):
@@ -168,49 +172,20 @@ def feature_specs(args):
     return specs + [dict(layer=layer) for layer in args.layers]
 
 
-def spec_name(spec):
-    if "layer" in spec:
-        return f"block{spec['layer']}"
-    if spec["n_last_blocks"] == 1:
-        return "cls_avgpool" if spec["avgpool"] else "cls"
-    return f"last{spec['n_last_blocks']}"
-
-
 def backbone_features(model, x, specs):
     """{spec name: B x F} for a ViT (final-norm CLS of chosen blocks, DINO's last-n concatenation,
     DINO's interleaved CLS / mean-patch layout) or, for other models, timm's pre-logits feature."""
     if not hasattr(model, "blocks"):
         return {"cls": model.forward_head(model.forward_features(x), pre_logits=True)}
-    with common.ViTTaps(model, blocks=feature_blocks(model, specs), norm=True) as taps:
+    with common.ViTTaps(model, blocks=common.feature_blocks(model, specs), norm=True) as taps:
         model.forward_features(x)
-    return {spec_name(s): features_from_tokens(model, taps.tokens, s) for s in specs}
-
-
-def feature_blocks(model, specs):
-    """The blocks whose outputs the feature specs read."""
-    depth = len(model.blocks)
-    need = set()
-    for s in specs:
-        need |= {s["layer"] % depth} if "layer" in s else set(range(depth - s["n_last_blocks"], depth))
-    return sorted(need)
-
-
-def features_from_tokens(model, tokens, spec):
-    """B x F feature of one spec from {block: B x N x D outputs after the final norm}."""
-    depth, npt = len(model.blocks), model.num_prefix_tokens
-    if "layer" in spec:
-        return tokens[spec["layer"] % depth][:, 0]
-    f = torch.cat([tokens[b][:, 0] for b in range(depth - spec["n_last_blocks"], depth)], -1)
-    if spec["avgpool"]:
-        patches = tokens[depth - 1][:, npt:].mean(1)
-        f = torch.stack([f, patches], -1).flatten(1)  # DINO's layout: cls_0, avg_0, cls_1, avg_1, ...
-    return f
+    return {common.spec_name(s): common.features_from_tokens(model, taps.tokens, s) for s in specs}
 
 
 @torch.no_grad()
 def extract_features(model, dataset, specs, batch_size, num_workers, device, amp="bf16", desc="features"):
     """({name: N x F float32 on CPU}, labels N) in dataset order, on every rank. Each process
-    extracts its EvalSampler shard; the shards are gathered and put back in order by index."""
+    extracts its shard (build_loader); the shards are gathered and put back in order by index."""
     loader = common.build_loader(dataset, batch_size, train=False, num_workers=num_workers)
     feats, labels = {}, []
     for images, target in common.progress(loader, desc):
@@ -227,58 +202,6 @@ def extract_features(model, dataset, specs, batch_size, num_workers, device, amp
         ordered[k] = torch.empty_like(v).index_copy_(0, index, v).cpu()
     y = common.gather_uneven(torch.cat(labels))
     return ordered, torch.empty_like(y).index_copy_(0, index, y).cpu()
-
-
-def class_fraction(labels, fraction, seed):
-    """Indices of a seeded per-class subset (at least one image per class)."""
-    if fraction >= 1:
-        return torch.arange(len(labels))
-    g = torch.Generator().manual_seed(seed)
-    keep = []
-    for c in labels.unique():
-        idx = (labels == c).nonzero().flatten()
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:max(1, round(fraction * len(idx)))]])
-    return torch.cat(keep).sort().values
-
-
-@torch.no_grad()
-def knn_classify(train_x, train_y, test_x, test_y, num_classes, ks=(10, 20, 100, 200), temperature=0.07,
-                 device="cpu", max_entries=2 ** 26):
-    """Weighted k-NN (DINO): {k: {'acc1', 'acc5'}} in %. Similarities are computed in test chunks of
-    at most max_entries entries, so memory stays bounded for any bank size."""
-    device = torch.device(device)
-    bank = F.normalize(train_x.to(device).float(), dim=1)
-    bank_y = train_y.to(device)
-    test_x, test_y = F.normalize(test_x.float(), dim=1), test_y.to(device)
-    kmax = min(max(ks), len(bank))
-    chunk = max(1, max_entries // max(1, len(bank)))
-    hits = {k: torch.zeros(2, dtype=torch.long) for k in ks}
-    for s in range(0, len(test_x), chunk):
-        q = test_x[s:s + chunk].to(device)
-        sim, idx = (q @ bank.T).topk(kmax, dim=1)
-        w = (sim / temperature).exp()
-        neighbours = bank_y[idx]
-        for k in ks:
-            kk = min(k, kmax)
-            votes = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, neighbours[:, :kk], w[:, :kk])
-            pred = votes.topk(min(5, num_classes), dim=1).indices
-            hit = pred.eq(test_y[s:s + chunk, None])
-            hits[k] += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item()])
-    n = len(test_x)
-    return {k: {"acc1": 100.0 * h[0].item() / n, "acc5": 100.0 * h[1].item() / n} for k, h in hits.items()}
-
-
-class LinearProbe(nn.Module):
-    """Linear classifier on frozen features, optionally behind a BatchNorm1d without affine (MAE).
-    Key names match DINO's linear classifier ('linear.weight', 'linear.bias')."""
-
-    def __init__(self, dim, num_classes, bn=False):
-        super().__init__()
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if bn else nn.Identity()
-        self.linear = nn.Linear(dim, num_classes)
-
-    def forward(self, x):
-        return self.linear(self.bn(x))
 
 
 def train_linear_probes(train_x, train_y, test_x, test_y, num_classes, args, device):
@@ -327,52 +250,13 @@ def train_linear_probes(train_x, train_y, test_x, test_y, num_classes, args, dev
     n = len(test_y)
     per_lr = {f"{lr:g}": {"acc1": 100 * a[0] / n, "acc5": 100 * a[1] / n} for lr, a in zip(args.probe_lrs, accs)}
     best = max(range(L), key=lambda i: accs[i][0])
-    probe = LinearProbe(dim, num_classes, bn=args.probe_bn)
+    probe = common.LinearProbe(dim, num_classes, bn=args.probe_bn)
     probe.linear.weight.data.copy_(weight[best].cpu())
     probe.linear.bias.data.copy_(bias[best, 0].cpu())
     if bn is not None:
         probe.bn.load_state_dict({k: v.cpu() for k, v in bn.state_dict().items()})
     res = {"best_lr": args.probe_lrs[best], **per_lr[f"{args.probe_lrs[best]:g}"], "per_lr": per_lr}
     return res, probe.eval()
-
-
-def load_probe(path, embed_dim=None):
-    """(LinearProbe, feature spec) from a file written here, or from DINO's released
-    *_linearweights.pth (state dict 'module.linear.*'): DINO's feature is the last 4 CLS tokens for
-    ViT-S (in = 4 D) and CLS + mean patch token for ViT-B (in = 2 D), inferred from embed_dim."""
-    ckpt = common.read_checkpoint(path)
-    if isinstance(ckpt, dict) and "probe" in ckpt and "feature" in ckpt:
-        sd, spec, bn = ckpt["probe"], ckpt["feature"], ckpt.get("bn", False)
-    else:
-        sd, _ = common.pick_state_dict(ckpt, None, path)
-        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-        if set(sd) != {"linear.weight", "linear.bias"}:
-            common.fail(f"{path} is neither a probe of eval_knn_linear.py nor a DINO linear classifier: {sorted(sd)[:6]}")
-        if embed_dim is None:
-            common.fail(f"{path} is a DINO linear classifier: its feature spec needs the backbone width")
-        k, rest = divmod(sd["linear.weight"].shape[1], embed_dim)
-        if rest:
-            common.fail(f"{path}: input width {sd['linear.weight'].shape[1]} is not a multiple of {embed_dim}")
-        spec, bn = (dict(n_last_blocks=1, avgpool=True) if k == 2 else dict(n_last_blocks=k, avgpool=False)), False
-    num_classes, dim = sd["linear.weight"].shape
-    probe = LinearProbe(dim, num_classes, bn=bn)
-    probe.load_state_dict(sd)
-    return probe.eval(), spec
-
-
-@torch.no_grad()
-def knn_monitor(backbone, args, device):
-    """The training scripts' k-NN monitor (k = 20, T = 0.07, DINO's): final-norm CLS of `backbone` on the
-    labelled train / val splits of args' dataset, evaluation transform. Returns {'knn_acc1': ...}."""
-    t = common.build_transform(args, False)
-    spec = [dict(n_last_blocks=1, avgpool=False)]
-    was = backbone.training
-    backbone.eval()
-    (ftr, ytr), (fva, yva) = (extract_features(backbone, common.build_dataset(args, s, t), spec, args.batch_size,
-                                               args.num_workers, device, args.amp, s) for s in ("train", "val"))
-    backbone.train(was)
-    res = knn_classify(ftr["cls"], ytr, fva["cls"], yva, int(max(ytr.max(), yva.max())) + 1, (20,), 0.07, device)
-    return {"knn_acc1": res[20]["acc1"]}
 
 
 def print_table(results):

@@ -22,12 +22,14 @@ import math
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import ImageFilter
 from torch.nn.parallel import DistributedDataParallel
+from torchvision import transforms
 
 import common
-from eval_knn_linear import knn_monitor
 
 DEFAULTS = {"mocov3": dict(alpha_max=1.0, blr=1.5e-4), "byol": dict(alpha_max=0.8, blr=1.5e-4),
             "simclr": dict(alpha_max=0.8, blr=1.3e-4)}
@@ -42,8 +44,10 @@ def get_args_parser():
     g.add_argument("--depth", default=None, type=int)
     g.add_argument("--embed_dim", default=None, type=int)
     g.add_argument("--num_heads", default=12, type=int, help="MoCo v3 ViT-S has 12 heads (DeiT-S: 6)")
-    g.add_argument("--sincos_pos_embed", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--frozen_patch_embed", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--sincos_pos_embed", action=argparse.BooleanOptionalAction, default=True,
+                   help="MoCo v3's fixed 2-D sin-cos position embedding (not trained)")
+    g.add_argument("--frozen_patch_embed", action=argparse.BooleanOptionalAction, default=True,
+                   help="MoCo v3's random patch projection, not trained")
     g = p.add_argument_group("SDSSL (METHODS 4.2-4.3)")
     g.add_argument("--alpha_max", default=None, type=float, help="end of the alpha ramp (default 1.0 MoCo v3, 0.8 BYOL/SimCLR; 0: baseline)")
     g.add_argument("--alpha_const", action=argparse.BooleanOptionalAction, default=False, help="no ramp: alpha = alpha_max throughout")
@@ -88,7 +92,8 @@ def main(args):
     common.seed_everything(args.seed)
 
     # ---------------- data ----------------
-    train_set = common.build_dataset(args, "train", common.TwoViews(args.input_size, (args.crop_min_scale, 1.0), args.color_jitter))
+    views = TwoViews(args.input_size, (args.crop_min_scale, 1.0), args.color_jitter, common.data_stats(args))
+    train_set = common.build_dataset(args, "train", views)
     loader = common.build_loader(train_set, args.batch_size, True, args.num_workers, args.seed)
     ddp = common.get_world_size() > 1
     student_ddp = DistributedDataParallel(student) if ddp else student
@@ -121,7 +126,7 @@ def main(args):
         train_stats = train_one_epoch(student_ddp, heads_ddp, teacher, taps, mid, loader, optimizer, scaler, schedule,
                                       total, epoch, device, args)
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            knn = knn_monitor(teacher["backbone"] if teacher is not None else student, args, device)
+            knn = common.knn_monitor(teacher["backbone"] if teacher is not None else student, args, device)
             common.print0(f"| epoch {epoch}: k-NN top-1 {knn['knn_acc1']:.2f}")
         common.log_stats(args.output_dir, epoch, train_stats, knn)
         state = {"teacher": teacher["backbone"].state_dict(), "teacher_full": teacher.state_dict()} if teacher is not None else {}
@@ -145,9 +150,11 @@ def build_models(args, device):
     """(student backbone, heads, momentum teacher or None, taps reading the per-layer CLS, distilled
     intermediate blocks). Same initial weights on every process (seeded)."""
     torch.manual_seed(args.seed)
+    mean, std = common.data_stats(args)
     student = common.create_model(args.arch, num_classes=0, img_size=args.input_size, patch_size=args.patch_size,
                                   depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads,
-                                  sincos_pos_embed=args.sincos_pos_embed, frozen_patch_embed=args.frozen_patch_embed).to(device)
+                                  weight_init="moco", mean=mean, std=std)
+    student = mocov3_vit(student, args.sincos_pos_embed, args.frozen_patch_embed).to(device)
     depth = len(student.blocks)
     if depth < 2:
         common.fail("SDSSL needs a backbone of at least 2 blocks")
@@ -171,7 +178,8 @@ def train_one_epoch(student, heads, teacher, taps, mid, loader, optimizer, scale
     last = len(common.unwrap(student).blocks) - 1
     for it, lr, views, _ in common.train_batches(loader, optimizer, schedule, epoch, device):
         step = epoch * steps + it
-        alpha = args.alpha_max if args.alpha_const else alpha_schedule(step, total, args.alpha_max)
+        # the ratio annealing: cosine from 0 to alpha_max over the whole run (no warm-up)
+        alpha = args.alpha_max if args.alpha_const else common.cosine_schedule(step, total, 0.0, args.alpha_max)
         with common.autocast(device, args.amp):
             losses = sdssl_losses(student, heads, teacher, taps, mid, last, views, alpha, args)
             loss = sum(losses.values())
@@ -179,9 +187,9 @@ def train_one_epoch(student, heads, teacher, taps, mid, loader, optimizer, scale
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, alpha=alpha, **losses)
         common.optimizer_step(loss, optimizer, scaler, params, args.clip_grad)
         if teacher is not None:  # EMA, momentum cosine-scheduled from args.momentum to 1
-            m = 1 - (1 - args.momentum) * (math.cos(math.pi * (step + 1) / total) + 1) / 2
-            common.ema_update(teacher["backbone"], student, m)
-            common.ema_update(teacher["proj"], common.unwrap(heads).last_proj, m)
+            m = common.cosine_schedule(step + 1, total, args.momentum, 1.0)
+            ema_update(teacher["backbone"], student, m)
+            ema_update(teacher["proj"], common.unwrap(heads).last_proj, m)
     return common.reduce_metrics(meter.averages(), device)
 
 
@@ -193,16 +201,19 @@ def sdssl_losses(student, heads, teacher, taps, mid, last, views, alpha, args):
     student(torch.cat([x1, x2]))  # the taps keep the per-layer final-norm CLS
     f_mid = torch.stack([taps.tokens[l][:, 0] for l in mid]) if mid else None
     f_last = taps.tokens[last][:, 0]
-    feats = [(f_mid[:, v * B:(v + 1) * B] if mid else None, f_last[v * B:(v + 1) * B]) for v in (0, 1)]
-    out = heads(feats, pred_loss=args.pred_loss)  # per view: projections, predictions, predictions of detached projections
     losses = {}
     if args.framework == "simclr":
-        z = torch.cat([o["h_last"] for o in out])  # [view 1; view 2]
+        # the official SimCLR runs the network once on both views: every BatchNorm normalises the 2B rows together
+        out = heads([(f_mid, f_last)], pred_loss=False)[0]
+        z = out["h_last"]  # [view 1; view 2]
         losses["ssl"] = nt_xent(z, z, args.tau)
         if mid:
-            anchors = torch.cat([o["h_mid"] for o in out], 1).flatten(0, 1)  # per layer: [view 1 rows; view 2 rows]
+            anchors = out["h_mid"].flatten(0, 1)  # per layer: [view 1 rows; view 2 rows]
             losses["isd"] = alpha * nt_xent(anchors, z, args.tau, detach_columns=True)
         return losses
+    # MoCo v3 and BYOL run the network once per view: BatchNorm statistics per view
+    feats = [(f_mid[:, v * B:(v + 1) * B] if mid else None, f_last[v * B:(v + 1) * B]) for v in (0, 1)]
+    out = heads(feats, pred_loss=args.pred_loss)  # per view: projections, predictions, predictions of detached projections
     with torch.no_grad():  # the momentum teacher's targets, one per view (its BN sees each view's batch)
         z = [teacher["proj"](teacher["backbone"](x).float()[None])[0] for x in (x1, x2)]
     if args.framework == "mocov3":
@@ -246,7 +257,7 @@ def nt_xent(anchors, z, tau, detach_columns=False):
     stacked (L x 2B rows). Columns: z of all processes (gathered with gradient unless detach_columns);
     each anchor's positive is the other view of its image, its own position is excluded."""
     n = len(z)
-    cols = common.concat_all_gather(z.detach()) if detach_columns else common.all_gather_grad(z)
+    cols = common.concat_all_gather(z.detach()) if detach_columns else all_gather_grad(z)
     a, c = F.normalize(anchors.float(), dim=1), F.normalize(cols.float(), dim=1)
     logits = a @ c.T / tau
     i = torch.arange(len(anchors), device=z.device) % n
@@ -255,9 +266,39 @@ def nt_xent(anchors, z, tau, detach_columns=False):
     return F.cross_entropy(logits, pos)
 
 
-def alpha_schedule(step, total_steps, alpha_max):
-    """The ratio annealing: alpha_max (1 - cos(pi t / T)) / 2, from 0 at t = 0 to alpha_max at t = T."""
-    return alpha_max * (1 - math.cos(math.pi * min(step, total_steps) / total_steps)) / 2
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks and returns this rank's
+    slice, so every rank's loss back-propagates into every rank's input."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.stack(grads)
+        dist.all_reduce(g)
+        return g[dist.get_rank()]
+
+
+def all_gather_grad(x):
+    """Concatenate x over ranks along dim 0, keeping the graph (SimCLR's negatives). Identity in one process."""
+    if common.get_world_size() == 1:
+        return x
+    return torch.cat(_GatherWithGrad.apply(x), 0)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameters and float buffers."""
+    tp = [p for p in teacher.parameters()]
+    sp = [p.detach() for p in common.unwrap(student).parameters()]
+    torch._foreach_mul_(tp, momentum)
+    torch._foreach_add_(tp, sp, alpha=1.0 - momentum)
+    for tb, sb in zip(teacher.buffers(), common.unwrap(student).buffers()):
+        tb.copy_(sb)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,13 +340,13 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         x = x.clone()
-        torch.distributed.all_reduce(x)
+        dist.all_reduce(x)
         return x
 
     @staticmethod
     def backward(ctx, g):
         g = g.clone()
-        torch.distributed.all_reduce(g)
+        dist.all_reduce(g)
         return g
 
 
@@ -370,6 +411,66 @@ class SDHeads(nn.Module):
                     o["p_all"] = self.predict(h_mid.detach() if h_mid is not None else None, h_last.detach()).flatten(0, 1)
             out.append(o)
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# MoCo v3's ViT and augmentation
+# ---------------------------------------------------------------------------------------------
+def mocov3_vit(model, sincos_pos_embed=True, frozen_patch_embed=True):
+    """MoCo v3's ViT from a timm ViT built with weight_init='moco' (qkv initialised uniformly as three
+    matrices, other Linear layers xavier-uniform, CLS normal std 1e-6): the patch projection xavier-uniform
+    over (out, in x p x p), bias 0, frozen on request; the fixed 2-D sin-cos position embedding in MoCo
+    v3's channel layout (zeros for the prefix tokens), not trained, on request."""
+    w = model.patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+    nn.init.zeros_(model.patch_embed.proj.bias)
+    if frozen_patch_embed:
+        model.patch_embed.requires_grad_(False)
+    if sincos_pos_embed:
+        gh, gw = model.patch_embed.grid_size
+        pe = common.sincos_2d(gh, gw, model.embed_dim, layout="moco")
+        npt = 0 if model.no_embed_class else model.num_prefix_tokens
+        model.pos_embed.data.copy_(torch.cat([torch.zeros(npt, model.embed_dim), pe], 0)[None])
+        model.pos_embed.requires_grad_(False)
+    return model
+
+
+class TwoViews:
+    """The asymmetric two-view augmentation of BYOL, used by MoCo v3 (and SDSSL): random resized crop
+    (scale 0.08-1), flip, colour jitter (brightness, contrast, saturation, hue: 0.4, 0.4, 0.2, 0.1) with
+    p 0.8, grayscale p 0.2, Gaussian blur p 1.0 / 0.1, solarisation p 0 / 0.2. Returns [view1, view2]."""
+
+    def __init__(self, input_size=224, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), stats=None):
+        mean, std = stats or common.input_stats("")
+        def view(blur_p, solarize_p):
+            return transforms.Compose([
+                transforms.RandomResizedCrop(input_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomHorizontalFlip(),
+                transforms.RandomApply([transforms.ColorJitter(*jitter)], p=0.8),
+                transforms.RandomGrayscale(p=0.2),
+                transforms.RandomApply([PILGaussianBlur(0.1, 2.0, input_size)], p=blur_p),
+                transforms.RandomSolarize(128, p=solarize_p),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ])
+        self.t1, self.t2 = view(1.0, 0.0), view(0.1, 0.2)
+
+    def __call__(self, img):
+        return [self.t1(img), self.t2(img)]
+
+
+class PILGaussianBlur:
+    """Gaussian blur with sigma drawn uniformly from [lo, hi] (torch RNG, so seeded like the other
+    transforms), done by PIL as in the MoCo v3 / DINO code (about 10x faster than torchvision's blur of a
+    PIL image). Below 224 px the sigma range shrinks with the image, so the blur covers the same share of
+    the picture as at 224 px."""
+
+    def __init__(self, lo, hi, input_size=224):
+        self.lo, self.hi, self.scale = lo, hi, min(1.0, input_size / 224)
+
+    def __call__(self, img):
+        sigma = self.lo + (self.hi - self.lo) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma * self.scale))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ def get_args_parser():
     g.add_argument("--teacher", default=None, type=str, help="teacher architecture (optional for files of this repository)")
     g.add_argument("--teacher_weights", default="", type=str, help="file, hub:NAME or 'random'; '' = no teacher")
     g.add_argument("--teacher_key", default=None, type=str)
+    g.add_argument("--teacher_mean", default=None, type=float, nargs=3,
+                   help="the teacher's input normalisation (default: its file's, timm's config for hub / tagged names, else ImageNet's)")
+    g.add_argument("--teacher_std", default=None, type=float, nargs=3)
     g = p.add_argument_group("optimisation (official CIFAR code: SGD, step decay)")
     g.add_argument("--epochs", default=240, type=int, help="student epochs (stage teacher_ss: --ss_epochs)")
     g.add_argument("--batch_size", default=64, type=int, help="images per process; each gives 4 views")
@@ -91,7 +94,8 @@ def main(args):
     common.seed_everything(args.seed)
 
     # ---------------- data: 4 views per image ----------------
-    views = FourViews(args.input_size, args.views)
+    stats = common.data_stats(args)  # the student's input normalisation = the data pipeline's
+    views = FourViews(args.input_size, args.views, stats)
     train_set = common.build_dataset(args, "train", views)
     num_classes = len(train_set.classes)
     train_set = data_regime(train_set, args.train_fraction, args.label_noise, num_classes, args.seed)
@@ -102,8 +106,8 @@ def main(args):
     # ---------------- models ----------------
     teacher = t_ss = None
     if args.teacher_weights:
-        teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, num_classes=num_classes,
-                                       img_size=args.input_size).to(device)
+        teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
+                                       args.teacher_std, num_classes=num_classes, img_size=args.input_size).to(device)
         t_ss = SSHead(teacher.num_features).to(device)
         saved = common.read_checkpoint(args.teacher_weights) if os.path.isfile(args.teacher_weights) else {}
         if "ss_head" in saved:
@@ -119,7 +123,7 @@ def main(args):
     else:
         student = common.create_model(args.student, num_classes=num_classes, drop_path_rate=args.drop_path,
                                       img_size=args.input_size, patch_size=args.patch_size, depth=args.depth,
-                                      embed_dim=args.embed_dim, num_heads=args.num_heads).to(device)
+                                      embed_dim=args.embed_dim, num_heads=args.num_heads, mean=stats[0], std=stats[1]).to(device)
         s_ss = SSHead(student.num_features).to(device) if kd and args.ss_weight > 0 else None
         trainable = nn.ModuleDict({"student": student, **({"ss": s_ss} if s_ss is not None else {})})
         epochs, decay = args.epochs, args.decay_epochs
@@ -229,9 +233,9 @@ class FourViews:
     three transformed views are each one of colour dropping, rotation, crop + resize, colour distortion
     (drawn at random; our reading of the paper), marked for rotate_views by pre-rotating them back."""
 
-    def __init__(self, input_size, kind="rotation"):
+    def __init__(self, input_size, kind="rotation", stats=None):
         self.kind = kind
-        norm = [transforms.ToTensor(), transforms.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)]
+        norm = [transforms.ToTensor(), transforms.Normalize(*(stats or common.input_stats("")))]
         self.crop = transforms.Compose([transforms.Resize(input_size), transforms.RandomCrop(input_size, padding=input_size // 8)] + norm)
         self.others = [transforms.Compose([transforms.Resize(input_size), transforms.CenterCrop(input_size), t] + norm) for t in (
             transforms.Grayscale(3), transforms.RandomRotation((90, 270)),
@@ -359,11 +363,7 @@ def data_regime(dataset, fraction, noise, num_classes, seed):
         common.fail(f"--train_fraction / --label_noise need a dataset with labels listed (not {type(dataset).__name__})")
     g = torch.Generator().manual_seed(seed)
     targets = torch.as_tensor(dataset.targets)
-    keep = []
-    for c in range(num_classes):
-        idx = (targets == c).nonzero().flatten()
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:max(1, round(fraction * len(idx)))]])
-    keep = torch.cat(keep).sort().values
+    keep = common.class_subset(targets, fraction, g)
     labels = targets[keep].clone()
     flip = torch.rand(len(keep), generator=g) < noise
     other = (labels + torch.randint(1, num_classes, (len(keep),), generator=g)) % num_classes

@@ -1,9 +1,10 @@
-"""SSTA: head-level attention distillation from a supervised teacher (SL) and a self-supervised teaching
-assistant (SSL) (Wu et al., "Self-supervised Models are Good Teaching Assistants for Vision
-Transformers", ICML 2022). There is no official code; ../shared/METHODS.md section 2 fixes what the
-paper leaves open, and every such Decision is a flag here.
+"""SSTA: head-level attention distillation from a supervised teacher and a self-supervised teaching
+assistant (Wu et al., "Self-supervised Models are Good Teaching Assistants for Vision Transformers",
+ICML 2022). There is no official code; ../shared/METHODS.md section 2 fixes what the paper leaves
+open, and every such Decision is a flag here. Names: `teacher` is the supervised teacher (the paper's
+SL model), `ta` the self-supervised teaching assistant (its SSL model), in flags and code alike.
 
-  # Table 2: DeiT-Ti student, DeiT-S SL teacher, DINO ViT-S/16 assistant with its linear probe (8 GPUs)
+  # Table 2: DeiT-Ti student, DeiT-S supervised teacher, DINO ViT-S/16 assistant with its linear probe (8 GPUs)
   torchrun --nproc_per_node=8 ssta.py --student deit_tiny --teacher deit_small --teacher_weights deit_s.pth \\
       --ta vit_small_patch16_224 --ta_weights dino_deitsmall16_pretrain.pth --ta_probe dino_deitsmall16_linearweights.pth \\
       --data_path /imagenet --output_dir out/ssta
@@ -11,11 +12,11 @@ paper leaves open, and every such Decision is a flag here.
   python ssta.py ... --select_only
 
 Method: in each distilled layer (default: the last three blocks) student head 0 learns the attention
-map (N x N, CLS included) of the most important head of the SL teacher and student head 1 that of
+map (N x N, CLS included) of the most important head of the supervised teacher and student head 1 that of
 the assistant, by KL(teacher || student) per query row. The most important heads are the
 combination (one head per distilled layer, all zeroed together) whose removal costs the teacher the
 most accuracy on a fixed held-out subset of the training split; all H^|L| combinations are evaluated
-as a tree over the distilled layers. Loss: alpha CE + beta L_SL + lambda L_SSL, with beta = lambda = 0
+as a tree over the distilled layers. Loss: alpha CE + beta L_teacher + lambda L_ta, with beta = lambda = 0
 after the early-stop epoch (default: the first third of training), after which the teachers no longer
 run and the student is back to fused attention. Paper: DeiT-Ti 72.2 -> 74.0 top-1 on ImageNet.
 """
@@ -29,7 +30,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import common
-from eval_knn_linear import feature_blocks, features_from_tokens, load_probe
 
 
 def get_args_parser():
@@ -41,34 +41,41 @@ def get_args_parser():
     g.add_argument("--embed_dim", default=None, type=int, help="student override")
     g.add_argument("--num_heads", default=None, type=int, help="student override")
     g.add_argument("--drop_path", default=0.1, type=float, help="student drop-path rate (DeiT recipe)")
-    g.add_argument("--teacher", default=None, type=str, help="SL teacher architecture (optional for files of this repository)")
-    g.add_argument("--teacher_weights", default="", type=str, help="SL teacher: file, hub:NAME or 'random'; '' = no SL teacher")
+    g.add_argument("--teacher", default=None, type=str,
+                   help="supervised teacher architecture (optional for files of this repository)")
+    g.add_argument("--teacher_weights", default="", type=str,
+                   help="supervised teacher: file, hub:NAME or 'random'; '' = no supervised teacher")
     g.add_argument("--teacher_key", default=None, type=str)
+    g.add_argument("--teacher_mean", default=None, type=float, nargs=3,
+                   help="the teacher's input normalisation (default: its file's, timm's config for hub / tagged names, else ImageNet's)")
+    g.add_argument("--teacher_std", default=None, type=float, nargs=3)
     g.add_argument("--ta", default=None, type=str, help="assistant architecture (optional for files of this repository)")
     g.add_argument("--ta_weights", default="", type=str, help="assistant: file, hub:NAME or 'random'; '' = no assistant")
     g.add_argument("--ta_key", default=None, type=str)
+    g.add_argument("--ta_mean", default=None, type=float, nargs=3, help="the assistant's input normalisation (default as the teacher's)")
+    g.add_argument("--ta_std", default=None, type=float, nargs=3)
     g.add_argument("--ta_probe", default="", type=str,
                    help="the assistant's linear probe (eval_knn_linear.py, or DINO's *_linearweights.pth): its classifier for head selection")
     g.add_argument("--ta_supervised", action=argparse.BooleanOptionalAction, default=False,
-                   help="the assistant is a supervised model with its own classifier (Table 3's two-SL-teacher row)")
+                   help="the assistant is a supervised model with its own classifier (Table 3's two-supervised-teachers row)")
     common.add_supervised_args(p)  # DeiT recipe (METHODS 2.4): 5 warm-up epochs, no clipping
     g = p.add_argument_group("SSTA (METHODS 2.2-2.3)")
     g.add_argument("--distill_layers", default=[-3, -2, -1], type=int, nargs="+", help="blocks distilled (paper: 10-12 of 12)")
     g.add_argument("--early_stop_epoch", default=None, type=int,
                    help="last distillation epoch + 1 (default: a third of --epochs, the paper's 100 of 300; --epochs: never stop)")
     g.add_argument("--alpha", default=1.0, type=float, help="weight of the cross-entropy")
-    g.add_argument("--beta", default=1.0, type=float, help="weight of the SL teacher's loss")
-    g.add_argument("--lambda_ssl", default=1.0, type=float, help="weight of the assistant's loss")
+    g.add_argument("--beta", default=1.0, type=float, help="weight of the supervised teacher's loss")
+    g.add_argument("--lambda_ta", default=1.0, type=float, help="weight of the assistant's loss")
     g.add_argument("--head_mode", default="imp", choices=["imp", "avg", "rand"],
                    help="target head: most important (imp), mean of the layer's heads (avg), seeded random (rand) (Table 3)")
-    g.add_argument("--heads_sl", default=None, type=int, nargs="+", help="SL teacher heads by hand, one per distilled layer")
-    g.add_argument("--heads_ssl", default=None, type=int, nargs="+", help="assistant heads by hand, one per distilled layer")
+    g.add_argument("--heads_teacher", default=None, type=int, nargs="+", help="supervised teacher heads by hand, one per distilled layer")
+    g.add_argument("--heads_ta", default=None, type=int, nargs="+", help="assistant heads by hand, one per distilled layer")
     g.add_argument("--assignment", default="eq", choices=["eq", "fig6"],
-                   help="eq: student head 0 <- SL, head 1 <- SSL (Eq. 5-6); fig6: the reverse (Fig. 6 caption)")
+                   help="eq: student head 0 <- teacher, head 1 <- assistant (Eq. 5-6); fig6: the reverse (Fig. 6 caption)")
     g.add_argument("--kl", default="forward", choices=["forward", "reverse"], help="KL(teacher || student) or the reverse")
-    g.add_argument("--sl_loss", default="head", choices=["head", "lkd", "at"],
-                   help="the SL teacher's loss: head-level (ours), logit KD or attention transfer (Table 6)")
-    g.add_argument("--kd_temperature", default=1.0, type=float, help="for --sl_loss lkd")
+    g.add_argument("--teacher_loss", default="head", choices=["head", "lkd", "at"],
+                   help="the supervised teacher's loss: head-level (ours), logit KD or attention transfer (Table 6)")
+    g.add_argument("--kd_temperature", default=1.0, type=float, help="for --teacher_loss lkd")
     g.add_argument("--selection_images", default=10000, type=int, help="held-out training images for head selection")
     g.add_argument("--selection_batch_size", default=64, type=int)
     g.add_argument("--select_only", action="store_true", help="select the heads, write heads.json, stop")
@@ -80,12 +87,12 @@ def get_args_parser():
 def main(args):
     device = common.init_distributed()
     # ---------------- checks, before any work ----------------
-    use_sl, use_ssl = bool(args.teacher_weights) and args.beta > 0, bool(args.ta_weights) and args.lambda_ssl > 0
-    if not (use_sl or use_ssl):
-        common.fail("no teacher: give --teacher_weights and/or --ta_weights (with --beta / --lambda_ssl > 0); "
+    use_teacher, use_ta = bool(args.teacher_weights) and args.beta > 0, bool(args.ta_weights) and args.lambda_ta > 0
+    if not (use_teacher or use_ta):
+        common.fail("no teacher: give --teacher_weights and/or --ta_weights (with --beta / --lambda_ta > 0); "
                     "for the plain baseline use vitkd.py without a teacher")
-    if use_ssl and args.head_mode == "imp" and not args.heads_ssl and not (args.ta_probe or args.ta_supervised):
-        common.fail("choosing the assistant's heads needs its classifier: --ta_probe (or --ta_supervised, or --heads_ssl)")
+    if use_ta and args.head_mode == "imp" and not args.heads_ta and not (args.ta_probe or args.ta_supervised):
+        common.fail("choosing the assistant's heads needs its classifier: --ta_probe (or --ta_supervised, or --heads_ta)")
     early = args.epochs // 3 if args.early_stop_epoch is None else args.early_stop_epoch
     ckpt = common.prepare_output_dir(args, "ssta.py")
     start_epoch = ckpt["epoch"] if ckpt is not None else 0
@@ -97,25 +104,28 @@ def main(args):
 
     # ---------------- student and teachers ----------------
     torch.manual_seed(args.seed)
+    stats = common.data_stats(args)  # the student's input normalisation = the data pipeline's
     student = common.create_model(args.student, num_classes=num_classes, img_size=args.input_size,
                                   patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim,
-                                  num_heads=args.num_heads, drop_path_rate=args.drop_path).to(device)
+                                  num_heads=args.num_heads, drop_path_rate=args.drop_path, mean=stats[0], std=stats[1]).to(device)
     layers = {"student": resolve_layers(args.distill_layers, student, "student")}
-    sl_head, ssl_head = (0, 1) if args.assignment == "eq" else (1, 0)
-    if student.blocks[0].attn.num_heads < (2 if use_sl and use_ssl else 1):
+    teacher_head, ta_head = (0, 1) if args.assignment == "eq" else (1, 0)
+    if student.blocks[0].attn.num_heads < (2 if use_teacher and use_ta else 1):
         common.fail(f"the student has {student.blocks[0].attn.num_heads} head(s); SSTA needs one per teacher")
-    if not (use_sl and use_ssl):
-        sl_head = ssl_head = 0  # a single teacher teaches head 0
+    if not (use_teacher and use_ta):
+        teacher_head = ta_head = 0  # a single teacher teaches head 0
     teachers = {}
     if start_epoch < early:  # teachers are needed only before the early stop (not when resuming after it)
-        if use_sl:
-            teachers["sl"] = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key,
-                                                  num_classes=num_classes, img_size=args.input_size).to(device)
-        if use_ssl:
-            teachers["ssl"] = common.build_teacher(args.ta, args.ta_weights, args.ta_key, img_size=args.input_size,
-                                                   num_classes=num_classes if args.ta_supervised else 0).to(device)
+        if use_teacher:
+            teachers["teacher"] = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats,
+                                                       args.teacher_mean, args.teacher_std, num_classes=num_classes,
+                                                       img_size=args.input_size).to(device)
+        if use_ta:
+            teachers["ta"] = common.build_teacher(args.ta, args.ta_weights, args.ta_key, stats, args.ta_mean, args.ta_std,
+                                                  label="ta", img_size=args.input_size,
+                                                  num_classes=num_classes if args.ta_supervised else 0).to(device)
         for name, t in teachers.items():
-            layers[name] = resolve_layers(args.distill_layers, t, f"{name} teacher")
+            layers[name] = resolve_layers(args.distill_layers, t, name)
             check_tokens(student, t, name)
 
     # ---------------- head selection (cached in output_dir/heads.json) ----------------
@@ -141,13 +151,13 @@ def main(args):
     taps = {}
     if teachers:
         # unfused attention only where a head-level loss reads it; block outputs only for attention transfer
-        maps = {"sl": args.sl_loss == "head", "ssl": True}
+        maps = {"teacher": args.teacher_loss == "head", "ta": True}
         maps["student"] = any(maps[n] for n in teachers)
-        tokens = {"sl": args.sl_loss == "at", "ssl": False, "student": args.sl_loss == "at" and "sl" in teachers}
+        tokens = {"teacher": args.teacher_loss == "at", "ta": False, "student": args.teacher_loss == "at" and "teacher" in teachers}
         taps = {n: common.ViTTaps(m, attn=layers[n] if maps[n] else (), blocks=layers[n] if tokens[n] else ())
                 for n, m in (("student", student), *teachers.items())}
-    plan = dict(layers=layers, heads=heads, student_heads={"sl": sl_head, "ssl": ssl_head},
-                weights={"sl": args.beta, "ssl": args.lambda_ssl})
+    plan = dict(layers=layers, heads=heads, student_heads={"teacher": teacher_head, "ta": ta_head},
+                weights={"teacher": args.beta, "ta": args.lambda_ta})
 
     # ---------------- training ----------------
     common.print0(f"| distillation until epoch {early}, training until {args.epochs}")
@@ -186,20 +196,21 @@ def train_one_epoch(student, teachers, taps, plan, loader, criterion, mixup, opt
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for it, lr, images, target in common.train_batches(loader, optimizer, schedule, epoch, device, mixup):
         with common.autocast(device, args.amp):
-            t_logits = {}
+            t_out = {}  # the teacher's logits for --teacher_loss lkd; otherwise only the taps' maps / tokens are read
             with torch.no_grad():  # all three networks see the same (mixed) batch
                 for name, t in teachers.items():
-                    t_logits[name] = t(images) if name == "sl" and args.sl_loss == "lkd" else t.forward_features(images)
+                    t_out[name] = t(images) if name == "teacher" and args.teacher_loss == "lkd" else t.forward_features(images)
+            # the taps fill taps[name].attn[block] (B x H x N x N maps) and .tokens[block] during these forwards
             logits = student(images)
             losses = {"ce": args.alpha * criterion(logits, target)}
             for name in teachers:
                 w = plan["weights"][name]
-                if name == "sl" and args.sl_loss == "lkd":
-                    losses[name] = w * common.kd_loss(logits, t_logits[name], args.kd_temperature)
+                if name == "teacher" and args.teacher_loss == "lkd":
+                    losses[name] = w * common.kd_loss(logits, t_out[name], args.kd_temperature)
                 else:  # the i-th distilled block of the student learns from the i-th of the teacher
                     pairs = list(zip(plan["layers"]["student"], plan["layers"][name]))
                     s_taps, npt = taps["student"], taps["student"].num_prefix_tokens
-                    if name == "sl" and args.sl_loss == "at":
+                    if name == "teacher" and args.teacher_loss == "at":
                         terms = [attention_transfer(s_taps.tokens[ls], taps[name].tokens[lt], npt) for ls, lt in pairs]
                     else:
                         terms = [attention_kd_loss(s_taps.attn[ls][:, plan["student_heads"][name]],
@@ -250,11 +261,11 @@ def attention_transfer(s_tokens, t_tokens, npt):
 # head selection (paper 3.2.1, METHODS 2.2)
 # ---------------------------------------------------------------------------------------------
 def select_heads(args, teachers, layers, train_set, device):
-    """{'sl' / 'ssl': [head per distilled layer] or 'avg' entries}; layers: {name: its distilled blocks}.
+    """{'teacher' / 'ta': [head per distilled layer] or 'avg' entries}; layers: {name: its distilled blocks}.
     imp mode: the combination with the
     largest accuracy drop on a fixed held-out subset of the training split (cached, with every
-    combination's accuracy, in output_dir/heads.json); --heads_sl / --heads_ssl by hand; rand: seeded."""
-    by_hand = {"sl": args.heads_sl, "ssl": args.heads_ssl}
+    combination's accuracy, in output_dir/heads.json); --heads_teacher / --heads_ta by hand; rand: seeded."""
+    by_hand = {"teacher": args.heads_teacher, "ta": args.heads_ta}
     path = os.path.join(args.output_dir, "heads.json")
     cached = {}
     if os.path.exists(path):
@@ -265,7 +276,7 @@ def select_heads(args, teachers, layers, train_set, device):
     heads, record = {}, {}
     for name, model in teachers.items():
         H, L = model.blocks[0].attn.num_heads, len(layers[name])
-        key = {"weights": args.teacher_weights if name == "sl" else args.ta_weights, "probe": args.ta_probe if name == "ssl" else "",
+        key = {"weights": args.teacher_weights if name == "teacher" else args.ta_weights, "probe": args.ta_probe if name == "ta" else "",
                "layers": layers[name], "images": n, "seed": args.seed, "mode": args.head_mode}
         if by_hand[name]:
             if len(by_hand[name]) != L or not all(0 <= h < H for h in by_hand[name]):
@@ -274,7 +285,7 @@ def select_heads(args, teachers, layers, train_set, device):
         elif args.head_mode == "avg":
             heads[name] = ["avg"] * L
         elif args.head_mode == "rand":
-            g = torch.Generator().manual_seed(args.seed + (0 if name == "sl" else 1))
+            g = torch.Generator().manual_seed(args.seed + (0 if name == "teacher" else 1))
             heads[name] = torch.randint(0, H, (L,), generator=g).tolist()
         elif cached.get(name, {}).get("key") == key:
             heads[name] = cached[name]["heads"]
@@ -291,7 +302,7 @@ def select_heads(args, teachers, layers, train_set, device):
             record[name] = {"key": key, "heads": heads[name], "acc_all": acc_all,
                             "importance": {",".join(map(str, c)): acc_all - a for c, a in zip(combos, accs)},
                             "indices": subset.tolist()}
-            common.print0(f"| {name} teacher: accuracy {acc_all:.2f}% on {n} held-out training images; most important "
+            common.print0(f"| {name}: accuracy {acc_all:.2f}% on {n} held-out training images; most important "
                           f"heads {heads[name]} (drop {acc_all - accs[best]:.2f} points)")
     if record and common.is_main_process():
         cached.update(record)
@@ -304,18 +315,18 @@ def select_heads(args, teachers, layers, train_set, device):
 def teacher_classifier(args, name, model, device):
     """(classify(last_tokens, block_outputs) -> logits, blocks whose outputs it reads) for head selection:
     the teacher's own head, or the assistant's linear probe on the feature it was trained on."""
-    if name == "sl" or args.ta_supervised:
+    if name == "teacher" or args.ta_supervised:
         return (lambda x, outs: model.forward_head(model.norm(x))), set()
-    probe, spec = load_probe(args.ta_probe, model.embed_dim)
-    need = set(feature_blocks(model, [spec]))
-    dim = features_from_tokens(model, {b: torch.zeros(1, 2, model.embed_dim) for b in need}, spec).shape[1]
+    probe, spec = common.load_probe(args.ta_probe, model.embed_dim)
+    need = set(common.feature_blocks(model, [spec]))
+    dim = common.features_from_tokens(model, {b: torch.zeros(1, 2, model.embed_dim) for b in need}, spec).shape[1]
     if probe.linear.in_features != dim:
         common.fail(f"--ta_probe {args.ta_probe} expects {probe.linear.in_features}-d features, but its spec {spec} "
                     f"gives {dim} on this assistant")
     probe = probe.to(device)
 
     def classify(x, outs):
-        return probe(features_from_tokens(model, {b: model.norm(outs[b]) for b in need}, spec).float())
+        return probe(common.features_from_tokens(model, {b: model.norm(outs[b]) for b in need}, spec).float())
     return classify, need
 
 
@@ -415,7 +426,7 @@ def check_tokens(student, teacher, name):
     s_grid, t_grid = tuple(student.patch_embed.grid_size), tuple(teacher.patch_embed.grid_size)
     extra = teacher.num_prefix_tokens - student.num_prefix_tokens
     if s_grid != t_grid or extra not in (0, 1):
-        common.fail(f"student and {name} teacher attention maps differ: patch grids {s_grid} vs {t_grid}, prefix tokens "
+        common.fail(f"student and {name} attention maps differ: patch grids {s_grid} vs {t_grid}, prefix tokens "
                     f"{student.num_prefix_tokens} vs {teacher.num_prefix_tokens} (same input size and patch size needed)")
 
 

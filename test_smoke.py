@@ -95,12 +95,13 @@ def toy_main(args):
         for it, (x, y) in enumerate(loader):
             step = epoch * steps + it
             lr = common.cosine_schedule(step, args.epochs * steps, base_lr, 1e-6, args.warmup_epochs * steps)
-            common.set_lr(opt, lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
             with common.autocast(device, args.amp):
                 loss = F.cross_entropy(ddp(x.to(device)), y.to(device))
             common.check_finite(loss, f"at epoch {epoch} iteration {it}")
-            norm = common.optimizer_step(loss, opt, scaler, model.parameters(), args.clip_grad)
-            meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **({"grad_norm": norm} if norm is not None else {}))
+            meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr)
+            common.optimizer_step(loss, opt, scaler, model.parameters(), args.clip_grad)
         stats = common.evaluate(model, val_loader, device, args.amp)
         train = common.reduce_metrics(meter.averages(), device)
         common.log_stats(args.output_dir, epoch, train, stats)
@@ -220,19 +221,46 @@ def test_head_mask_zeroes_exactly_that_head():
 # ---------------------------------------------------------------------------------------------
 # models and weights
 # ---------------------------------------------------------------------------------------------
+def mocov3_sincos_by_hand(side, dim, temperature=10000.0):
+    """MoCo v3's position embedding as its paper code states it: grid_w, grid_h = meshgrid(arange(w), arange(h))
+    in 'ij' indexing, channels [sin w, cos w, sin h, cos h], so the first quarter follows the token's row."""
+    rows = []
+    q = dim // 4
+    for k in range(side * side):
+        w, h = k // side, k % side  # flattened (w, h) meshgrid in 'ij' order
+        omegas = [1.0 / temperature ** (i / q) for i in range(q)]
+        rows.append([math.sin(w * o) for o in omegas] + [math.cos(w * o) for o in omegas]
+                    + [math.sin(h * o) for o in omegas] + [math.cos(h * o) for o in omegas])
+    return torch.tensor(rows)
+
+
 def test_create_model_aliases_overrides_and_mocov3_options():
-    m = common.create_model("vit_small", img_size=32, patch_size=4, depth=2, num_heads=12, num_classes=0,
-                            sincos_pos_embed=True, frozen_patch_embed=True)
+    torch.manual_seed(0)
+    m = sdssl.mocov3_vit(common.create_model("vit_small", img_size=32, patch_size=4, depth=2, num_heads=12, num_classes=0,
+                                             weight_init="moco"))
     assert m.model_config["name"] == "vit_small_patch16_224" and len(m.blocks) == 2
     assert m.blocks[0].attn.num_heads == 12 and m.num_classes == 0
     pe = m.pos_embed[0]
     assert not m.pos_embed.requires_grad and not m.patch_embed.proj.weight.requires_grad
-    torch.testing.assert_close(pe[1:], common.sincos_2d(8, 8, 384))
+    torch.testing.assert_close(pe[1:], mocov3_sincos_by_hand(8, 384))
     assert torch.all(pe[0] == 0)
-    # column 3 of row 0 vs row 2: sin of the column index in the first quarter, of the row in the third
-    torch.testing.assert_close(pe[1 + 3, 0], torch.tensor(math.sin(3.0)))
-    torch.testing.assert_close(pe[1 + 2 * 8, 192], torch.tensor(math.sin(2.0)))
+    # MoCo v3: the row index in the first quarter of the channels, the column in the third; MAE: the reverse
+    torch.testing.assert_close(pe[1 + 2 * 8, 0], torch.tensor(math.sin(2.0)))
+    torch.testing.assert_close(pe[1 + 3, 192], torch.tensor(math.sin(3.0)))
+    mae = common.sincos_2d(8, 8, 384, layout="mae")
+    torch.testing.assert_close(mae[3, 0], torch.tensor(math.sin(3.0)))
+    torch.testing.assert_close(mae[2 * 8, 192], torch.tensor(math.sin(2.0)))
     assert all(p.requires_grad is False for p in m.patch_embed.parameters())
+    # MoCo v3's init: qkv uniform with the bound of one of its three (D x D) matrices, other Linear layers
+    # xavier-uniform, biases 0, the patch projection xavier-uniform over (out, 3 p p), CLS normal std 1e-6
+    D = 384
+    qkv, fc1, proj = m.blocks[0].attn.qkv.weight, m.blocks[0].mlp.fc1.weight, m.patch_embed.proj.weight
+    for w, bound in ((qkv, math.sqrt(6 / (D + D))), (fc1, math.sqrt(6 / (D + 4 * D))), (proj, math.sqrt(6 / (3 * 16 + D)))):
+        assert 0.97 * bound < w.abs().max().item() <= bound
+    assert m.blocks[0].attn.qkv.bias.abs().max() == 0 and m.blocks[1].mlp.fc2.bias.abs().max() == 0
+    assert m.cls_token.abs().max() < 1e-5
+    assert qkv.std().item() == pytest.approx(math.sqrt(6 / (2 * D)) / math.sqrt(3), rel=0.02)  # uniform, not timm's std 0.02
+    assert common.create_model("vit_small", depth=1).blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert common.create_model("resnet18", num_classes=7).fc.out_features == 7
     assert common.create_model("vit_small_patch16_224.dino", img_size=32).num_classes == 0  # the tag's config
     with pytest.raises(common.UserError, match="unknown model 'vit_smol'"):
@@ -360,19 +388,24 @@ def test_datasets_transforms_and_loaders(tmp_path):
     assert val[0][0].shape == (3, 32, 32)
     fake = common.build_dataset(data_args(dataset="fake", synthetic_size=8), "train", common.build_transform(args, False))
     assert fake[0][0].shape == (3, 32, 32)
-    v1, v2 = common.TwoViews(32)(train.render(0))
+    v1, v2 = sdssl.TwoViews(32)(train.render(0))
     assert v1.shape == v2.shape == (3, 32, 32) and not torch.equal(v1, v2)
     # training loader: full batches only; evaluation: every sample once over any world size
     loader = common.build_loader(train, 32, True, 0)
     assert [len(b[1]) for b in loader] == [32, 32, 32]
-    seen = sorted(i for r in range(3) for i in common.EvalSampler(10, r, 3))
-    assert seen == list(range(10))
+    assert [int(y) for b in common.build_loader(val, 7, False, 0) for y in b[1]] == val.targets  # all, in order
     with pytest.raises(common.UserError, match="no full batch"):
         common.build_loader(train, 101, True, 0)
-    mix = common.build_mixup(0.8, 1.0, 1.0, 0.5, 0.1, 10)
+    recipe = dict(seed=0, batch_size=4, randaug="", reprob=0, repeated_aug=False, smoothing=0.1, mixup_prob=1.0,
+                  mixup_switch_prob=0.5, **vars(data_args(dataset="synthetic", synthetic_size=100, num_workers=0)))
+    *_, mix, criterion = common.build_supervised_data(argparse.Namespace(**recipe, mixup=0.8, cutmix=1.0))
     xb, yb = mix(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
     assert yb.shape == (4, 10) and torch.allclose(yb.sum(1), torch.ones(4))
-    assert common.build_mixup(0, 0, 1.0, 0.5, 0.1, 10) is None
+    assert criterion(torch.zeros(4, 10), yb).item() == pytest.approx(math.log(10))  # soft-target CE
+    *_, mix, criterion = common.build_supervised_data(argparse.Namespace(**recipe, mixup=0, cutmix=0))
+    assert mix is None and criterion.label_smoothing == 0.1
+    # DeiT's evaluation resize floors input_size / crop_pct (32 / 0.875 = 36.6 -> 36)
+    assert common.build_transform(data_args(), False).transforms[0].size == 36
     # ImageFolder layout, and clear errors for missing or empty data
     from PIL import Image
     for split in ("train", "val"):
@@ -418,13 +451,13 @@ def test_schedule_lr_rule_param_groups_and_finite_check():
     nn.init.ones_(lin.weight)
     opt = torch.optim.SGD(lin.parameters(), lr=1.0)
     x = torch.tensor([[3.0, 0.0, 4.0]])
-    norm = common.optimizer_step(lin(x).sum(), opt, common.grad_scaler(torch.device("cpu"), "off"), lin.parameters(), 1.0)
-    assert norm.item() == pytest.approx(5.0)  # d/dw (w . x) = x, |x| = 5, clipped to 1: step = x / 5
+    common.optimizer_step(lin(x).sum(), opt, common.grad_scaler(torch.device("cpu"), "off"), lin.parameters(), 1.0)
+    # d/dw (w . x) = x, |x| = 5, clipped to 1: step = x / 5
     torch.testing.assert_close(lin.weight.detach(), torch.tensor([[1 - 0.6, 1.0, 1 - 0.8]]))
     assert lin.weight.grad is None
     teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
     expect = 0.9 * teacher.weight.detach() + 0.1 * student.weight.detach()
-    common.ema_update(teacher, student, 0.9)
+    sdssl.ema_update(teacher, student, 0.9)
     torch.testing.assert_close(teacher.weight.detach(), expect)
 
 
@@ -520,7 +553,7 @@ def ddp_worker(argv):
     model = toy_main(args)
     rank, world = common.get_rank(), common.get_world_size()
     x = torch.full((2, 3), float(rank + 1), requires_grad=True)
-    g = common.all_gather_grad(x)
+    g = sdssl.all_gather_grad(x)
     w = torch.arange(g.numel(), dtype=torch.float32).view_as(g)
     (g * w).sum().backward()
     # each rank's loss reaches every rank's input: d(sum over ranks)/dx = world * w[own rows]
@@ -543,15 +576,15 @@ def test_knn_matches_a_hand_computation():
     ytr = torch.tensor([0, 0, 1, 1, 2])
     test = torch.tensor([[1.0, 0.05], [0.05, 1.0], [-1.0, -0.1]])
     yte = torch.tensor([0, 1, 0])  # the third point's neighbourhood is class 2: wrong for k = 1 and 3
-    res = eval_knn_linear.knn_classify(train, ytr, test, yte, 3, ks=(1, 3), temperature=0.07, max_entries=5)
+    res = common.knn_classify(train, ytr, test, yte, 3, ks=(1, 3), temperature=0.07, max_entries=5)
     assert res[1]["acc1"] == pytest.approx(200 / 3) and res[3]["acc1"] == pytest.approx(200 / 3)
     assert res[1]["acc5"] == 100.0  # top-5 of 3 classes
     # weighted votes: one very close class-0 neighbour outvotes two distant class-1 neighbours
     train = torch.tensor([[1.0, 0.0], [0.5, 0.866], [0.5, -0.866]])
-    res = eval_knn_linear.knn_classify(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.01]]), torch.tensor([0]),
+    res = common.knn_classify(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.01]]), torch.tensor([0]),
                                        2, ks=(3,), temperature=0.07)
     assert res[3]["acc1"] == 100.0  # exp(1 / 0.07) > 2 exp(0.5 / 0.07); a majority vote would say class 1
-    res = eval_knn_linear.knn_classify(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.01]]), torch.tensor([0]),
+    res = common.knn_classify(train, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.01]]), torch.tensor([0]),
                                        2, ks=(3,), temperature=10.0)
     assert res[3]["acc1"] == 0.0  # at a high temperature the votes are nearly equal
 
@@ -576,7 +609,7 @@ def test_eval_on_trained_checkpoint_exported_backbone_and_timm_name(tmp_path, su
                                                          "--no-linear", "--output_dir", str(tmp_path / "e4")]))
     assert rnd["knn"]["cls"][20]["acc1"] < out["knn"]["cls"][20]["acc1"]
     # the saved probe reproduces its accuracy on the same features; results are never overwritten
-    probe, spec = eval_knn_linear.load_probe(str(tmp_path / "e1" / "linear_probe.pth"))
+    probe, spec = common.load_probe(str(tmp_path / "e1" / "linear_probe.pth"))
     feats, labels = torch.load(tmp_path / "f.pth", weights_only=True)["val"]
     acc = (probe(feats["cls"]).argmax(1) == labels).float().mean().item() * 100
     assert spec == {"n_last_blocks": 1, "avgpool": False}
@@ -607,17 +640,17 @@ def test_probe_batchnorm_head_and_label_fraction():
                               probe_weight_decay=0.0, seed=0)
     res, probe = eval_knn_linear.train_linear_probes(x, y, x, y, 2, args, torch.device("cpu"))
     assert res["acc1"] > 90 and probe.bn.running_mean.abs().max() > 10
-    keep = eval_knn_linear.class_fraction(torch.tensor([0] * 100 + [1] * 10), 0.1, 0)
+    keep = common.class_subset(torch.tensor([0] * 100 + [1] * 10), 0.1, torch.Generator().manual_seed(0))
     assert len(keep) == 11 and (keep >= 100).sum() == 1  # 10% per class, at least one image each
 
 
 def test_dino_linear_classifier_files_load_with_their_feature_spec(tmp_path):
     torch.save({"state_dict": {"module.linear.weight": torch.randn(10, 4 * 192), "module.linear.bias": torch.zeros(10)}},
                tmp_path / "dino_s.pth")
-    probe, spec = eval_knn_linear.load_probe(str(tmp_path / "dino_s.pth"), embed_dim=192)
+    probe, spec = common.load_probe(str(tmp_path / "dino_s.pth"), embed_dim=192)
     assert spec == {"n_last_blocks": 4, "avgpool": False} and probe.linear.in_features == 768
     torch.save({"module.linear.weight": torch.randn(10, 2 * 192), "module.linear.bias": torch.zeros(10)}, tmp_path / "dino_b.pth")
-    assert eval_knn_linear.load_probe(str(tmp_path / "dino_b.pth"), embed_dim=192)[1] == {"n_last_blocks": 1, "avgpool": True}
+    assert common.load_probe(str(tmp_path / "dino_b.pth"), embed_dim=192)[1] == {"n_last_blocks": 1, "avgpool": True}
     # DINO's interleaved layout for CLS + mean patch token, and the last-4 concatenation
     m = tiny_vit(num_classes=0).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -730,9 +763,9 @@ def test_vitkd_losses_match_hand_computations_and_mask_counts():
     want = sum(((corr(t_low[:, l]) - corr(s_low[:, l])) ** 2).sum() for l in range(2)) * 0.1 / 2
     torch.testing.assert_close(c(s_low, t_low, s_high, t_high)[0], want)
     assert not any(True for _ in c.parameters())
-    # exact mask counts: round(P x ratio) per sample
-    for p, n in ((4, 2), (9, 5), (196, 98)):
-        masks = vitkd.ViTKDLoss(4, 6, p if p != 196 else 196, alpha=0, beta=1.0).random_mask(5, "cpu")
+    # exact mask counts, the official ones: int(P x (1 - ratio)) tokens kept, the rest masked
+    for p, ratio, n in ((4, 0.5, 2), (9, 0.5, 5), (196, 0.5, 98), (64, 0.3, 20), (64, 0.7, 45)):
+        masks = vitkd.ViTKDLoss(4, 6, p, alpha=0, beta=1.0, mask_ratio=ratio).random_mask(5, "cpu")
         assert masks.sum(1).tolist() == [n] * 5
     with pytest.raises(common.UserError, match="square patch grid"):
         vitkd.ViTKDLoss(4, 6, 8)
@@ -786,6 +819,50 @@ def test_vitkd_end_to_end_resume_and_export(tmp_path, supervised_run, monkeypatc
     m = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=2, embed_dim=96,
                           checkpoint_path=str(tmp_path / "b" / "student_backbone.pth"))
     assert torch.equal(m.pos_embed, resumed.pos_embed)
+
+
+def test_vitkd_kd_weighting_is_the_official_one(tmp_path, supervised_run):
+    """The ViTKD repository's KD: 0.5 CE + 0.5 T^2 KL (T 1). With lr 0 the student does not move, so the two
+    runs see the same logits and the logged terms compare directly."""
+    teacher = ["--teacher_weights", str(supervised_run / "checkpoint.pth"), "--alpha_vitkd", "0", "--beta_vitkd", "0",
+               "--epochs", "1", "--synthetic_size", "64", "--lr", "0", "--embed_dim", "48"]
+    run_vitkd(tmp_path / "one", *teacher, "--kd_weight", "1")
+    run_vitkd(tmp_path / "half", *teacher, "--kd_weight", "0.5", "--ce_weight", "0.5")
+    one, half = (json.loads((tmp_path / d / "log.txt").read_text()) for d in ("one", "half"))
+    assert half["train_ce"] == pytest.approx(0.5 * one["train_ce"], rel=1e-5)
+    assert half["train_kd"] == pytest.approx(0.5 * one["train_kd"], rel=1e-5)
+    assert half["train_loss"] == pytest.approx(half["train_ce"] + half["train_kd"], rel=1e-5)
+
+
+def test_each_network_gets_its_own_input_normalisation(tmp_path):
+    imagenet, half = common.input_stats(""), ((0.5,) * 3, (0.5,) * 3)
+    assert imagenet == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert common.input_stats("vit_small_patch16_224.augreg_in21k_ft_in1k") == half  # a tag: timm's pretrained config
+    assert common.input_stats("vit_small_patch16_224", "hub:vit_small_patch16_224") == half  # hub: the default tag's
+    assert common.input_stats("vit_small_patch16_224.dino") == imagenet
+    assert common.input_stats("vit_small_patch16_224", "local.pth") == imagenet  # untagged local file: ImageNet's
+    # a teacher declared with mean = std = 0.5 gets the student's input, re-normalised on the device
+    torch.save(tiny_vit(num_classes=0).state_dict(), tmp_path / "t.pth")
+    teacher = common.build_teacher("deit_tiny", str(tmp_path / "t.pth"), data_stats=imagenet, mean=half[0], std=half[1],
+                                   num_classes=0, **TINY)
+    seen = []
+    teacher.patch_embed.proj.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))  # runs after ours
+    x = torch.randn(2, 3, 32, 32)
+    teacher.forward_features(x)
+    mean_s, std_s = (torch.tensor(v).view(1, 3, 1, 1) for v in imagenet)
+    torch.testing.assert_close(seen[0], (x * std_s + mean_s - 0.5) / 0.5)
+    # the same statistics: the input arrives untouched
+    same = common.build_teacher("deit_tiny", str(tmp_path / "t.pth"), data_stats=imagenet, num_classes=0, **TINY)
+    same.patch_embed.proj.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))
+    same.forward_features(x)
+    assert torch.equal(seen[1], x)
+    # a network trained here on data normalised with 0.5 keeps that in its files: as a teacher and when evaluated
+    model = common.create_model("deit_tiny", num_classes=0, mean=half[0], std=half[1], **TINY)
+    common.export_backbone(model, str(tmp_path / "b.pth"))
+    assert common.build_teacher(None, str(tmp_path / "b.pth"), data_stats=imagenet).model_config["mean"] == half[0]
+    backbone = eval_knn_linear.build_backbone(eval_knn_linear.get_args_parser().parse_args(
+        ["--weights", str(tmp_path / "b.pth"), "--dataset", "synthetic", "--input_size", "32"]))
+    assert (backbone.model_config["mean"], backbone.model_config["std"]) == half
 
 
 def test_vitkd_bad_input(tmp_path, supervised_run):
@@ -844,10 +921,10 @@ def test_head_importance_finds_the_decisive_heads_and_the_tree_equals_naive_sear
     assert combos[max(range(9), key=lambda i: (acc_all - accs[i], -i))] == (2, 0)
     assert all(accs[i] == 100.0 for i, c in enumerate(combos) if c[0] != 2 and c[1] != 0)  # the unused heads
     # tree == naive, also with a probe reading several blocks (one after the last distilled layer)
-    probe = eval_knn_linear.LinearProbe(2 * 192, 10).eval()
+    probe = common.LinearProbe(2 * 192, 10).eval()
     spec = dict(n_last_blocks=2, avgpool=False)
-    need = set(eval_knn_linear.feature_blocks(m, [spec]))
-    classify_p = lambda x, outs: probe(eval_knn_linear.features_from_tokens(m, {b: m.norm(outs[b]) for b in need}, spec))  # noqa: E731
+    need = set(common.feature_blocks(m, [spec]))
+    classify_p = lambda x, outs: probe(common.features_from_tokens(m, {b: m.norm(outs[b]) for b in need}, spec))  # noqa: E731
     for cls, nd, layers in ((classify, set(), [0, 1, 2]), (classify_p, need, [0, 1])):
         tree = ssta.head_importance(m, cls, nd, layers, batches, torch.device("cpu"))
         naive = ssta.head_importance(m, cls, nd, layers, batches, torch.device("cpu"), naive=True)
@@ -889,9 +966,9 @@ def test_ssta_end_to_end_early_stop_and_resume(tmp_path, supervised_run, ta_prob
     assert stats["acc1"] > 25  # chance: 10
     assert len(forwards) == 2 * 2 * (1024 // 32)  # 2 teachers x 2 epochs x 32 steps, none after the early stop
     heads = json.loads((tmp_path / "run" / "heads.json").read_text())
-    assert len(heads["sl"]["heads"]) == 2 and len(heads["sl"]["importance"]) == 9 and len(heads["ssl"]["indices"]) == 64
+    assert len(heads["teacher"]["heads"]) == 2 and len(heads["teacher"]["importance"]) == 9 and len(heads["ta"]["indices"]) == 64
     log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
-    assert "train_sl" in log[1] and "train_ssl" in log[1] and "train_sl" not in log[2]
+    assert "train_teacher" in log[1] and "train_ta" in log[1] and "train_teacher" not in log[2]
     # crash after the early stop, then resume with the teacher files gone: no teacher is needed any more
     save = common.save_checkpoint
 
@@ -915,23 +992,23 @@ def test_ssta_end_to_end_early_stop_and_resume(tmp_path, supervised_run, ta_prob
     assert not forwards
 
 
-@pytest.mark.parametrize("flags", [["--head_mode", "avg", "--sl_loss", "lkd"], ["--head_mode", "rand", "--sl_loss", "at"],
-                                   ["--heads_sl", "2", "0", "--assignment", "fig6", "--kl", "reverse"]])
+@pytest.mark.parametrize("flags", [["--head_mode", "avg", "--teacher_loss", "lkd"], ["--head_mode", "rand", "--teacher_loss", "at"],
+                                   ["--heads_teacher", "2", "0", "--assignment", "fig6", "--kl", "reverse"]])
 def test_ssta_ablations_run(tmp_path, supervised_run, ta_probe, flags):
     teachers = ["--teacher_weights", str(supervised_run / "checkpoint.pth"),
                 "--ta_weights", str(supervised_run / "student_backbone.pth"), "--ta_probe", str(ta_probe)]
     _, stats = run_ssta(tmp_path, *teachers, *flags, "--epochs", "1", "--early_stop_epoch", "1", "--synthetic_size", "64",
                         "--selection_images", "32")
     log = json.loads((tmp_path / "log.txt").read_text())
-    assert math.isfinite(log["train_sl"]) and math.isfinite(log["train_ssl"]) and log["train_sl"] > 0
+    assert math.isfinite(log["train_teacher"]) and math.isfinite(log["train_ta"]) and log["train_teacher"] > 0
     heads = json.loads((tmp_path / "heads.json").read_text()) if (tmp_path / "heads.json").exists() else {}
-    assert ("--heads_sl" in flags) == ("ssl" in heads)  # imp selection only ran where heads were not given
+    assert ("--heads_teacher" in flags) == ("ta" in heads)  # imp selection only ran where heads were not given
 
 
 def test_ssta_select_only(tmp_path, supervised_run):
     heads = run_ssta(tmp_path, "--teacher_weights", str(supervised_run / "checkpoint.pth"), "--select_only",
                      "--selection_images", "32")
-    assert heads["sl"] == json.loads((tmp_path / "heads.json").read_text())["sl"]["heads"]
+    assert heads["teacher"] == json.loads((tmp_path / "heads.json").read_text())["teacher"]["heads"]
     assert not (tmp_path / "checkpoint.pth").exists()
 
 
@@ -1052,8 +1129,10 @@ def test_sdssl_losses_and_alpha_ramp_by_hand():
     assert sdssl.ctr_loss(torch.cat([q, 3 * q]), k, tau).item() == pytest.approx(sum(rows) / 2 * 2 * tau, rel=1e-5)
     p, z = torch.tensor([[1.0, 1.0], [0.0, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert sdssl.byol_loss(p, z).item() == pytest.approx(((2 - 2 / math.sqrt(2)) + 0.0) / 2, rel=1e-5)
-    assert sdssl.alpha_schedule(0, 100, 1.0) == 0.0 and sdssl.alpha_schedule(50, 100, 1.0) == pytest.approx(0.5)
-    assert sdssl.alpha_schedule(100, 100, 0.8) == pytest.approx(0.8)
+    # the alpha ramp alpha_max (1 - cos(pi t / T)) / 2 and the momentum 1 - (1 - m0)(1 + cos(pi t / T)) / 2, by hand
+    for t in (0, 30, 50, 100):
+        assert common.cosine_schedule(t, 100, 0.0, 0.8) == pytest.approx(0.8 * (1 - math.cos(math.pi * t / 100)) / 2)
+        assert common.cosine_schedule(t, 100, 0.996, 1.0) == pytest.approx(1 - 0.004 * (1 + math.cos(math.pi * t / 100)) / 2)
     # NT-Xent against a direct single-process computation
     g = torch.Generator().manual_seed(0)
     zz = torch.randn(6, 4, generator=g)
@@ -1123,6 +1202,40 @@ def test_sdssl_without_distillation_is_the_plain_framework():
     torch.testing.assert_close(losses["ssl"], ctr(q1, k2) + ctr(q2, k1), atol=1e-5, rtol=1e-5)
 
 
+def one_mlp(m, j, x):
+    """MLP j of a BatchedMLP on x (rows, d), written out: bias-free Linear, BatchNorm on the batch statistics
+    of these rows (training mode), ReLU between layers."""
+    for i, (w, bn) in enumerate(zip(m.weights, m.norms)):
+        x = x @ w[j]
+        c = x.shape[1]
+        if isinstance(bn, nn.BatchNorm1d):
+            affine = (bn.weight[j * c:(j + 1) * c], bn.bias[j * c:(j + 1) * c]) if bn.affine else (None, None)
+            x = F.batch_norm(x, None, None, *affine, training=True, eps=bn.eps)
+        if i < len(m.weights) - 1:
+            x = F.relu(x)
+    return x
+
+
+def test_sd_simclr_projector_batchnorm_normalises_both_views_together():
+    args = sd_args("--framework", "simclr")
+    student, heads, _, taps, mid = sdssl.build_models(args, torch.device("cpu"))
+    x1, x2 = sd_batch()
+    with torch.no_grad():
+        losses = sdssl.sdssl_losses(student, heads, None, taps, mid, 2, (x1, x2), 0.5, args)
+        taps.close()
+        # the official SimCLR: the network runs once on cat(x1, x2), so each projector's BatchNorm sees 2B rows
+        outs = student.forward_intermediates(torch.cat([x1, x2]), norm=True, return_prefix_tokens=True,
+                                             output_fmt="NLC", intermediates_only=True)
+        cls = [prefix[:, 0] for _, prefix in outs]  # every block's final-norm CLS
+        z = one_mlp(heads.last_proj, 0, cls[2])
+        anchors = torch.cat([one_mlp(heads.mid_proj, j, cls[l]) for j, l in enumerate(mid)])
+        torch.testing.assert_close(losses["ssl"], sdssl.nt_xent(z, z, 0.2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(losses["isd"], 0.5 * sdssl.nt_xent(anchors, z, 0.2, detach_columns=True), atol=1e-5, rtol=1e-5)
+        # per-view statistics (B rows per BatchNorm call) give other numbers
+        z_per_view = torch.cat([one_mlp(heads.last_proj, 0, c) for c in cls[2].chunk(2)])
+        assert abs(sdssl.nt_xent(z_per_view, z_per_view, 0.2).item() - losses["ssl"].item()) > 1e-3
+
+
 def test_sdssl_teacher_moves_only_by_ema_and_patch_projection_stays(tmp_path, monkeypatch):
     built = []
     build = sdssl.build_models
@@ -1163,7 +1276,7 @@ def test_sdssl_learns_and_resumes(tmp_path, monkeypatch):
     args = sd_args("--framework", "simclr", "--depth", "2", "--synthetic_size", "1024", "--epochs", "6", "--blr", "1e-2",
                    "--proj_hidden", "256", "--mid_proj_hidden", "128", "--pred_hidden", "256", "--out_dim", "64",
                    "--color_jitter", "0.8", "0.8", "0.8", "0.5", "--knn_every", "6", "--output_dir", str(tmp_path / "learn"))
-    init = sdssl.knn_monitor(sdssl.build_models(args, torch.device("cpu"))[0], args, torch.device("cpu"))
+    init = common.knn_monitor(sdssl.build_models(args, torch.device("cpu"))[0], args, torch.device("cpu"))
     _, _, knn = sdssl.main(args)
     assert knn["knn_acc1"] > init["knn_acc1"] + 6, (init, knn)
     flags = ["--framework", "mocov3", "--epochs", "2", "--synthetic_size", "64"]
@@ -1237,6 +1350,10 @@ def test_attn_distill_projector_widths():
         assert isinstance(p[0], nn.LayerNorm) and len(linears) == k
         assert [m.out_features for m in linears] == [16, 8, 16, 8, 16, 8, 16][:k - 1] + [12]
         assert p(x).shape == (2, 5, 12)
+    # the official projector's first LayerNorm has eps 1e-6: visible on nearly constant tokens
+    flat = 1e-3 * torch.randn(2, 5, 8)
+    torch.testing.assert_close(p[0](flat), F.layer_norm(flat, (8,), eps=1e-6))
+    assert not torch.allclose(p[0](flat), F.layer_norm(flat, (8,), eps=1e-5), atol=1e-3)
 
 
 AD_TINY = ["--student", "deit_tiny", "--depth", "2", "--embed_dim", "48", "--patch_size", "8", "--dataset", "synthetic",
@@ -1253,7 +1370,7 @@ def test_attn_distill_learns_from_a_trained_teacher_that_gets_no_gradient(tmp_pa
     monkeypatch.setattr(common, "build_teacher", lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])
     args = attn_distill.get_args_parser().parse_args(AD_TINY + ["--output_dir", str(tmp_path / "x")])
     torch.manual_seed(args.seed)  # the student attn_distill.main starts from
-    init = eval_knn_linear.knn_monitor(common.create_model("deit_tiny", num_classes=0, img_size=32, patch_size=8, depth=2,
+    init = common.knn_monitor(common.create_model("deit_tiny", num_classes=0, img_size=32, patch_size=8, depth=2,
                                                            embed_dim=48), args, torch.device("cpu"))
     model, knn = run_attn_distill(tmp_path / "run", "--teacher_weights", teacher_file, "--epochs", "6",
                                   "--synthetic_size", "1024", "--knn_every", "6")
@@ -1279,6 +1396,19 @@ def test_attn_distill_learns_from_a_trained_teacher_that_gets_no_gradient(tmp_pa
                                                                "--aggregate", "max", "--proj_layers", "2", "--accum_iter", "2"]):
         model, _ = run_attn_distill(tmp_path / "-".join(extra).replace("--", ""), "--teacher_weights", teacher_file,
                                     "--epochs", "1", "--synthetic_size", "64", *extra)
+    # without a projector (the official no-projector mode) the student's own final-norm CLS meets the teacher's
+    # (equal widths, 96), and that norm is trained
+    torch.manual_seed(0)
+    direct = attn_distill.StudentWithProjector(common.create_model("deit_tiny", num_classes=0, img_size=32, patch_size=8,
+                                                                   depth=2, embed_dim=96), 96, 0)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(direct(x), direct.backbone.forward_features(x)[:, :1])
+    assert direct.projector is None and not any(n.startswith("norm") for n, _ in direct.named_parameters())
+    model, _ = run_attn_distill(tmp_path / "noproj", "--teacher_weights", teacher_file, "--epochs", "1", "--synthetic_size",
+                                "64", "--no-projector", "--embed_dim", "96")
+    assert not torch.equal(model.backbone.norm.weight, torch.ones(96))
+    with pytest.raises(common.UserError, match="width 48 must equal the teacher's 96"):
+        run_attn_distill(tmp_path / "e0", "--teacher_weights", teacher_file, "--no-projector")
     with pytest.raises(common.UserError, match="heads by index"):
         run_attn_distill(tmp_path / "e1", "--teacher_weights", teacher_file, "--num_heads", "6", "--aggregate", "none")
     with pytest.raises(common.UserError, match="needs a teacher"):

@@ -45,6 +45,9 @@ def get_args_parser():
     g.add_argument("--teacher_weights", default="", type=str,
                    help="file, hub:<timm name>, or 'random' (smoke tests). Without it: plain supervised training")
     g.add_argument("--teacher_key", default=None, type=str, help="top-level key of the teacher file (default: auto)")
+    g.add_argument("--teacher_mean", default=None, type=float, nargs=3,
+                   help="the teacher's input normalisation (default: its file's, timm's config for hub / tagged names, else ImageNet's)")
+    g.add_argument("--teacher_std", default=None, type=float, nargs=3)
     # the ViTKD paper's recipe (mmcls DeiT config, METHODS 5.4): 20 warm-up epochs, cosine to 1e-2 x lr, clip 5
     common.add_supervised_args(p, warmup_epochs=20, clip_grad=5.0)
     g = p.add_argument_group("ViTKD (METHODS 5.1-5.2)")
@@ -65,8 +68,10 @@ def get_args_parser():
     g.add_argument("--nkd", action=argparse.BooleanOptionalAction, default=False, help="add NKD (paper: ViTKD + NKD)")
     g.add_argument("--nkd_gamma", default=1.0, type=float)
     g.add_argument("--nkd_temperature", default=1.0, type=float)
-    g.add_argument("--kd_weight", default=0.0, type=float, help="classic KD weight (0: off)")
+    g.add_argument("--kd_weight", default=0.0, type=float,
+                   help="classic KD weight (0: off; the official ViTKD repository's KD: 0.5 with --ce_weight 0.5, T 1)")
     g.add_argument("--kd_temperature", default=1.0, type=float)
+    g.add_argument("--ce_weight", default=1.0, type=float, help="weight of the cross-entropy with the labels")
     common.add_data_args(p)
     common.add_run_args(p)
     return p
@@ -94,13 +99,15 @@ def main(args):
 
     # ---------------- student, teacher, ViTKD modules ----------------
     torch.manual_seed(args.seed)  # the same initial student on every rank
+    stats = common.data_stats(args)  # the student's input normalisation = the data pipeline's
     student = common.create_model(args.student, num_classes=num_classes, img_size=args.input_size,
                                   patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim,
-                                  num_heads=args.num_heads, drop_path_rate=args.drop_path).to(device)
+                                  num_heads=args.num_heads, drop_path_rate=args.drop_path, mean=stats[0], std=stats[1]).to(device)
     teacher = vitkd = None
     if args.teacher_weights:
         # the classifier is only needed (and then must match the data) for the logit losses
-        teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, img_size=args.input_size,
+        teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
+                                       args.teacher_std, img_size=args.input_size,
                                        num_classes=num_classes if logit_kd else 0).to(device)
     if teacher is not None and feature_kd:
         for name, m in (("student", student), ("teacher", teacher)):
@@ -186,7 +193,7 @@ def train_one_epoch(student, teacher, vitkd, taps, loader, criterion, mixup, opt
                 with torch.no_grad():  # the teacher sees the same (mixed) batch
                     t_out = teacher(images) if (args.nkd or args.kd_weight > 0) else teacher.forward_features(images)
             logits = student(images)
-            losses = {"ce": criterion(logits, target)}
+            losses = {"ce": args.ce_weight * criterion(logits, target)}
             if vitkd is not None:
                 (s_low, s_high), (t_low, t_high) = (vitkd_features(*taps[n]) for n in ("student", "teacher"))
                 if t_high.shape[1] != s_high.shape[1]:  # --resample_teacher_grid (checked at start)
@@ -248,8 +255,8 @@ class ViTKDLoss(nn.Module):
     forward(s_low, t_low, s_high, t_high, mask=None) -> (L_lr, L_gen), both already weighted:
       s_low / t_low: B x L x P x D_s / D_t patch tokens of the mimicked blocks (None when alpha = 0);
       s_high / t_high: B x P x D_s / D_t patch tokens of the last block after the final norm;
-      mask: optional B x P bool (True = replaced by the mask token); default: exactly
-      round(P x mask_ratio) random tokens per sample.
+      mask: optional B x P bool (True = replaced by the mask token); default: the official count,
+      P - int(P x (1 - mask_ratio)) random tokens per sample (int(P x (1 - ratio)) kept).
     Sums of squared errors divided by the batch (and, for L_gen, by the mask ratio), computed in
     fp32, as the official code does."""
 
@@ -281,11 +288,12 @@ class ViTKDLoss(nn.Module):
                 self.generator = nn.ModuleList([block(teacher_dim, heads, mlp_ratio=4.0, qkv_bias=True)
                                                 for _ in range(generator_depth)])
                 self.gen_norm = nn.LayerNorm(teacher_dim)
-                self.register_buffer("pos", common.sincos_2d(side, side, teacher_dim)[None], persistent=False)
+                self.register_buffer("pos", common.sincos_2d(side, side, teacher_dim, layout="mae")[None], persistent=False)
 
     def random_mask(self, batch, device):
-        """B x P bool with exactly round(P x mask_ratio) True per row, at random places (MAE's shuffle)."""
-        n = int(self.num_patches * self.mask_ratio + 0.5)
+        """B x P bool, True at the masked places, in random positions (MAE's shuffle): as the official code,
+        int(P x (1 - mask_ratio)) tokens are kept and the other P - int(P x (1 - mask_ratio)) masked."""
+        n = self.num_patches - int(self.num_patches * (1 - self.mask_ratio))
         rank = torch.rand(batch, self.num_patches, device=device).argsort(1).argsort(1)
         return rank < n
 
