@@ -144,26 +144,26 @@ def main(args):
     schedule = common.lr_schedule(lr, args.min_lr, args.epochs * len(loader), args.warmup_epochs * len(loader))
     start_epoch = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["student_with_projector"])
+        common.load_state(model, ckpt["student_with_projector"], ckpt["_source"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"]
 
     # ---------------- training ----------------
+    common.start_run(args, "attn_distill.py")
     knn = {}
     for epoch in range(start_epoch, args.epochs):
         common.seed_everything(args.seed, epoch)
         loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model_ddp, teacher, taps, values, pairs, (s_grid, t_grid), aggregate, loader,
                                       optimizer, scaler, schedule, epoch, device, args)
+        knn = {}  # logged only where measured
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             knn = common.knn_monitor(backbone, args, device)
             common.print0(f"| epoch {epoch}: k-NN top-1 {knn['knn_acc1']:.2f}")
-        common.log_stats(args.output_dir, epoch, train_stats, knn)
-        common.save_checkpoint(args.output_dir, "attn_distill.py", args, epoch + 1, args.save_every,
-                               model=backbone.state_dict(), student_with_projector=model.state_dict(),
-                               optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                               model_config=backbone.model_config)
+        common.end_epoch(args.output_dir, "attn_distill.py", args, epoch, train_stats, knn, args.save_every,
+                         model=backbone.state_dict(), student_with_projector=model.state_dict(),
+                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), model_config=backbone.model_config)
     for t in list(taps.values()) + list((values or {}).values()):
         t.close()
     common.export_backbone(backbone, os.path.join(args.output_dir, "student_backbone.pth"))

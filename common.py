@@ -8,7 +8,9 @@ import datetime
 import json
 import math
 import os
+import pickle
 import random
+import re
 import subprocess
 import sys
 import time
@@ -35,14 +37,23 @@ def fail(msg):
     raise UserError(msg)
 
 
+TRUST_CHECKPOINTS = False  # --trust_checkpoint: allow full unpickling of files that hold more than tensors
+
+
 def run_main(main, parser, argv=None):
-    """Every script's `__main__` body: parse, run, and report a UserError as one stderr line (exit 2), no traceback."""
+    """Every script's `__main__` body: parse, run, and report a UserError as one stderr line from rank 0 (every
+    rank exits 2), no traceback. A UserError raised in a data-loader worker arrives wrapped in the worker's
+    traceback: its last line is the message."""
+    global TRUST_CHECKPOINTS
     args = parser.parse_args(argv)
+    TRUST_CHECKPOINTS = getattr(args, "trust_checkpoint", False)
     try:
         main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        if dist.is_available() and dist.is_initialized():
+        msg = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        if get_rank() == 0:
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+        if is_dist():
             dist.destroy_process_group()
         sys.exit(2)
 
@@ -154,9 +165,11 @@ def create_model(name, num_classes=None, mean=None, std=None, **overrides):
     timm's default); never downloads weights. mean / std: its input normalisation (default: input_stats of the name).
     The arguments are kept in model.model_config, so a checkpoint rebuilds the model and its normalisation."""
     full = ALIASES.get(name, name)
-    if not timm.is_model(full.split(".")[0]):
-        fail(f"unknown model '{name}': not a timm model name nor one of {sorted(ALIASES)}")
+    check_timm_name(full, name)
     kwargs = {k: v for k, v in dict(overrides, num_classes=num_classes).items() if v is not None}
+    for k in ("img_size", "patch_size", "depth", "embed_dim", "num_heads"):
+        if not isinstance(kwargs.get(k, 1), int) or kwargs.get(k, 1) < 1:
+            fail(f"{'--input_size' if k == 'img_size' else '--' + k} must be a positive integer, got {kwargs[k]}")
     try:
         model = timm.create_model(full, pretrained=False, **kwargs)
     except TypeError as e:
@@ -166,10 +179,28 @@ def create_model(name, num_classes=None, mean=None, std=None, **overrides):
             model = timm.create_model(full, pretrained=False, **kwargs) if sized else None
         if model is None:
             fail(f"model '{name}' does not take these options {sorted({**kwargs, **sized})}: {e}")
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        (ih, iw), (ph, pw) = pe.img_size, pe.patch_size
+        if ih % ph or iw % pw:
+            fail(f"--input_size {ih} is not a multiple of the patch size {ph}: the image would be cropped to "
+                 f"{ih // ph * ph} px (use a multiple of {ph})")
+    if hasattr(model, "blocks") and len(model.blocks) < 1:
+        fail(f"--depth must be at least 1 ('{name}')")
     mean, std = input_stats(full, mean=mean, std=std)
     model.model_config = dict(name=full, num_classes=model.num_classes, mean=mean, std=std,
                               **{k: v for k, v in kwargs.items() if k != "num_classes"})
     return model
+
+
+def check_timm_name(full, given=None):
+    """A clear error for an unknown architecture or an unknown pretrained tag (with the valid tags)."""
+    arch, _, tag = full.partition(".")
+    if not timm.is_model(arch):
+        fail(f"unknown model '{given or full}': not a timm model name nor one of {sorted(ALIASES)}")
+    if tag and full not in timm.list_pretrained(full):
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(arch + ".*")]
+        fail(f"unknown tag '{tag}' for {arch}; its tags: {', '.join(tags) or 'none (no pretrained weights)'}")
 
 
 def input_stats(name, weights=None, mean=None, std=None):
@@ -236,10 +267,17 @@ def read_checkpoint(path):
         except Exception as e:
             if "This file can still be loaded" not in str(e):  # torch's words for "a global outside the allow-list"
                 raise
-            print0(f"warning: {path} holds objects beyond tensors; loading it with full unpickling")
+            if not TRUST_CHECKPOINTS:  # full unpickling runs whatever code the file names
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))
+                what = found.group(1) if found else "a global outside the allow-list"
+                fail(f"{path} holds Python objects beyond tensors ({what}); loading it would run code from the file: "
+                     "pass --trust_checkpoint if you trust it")
+            print0(f"warning: {path}: full unpickling (--trust_checkpoint)")
             return torch.load(path, map_location="cpu", weights_only=False)
     except UserError:
         raise
+    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, ValueError, KeyError) as e:
+        fail(f"{path} is not a PyTorch checkpoint ({type(e).__name__})")
     except Exception as e:
         fail(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
@@ -314,15 +352,7 @@ def load_weights(model, source, key=None, ckpt=None, require_head=False):
         sd, used_key = pick_state_dict(ckpt, key, source)
     sd, notes, is_head = adapt_state_dict(sd, model)
     model_sd = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(model_sd[k].shape)}" for k, v in sd.items()
-             if k in model_sd and v.shape != model_sd[k].shape]
-    missing = [k for k in model_sd if k not in sd and not is_head(k)]
-    unexpected = [k for k in sd if k not in model_sd]
-    if wrong or missing or unexpected:
-        short = lambda keys: f"{keys[:6]}{' ... (%d in all)' % len(keys) if len(keys) > 6 else ''}"  # noqa: E731
-        parts = [f"{n}: {short(v)}" for n, v in (("missing", missing), ("unexpected", unexpected),
-                                                 ("shape mismatch", wrong)) if v]
-        fail(f"{source} does not match the model: " + "; ".join(parts))
+    check_state_dict(sd, model, source, optional=is_head)
     model.load_state_dict(sd, strict=False)
     head_missing = [k for k in model_sd if k not in sd]
     if head_missing and require_head:
@@ -334,13 +364,26 @@ def load_weights(model, source, key=None, ckpt=None, require_head=False):
            + ("; " + "; ".join(notes) if notes else ""))
 
 
+def check_state_dict(sd, model, source, optional=lambda key: False):
+    """A clear error listing the missing (beyond `optional`), unexpected and mis-shaped keys of sd against model."""
+    model_sd = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(model_sd[k].shape)}" for k, v in sd.items()
+             if k in model_sd and v.shape != model_sd[k].shape]
+    missing = [k for k in model_sd if k not in sd and not optional(k)]
+    unexpected = [k for k in sd if k not in model_sd]
+    if wrong or missing or unexpected:
+        short = lambda keys: f"{keys[:6]}{' ... (%d in all)' % len(keys) if len(keys) > 6 else ''}"  # noqa: E731
+        parts = [f"{n}: {short(v)}" for n, v in (("missing", missing), ("unexpected", unexpected),
+                                                 ("shape mismatch", wrong)) if v]
+        fail(f"{source} does not match the model: " + "; ".join(parts))
+
+
 def _hub_state_dict(name):
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         with suppress(Exception):  # honour an HF_HUB_OFFLINE set after huggingface_hub was imported
             import huggingface_hub.constants as hfc
             hfc.HF_HUB_OFFLINE = True
-    if not timm.is_model(name.split(".")[0]):
-        fail(f"unknown timm model in hub:{name}")
+    check_timm_name(name, f"hub:{name}")
     try:
         return timm.create_model(name, pretrained=True).state_dict()
     except Exception as e:
@@ -599,15 +642,32 @@ def build_dataset(args, split, transform):
     if folder is None:
         fail(f"{root} has no {' or '.join(s + '/' for s in sub)} folder (ImageNet layout: train/ and val/)")
     try:
-        return datasets.ImageFolder(folder, transform=transform)
+        return datasets.ImageFolder(folder, transform=transform, loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"no images in {folder}: {e}")
+
+
+def load_rgb(path):
+    """An image file as RGB. Policy for unreadable files (truncated, not an image): stop with the file's path,
+    in worker processes too (run_main prints it as one line); never skip silently."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        fail(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 def build_transform(args, is_train, randaug="rand-m9-mstd0.5-inc1", reprob=0.25, color_jitter=0.3, stats=None):
     """DeiT's training transform (timm; randaug=None / reprob=0 switch RandAugment / erasing off) or evaluation one
     (bicubic resize to floor(input_size / crop_pct), centre crop), normalised with `stats` or data_stats(args)."""
     mean, std = stats or data_stats(args)
+    if is_train and randaug:  # timm skips sections it does not know: refuse them instead
+        parts = randaug.split("-")
+        bad = [p for p in parts[1:] if not re.fullmatch(r"(mstd|mmax|inc|m|n|p)\d[\d.]*|t\w+", p)]
+        if parts[0] != "rand" or bad:
+            fail(f"--randaug {randaug!r}: expected 'rand' followed by -m<int>, -n<int>, -mstd<float>, -mmax<int>, "
+                 f"-inc<0|1>, -p<float> sections (e.g. rand-m9-mstd0.5-inc1; '' = off)" + (f"; unknown: {bad}" if bad else ""))
     if is_train:
         from timm.data import create_transform
         t = create_transform(args.input_size, is_training=True, auto_augment=randaug or None,
@@ -729,6 +789,8 @@ def add_run_args(parser):
     g.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="mixed precision on CUDA (CPU: always off)")
     g.add_argument("--log_every", default=50, type=int, help="print a training line every N iterations")
     g.add_argument("--save_every", default=0, type=int, help="also keep checkpoint{epoch:04}.pth every N epochs (0: never)")
+    g.add_argument("--trust_checkpoint", action="store_true",
+                   help="load files that hold Python objects beyond tensors (full unpickling runs code from the file)")
     return g
 
 
@@ -869,25 +931,18 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(output_dir, script, args, epoch, save_every=0, **state):
-    """output_dir/checkpoint.pth with script, args (a plain dict, for weights_only=True), epoch (the next to run) and
-    the state dicts; plus checkpoint{epoch:04}.pth every save_every epochs. 'model' is the student, 'model_config'
-    its create_model arguments; 'teacher' only for a teacher training changes (EMA): load_weights prefers it."""
-    ckpt = {"script": script, "args": vars(args) if isinstance(args, argparse.Namespace) else dict(args),
-            "epoch": epoch, **state}
-    atomic_save(ckpt, os.path.join(output_dir, "checkpoint.pth"))
-    if save_every and epoch % save_every == 0:
-        atomic_save(ckpt, os.path.join(output_dir, f"checkpoint{epoch:04d}.pth"))
-
-
-# flags that may change between a run and its resumption
-RESUME_FREE = ("resume", "output_dir", "data_path", "num_workers", "log_every", "save_every", "download")
+# flags that may change between a run and its resumption (--num_workers may not: the augmentation stream depends on it)
+RESUME_FREE = ("resume", "output_dir", "data_path", "log_every", "save_every", "download", "trust_checkpoint")
 
 
 def prepare_output_dir(args, script, free=()):
-    """Create output_dir, pick what to resume, never overwrite a run. --resume auto: output_dir/checkpoint.pth if
-    present (same script, same arguments up to RESUME_FREE and `free`); none: refused if there is one; PATH: continue
-    it (same script; changed arguments printed). Writes args.json (versions, git state); returns the checkpoint/None."""
+    """Read only (nothing is written before start_run): pick what to resume, refuse what would overwrite a run.
+    --resume auto: output_dir/checkpoint.pth if present (same script, same arguments up to RESUME_FREE and `free`);
+    none: refused if there is one; PATH: continue it (same script; changed arguments printed; load_state then checks
+    it against the model). Returns the checkpoint or None."""
+    for k in ("epochs", "ss_epochs"):
+        if getattr(args, k, 1) < 1:
+            fail(f"--{k} must be at least 1, got {getattr(args, k)}")
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--output_dir {out} exists and is not a folder")
@@ -908,7 +963,7 @@ def prepare_output_dir(args, script, free=()):
     if path is not None:
         ckpt = read_checkpoint(path)
         if not isinstance(ckpt, dict) or "script" not in ckpt or "epoch" not in ckpt:
-            fail(f"{path} is not a checkpoint of this repository; use another --output_dir")
+            fail(f"--resume {path} is not a training checkpoint of this repository (no 'script' / 'epoch' entries)")
         if ckpt["script"] != script:
             fail(f"{path} is a checkpoint of {ckpt['script']}, not {script}; use another --output_dir")
         old = {k: v for k, v in ckpt.get("args", {}).items() if k not in free}
@@ -920,15 +975,65 @@ def prepare_output_dir(args, script, free=()):
                      f"with the new ones, or pick another --output_dir")
             print0(f"| resuming {path} with changed arguments: {listing}")
         print0(f"| resuming from {path} at epoch {ckpt['epoch']}")
-    if is_main_process():
-        os.makedirs(out, exist_ok=True)
-        info = {"script": script, "args": vars(args), "versions": versions(),
-                "started": datetime.datetime.now().isoformat(timespec="seconds")}
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump(info, f, indent=1, default=str)
-        print0("| " + "  ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
-        print0(f"| versions {info['versions']}")
+        ckpt["_source"] = path  # for load_state's messages
     return ckpt
+
+
+def load_state(module, sd, source):
+    """module.load_state_dict(sd), after a clear error if the keys or shapes differ (e.g. --resume PATH of a run
+    with another architecture)."""
+    check_state_dict(sd, module, source)
+    module.load_state_dict(sd)
+
+
+def start_run(args, script):
+    """Call after every check has passed: create output_dir and prove it writable (a probe file), remove the temp
+    files of a checkpoint write that was killed, print the arguments and versions."""
+    out = args.output_dir
+    if is_main_process():
+        try:
+            os.makedirs(out, exist_ok=True)
+            probe = os.path.join(out, f".write_test{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            fail(f"--output_dir {out} is not writable ({type(e).__name__}: {e.strerror or e})")
+        for f in os.listdir(out):
+            if ".pth.tmp" in f:  # atomic_save's temp file of an interrupted write
+                os.remove(os.path.join(out, f))
+                print0(f"| removed {f}, left by an interrupted checkpoint write")
+    print0("| " + "  ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    print0(f"| {script} versions {versions()}")
+
+
+def end_epoch(output_dir, script, args, epoch, train=None, test=None, save_every=0, **state):
+    """After epoch `epoch` has run: a non-finite metric or parameter stops every rank before anything is written
+    (the last good checkpoint stays); else write checkpoint.pth ('epoch' = the next to run, 'args' a plain dict for
+    weights_only=True, the state dicts; 'model' is the student, 'model_config' its create_model arguments, 'teacher'
+    only for a teacher that training changes, as load_weights prefers it), checkpoint{epoch:04}.pth every save_every
+    epochs, args.json (arguments, versions, git state) and the epoch's line in log.txt, which holds each epoch once."""
+    stats = {"epoch": epoch, **{f"train_{k}": v for k, v in (train or {}).items()},
+             **{f"test_{k}": v for k, v in (test or {}).items()}}
+    bad = [k for k, v in stats.items() if isinstance(v, float) and not math.isfinite(v)]
+    bad += [f"{name}.{k}" for name, sd in state.items() if name not in ("optimizer", "scaler") and isinstance(sd, dict)
+            for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        fail(f"non-finite values after epoch {epoch} ({', '.join(bad[:4])}); nothing saved, the last good checkpoint "
+             "is untouched in output_dir; try a lower lr, --amp off or gradient clipping")
+    ckpt = {"script": script, "args": vars(args), "epoch": epoch + 1, **state}
+    atomic_save(ckpt, os.path.join(output_dir, "checkpoint.pth"))
+    if save_every and (epoch + 1) % save_every == 0:
+        atomic_save(ckpt, os.path.join(output_dir, f"checkpoint{epoch + 1:04d}.pth"))
+    if is_main_process():
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump({"script": script, "args": vars(args), "versions": versions(),
+                       "saved": datetime.datetime.now().isoformat(timespec="seconds")}, f, indent=1, default=str)
+        path = os.path.join(output_dir, "log.txt")
+        lines = open(path).read().splitlines() if os.path.exists(path) else []
+        lines = [l for l in lines if l.strip() and json.loads(l).get("epoch", -1) < epoch]  # a resumed epoch: once
+        with open(path + ".tmp", "w") as f:
+            f.write("".join(l + "\n" for l in lines + [json.dumps(stats)]))
+        os.replace(path + ".tmp", path)
 
 
 def versions():
@@ -942,15 +1047,6 @@ def versions():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
             "python": sys.version.split()[0], "device": device, "git": git}
-
-
-def log_stats(output_dir, epoch, train=None, test=None):
-    """Append {'epoch', 'train_*', 'test_*'} as one JSON line to output_dir/log.txt (rank 0)."""
-    stats = {"epoch": epoch, **{f"train_{k}": v for k, v in (train or {}).items()},
-             **{f"test_{k}": v for k, v in (test or {}).items()}}
-    if is_main_process():
-        with open(os.path.join(output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(stats) + "\n")
 
 
 class Meter:

@@ -40,6 +40,8 @@ def get_args_parser():
     p.add_argument("--weights", required=False, default="", type=str,
                    help="checkpoint / exported backbone / foreign file, hub:<timm name>, or 'random' (smoke tests)")
     p.add_argument("--checkpoint_key", default=None, type=str, help="top-level key of the file to load (default: auto)")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="load files that hold Python objects beyond tensors (full unpickling runs code from the file)")
     p.add_argument("--arch", default=None, type=str,
                    help="timm name or alias; optional for checkpoints and exported backbones of this repository")
     p.add_argument("--patch_size", default=None, type=int, help="override the architecture's patch size")
@@ -100,11 +102,19 @@ def main(args):
         model = build_backbone(args).to(device).eval()
         if not hasattr(model, "blocks") and specs != [dict(n_last_blocks=1, avgpool=False)]:
             common.fail("--n_last_blocks / --avgpool_patchtokens / --layers need a ViT backbone")
+        depth = len(getattr(model, "blocks", [None]))
+        if not 1 <= args.n_last_blocks <= depth or any(not -depth <= l < depth for l in args.layers):
+            common.fail(f"the backbone has {depth} blocks: --n_last_blocks must be in [1, {depth}] and --layers in "
+                        f"[{-depth}, {depth - 1}] (got {args.n_last_blocks} and {args.layers})")
+        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            common.fail(f"{args.weights} holds non-finite weights ({', '.join(bad[:4])}): nothing to evaluate")
         stats = (tuple(model.model_config["mean"]), tuple(model.model_config["std"]))  # the backbone's own
         common.print0(f"| input normalisation: mean {stats[0]} std {stats[1]}")
         transform = common.build_transform(args, is_train=False, stats=stats)
         train_set = common.build_dataset(args, "train", transform)
         val_set = common.build_dataset(args, "val", transform)
+        common.start_run(args, "eval_knn_linear.py")  # output_dir writable, before the extraction
         cache = {"specs": specs, "weights": args.weights,
                  "num_classes": len(getattr(train_set, "classes", [])) or 10}
         for split, ds in (("train", train_set), ("val", val_set)):

@@ -109,9 +109,9 @@ def main(args):
     schedule = common.lr_schedule(lr, args.min_lr, total, args.warmup_epochs * len(loader))
     start_epoch = 0
     if ckpt is not None:
-        trainable.load_state_dict(ckpt["trainable"])
+        common.load_state(trainable, ckpt["trainable"], ckpt["_source"])
         if teacher is not None:
-            teacher.load_state_dict(ckpt["teacher_full"])
+            common.load_state(teacher, ckpt["teacher_full"], ckpt["_source"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"]
@@ -119,20 +119,21 @@ def main(args):
                   f"pred loss {args.pred_loss and args.framework != 'simclr'}")
 
     # ---------------- training ----------------
+    common.start_run(args, "sdssl.py")
     knn = {}
     for epoch in range(start_epoch, args.epochs):
         common.seed_everything(args.seed, epoch)
         loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(student_ddp, heads_ddp, teacher, taps, mid, loader, optimizer, scaler, schedule,
                                       total, epoch, device, args)
+        knn = {}  # logged only where measured
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             knn = common.knn_monitor(teacher["backbone"] if teacher is not None else student, args, device)
             common.print0(f"| epoch {epoch}: k-NN top-1 {knn['knn_acc1']:.2f}")
-        common.log_stats(args.output_dir, epoch, train_stats, knn)
         state = {"teacher": teacher["backbone"].state_dict(), "teacher_full": teacher.state_dict()} if teacher is not None else {}
-        common.save_checkpoint(args.output_dir, "sdssl.py", args, epoch + 1, args.save_every, model=student.state_dict(),
-                               trainable=trainable.state_dict(), optimizer=optimizer.state_dict(),
-                               scaler=scaler.state_dict(), model_config=student.model_config, **state)
+        common.end_epoch(args.output_dir, "sdssl.py", args, epoch, train_stats, knn, args.save_every, model=student.state_dict(),
+                         trainable=trainable.state_dict(), optimizer=optimizer.state_dict(),
+                         scaler=scaler.state_dict(), model_config=student.model_config, **state)
     taps.close()
     common.export_backbone(student, os.path.join(args.output_dir, "student_backbone.pth"))
     return student, teacher, knn

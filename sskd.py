@@ -138,29 +138,33 @@ def main(args):
     scaler = common.grad_scaler(device, args.amp)
     start_epoch = 0
     if ckpt is not None:
-        trainable.load_state_dict(ckpt["trainable"])
+        common.load_state(trainable, ckpt["trainable"], ckpt["_source"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"]
 
     # ---------------- training ----------------
+    common.start_run(args, "sskd.py")
     stats = {}
     for epoch in range(start_epoch, epochs):
         common.seed_everything(args.seed, epoch)
         loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(student_ddp, s_ss_ddp, teacher, t_ss, loader, optimizer, scaler, schedule, epoch,
                                       device, args)
+        stats = {}  # logged only where measured
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
             stats = ss_accuracy(teacher, t_ss, val_loader, device, args) if teacher_ss else \
                 common.evaluate(student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in stats.items()))
-        common.log_stats(args.output_dir, epoch, train_stats, stats)
         state = {"model": (teacher if teacher_ss else student).state_dict(),
                  "model_config": (teacher if teacher_ss else student).model_config}
         if teacher_ss:
             state["ss_head"] = t_ss.state_dict()
-        common.save_checkpoint(args.output_dir, "sskd.py", args, epoch + 1, args.save_every, trainable=trainable.state_dict(),
-                               optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **state)
+        common.end_epoch(args.output_dir, "sskd.py", args, epoch, train_stats, stats, args.save_every,
+                         trainable=trainable.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **state)
+    if not stats:  # every epoch had already run (a finished run resumed)
+        stats = ss_accuracy(teacher, t_ss, val_loader, device, args) if teacher_ss else \
+            common.evaluate(student, val_loader, device, args.amp)
     if teacher_ss:
         common.print0(f"| teacher's contrastive-prediction accuracy {stats.get('ss_acc1', float('nan')):.2f}% "
                       f"(the paper: about 50% for vgg13); pass {os.path.join(args.output_dir, 'checkpoint.pth')} "

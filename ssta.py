@@ -94,6 +94,9 @@ def main(args):
     if use_ta and args.head_mode == "imp" and not args.heads_ta and not (args.ta_probe or args.ta_supervised):
         common.fail("choosing the assistant's heads needs its classifier: --ta_probe (or --ta_supervised, or --heads_ta)")
     early = args.epochs // 3 if args.early_stop_epoch is None else args.early_stop_epoch
+    if early < 1:
+        common.fail(f"the distillation would be empty: it stops at epoch {early} (--early_stop_epoch, default a third of "
+                    f"--epochs {args.epochs}); give --early_stop_epoch >= 1 or more --epochs")
     ckpt = common.prepare_output_dir(args, "ssta.py")
     start_epoch = ckpt["epoch"] if ckpt is not None else 0
     common.seed_everything(args.seed)
@@ -115,23 +118,31 @@ def main(args):
     if not (use_teacher and use_ta):
         teacher_head = ta_head = 0  # a single teacher teaches head 0
     teachers = {}
-    if start_epoch < early:  # teachers are needed only before the early stop (not when resuming after it)
-        if use_teacher:
-            teachers["teacher"] = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats,
-                                                       args.teacher_mean, args.teacher_std, num_classes=num_classes,
-                                                       img_size=args.input_size).to(device)
-        if use_ta:
-            teachers["ta"] = common.build_teacher(args.ta, args.ta_weights, args.ta_key, stats, args.ta_mean, args.ta_std,
-                                                  label="ta", img_size=args.input_size,
-                                                  num_classes=num_classes if args.ta_supervised else 0).to(device)
-        for name, t in teachers.items():
+    # built and checked at the start of every run, except a run resumed after the early stop, which needs none
+    if use_teacher and start_epoch < early:
+        teachers["teacher"] = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats,
+                                                   args.teacher_mean, args.teacher_std, num_classes=num_classes,
+                                                   img_size=args.input_size).to(device)
+    if use_ta and start_epoch < early:
+        teachers["ta"] = common.build_teacher(args.ta, args.ta_weights, args.ta_key, stats, args.ta_mean, args.ta_std,
+                                              label="ta", img_size=args.input_size,
+                                              num_classes=num_classes if args.ta_supervised else 0).to(device)
+    for name, t in teachers.items():
+        if not hasattr(t, "blocks") and (name == "ta" or args.teacher_loss != "lkd"):
+            common.fail(f"the {name} is a {type(t).__name__}: head-level losses need a ViT (a CNN teacher works "
+                        "with --teacher_loss lkd)")
+        if hasattr(t, "blocks"):
             layers[name] = resolve_layers(args.distill_layers, t, name)
             check_tokens(student, t, name)
+    if "ta" in teachers and args.head_mode == "imp" and not args.heads_ta and not args.ta_supervised:
+        teacher_classifier(args, "ta", teachers["ta"], device)  # a bad --ta_probe: an error now, not after selection
 
     # ---------------- head selection (cached in output_dir/heads.json) ----------------
+    common.start_run(args, "ssta.py")  # every check has passed: output_dir is written from here on
     heads = {}
     if teachers:
-        heads = select_heads(args, teachers, {n: layers[n] for n in teachers}, train_set, device)
+        attending = {n: t for n, t in teachers.items() if n == "ta" or args.teacher_loss == "head"}  # maps read
+        heads = select_heads(args, attending, {n: layers[n] for n in attending}, train_set, device)
         if args.select_only:
             return heads
     student_ddp = DistributedDataParallel(student) if common.get_world_size() > 1 else student
@@ -141,7 +152,7 @@ def main(args):
     optimizer = torch.optim.AdamW(common.param_groups(student, args.weight_decay), lr=lr)
     scaler = common.grad_scaler(device, args.amp)
     if ckpt is not None:
-        student.load_state_dict(ckpt["model"])
+        common.load_state(student, ckpt["model"], ckpt["_source"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
     schedule = common.lr_schedule(lr, args.min_lr, args.epochs * len(loader), args.warmup_epochs * len(loader),
@@ -155,7 +166,7 @@ def main(args):
         maps["student"] = any(maps[n] for n in teachers)
         tokens = {"teacher": args.teacher_loss == "at", "ta": False, "student": args.teacher_loss == "at" and "teacher" in teachers}
         taps = {n: common.ViTTaps(m, attn=layers[n] if maps[n] else (), blocks=layers[n] if tokens[n] else ())
-                for n, m in (("student", student), *teachers.items())}
+                for n, m in (("student", student), *teachers.items()) if n in layers}  # a CNN teacher (lkd): no taps
     plan = dict(layers=layers, heads=heads, student_heads={"teacher": teacher_head, "ta": ta_head},
                 weights={"teacher": args.beta, "ta": args.lambda_ta})
 
@@ -172,13 +183,13 @@ def main(args):
         loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(student_ddp, teachers, taps, plan, loader, criterion, mixup, optimizer,
                                       scaler, schedule, epoch, device, args)
+        test_stats = {}  # logged only where measured
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             test_stats = common.evaluate(student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: top-1 {test_stats['acc1']:.2f}  top-5 {test_stats['acc5']:.2f}")
-        common.log_stats(args.output_dir, epoch, train_stats, test_stats)
-        common.save_checkpoint(args.output_dir, "ssta.py", args, epoch + 1, args.save_every,
-                               model=student.state_dict(), optimizer=optimizer.state_dict(),
-                               scaler=scaler.state_dict(), model_config=student.model_config)
+        common.end_epoch(args.output_dir, "ssta.py", args, epoch, train_stats, test_stats, args.save_every,
+                         model=student.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                         model_config=student.model_config)
     for t in taps.values():
         t.close()
     common.export_backbone(student, os.path.join(args.output_dir, "student_backbone.pth"))

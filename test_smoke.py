@@ -85,6 +85,7 @@ def toy_main(args):
         start = ckpt["epoch"]
     scaler = common.grad_scaler(device, args.amp)
     steps = len(loader)
+    common.start_run(args, "toy")
     for epoch in range(start, args.epochs):
         if args.stop_after and epoch >= args.stop_after:
             return
@@ -104,9 +105,8 @@ def toy_main(args):
             common.optimizer_step(loss, opt, scaler, model.parameters(), args.clip_grad)
         stats = common.evaluate(model, val_loader, device, args.amp)
         train = common.reduce_metrics(meter.averages(), device)
-        common.log_stats(args.output_dir, epoch, train, stats)
-        common.save_checkpoint(args.output_dir, "toy", args, epoch + 1, model=model.state_dict(),
-                               optimizer=opt.state_dict(), model_config=model.model_config)
+        common.end_epoch(args.output_dir, "toy", args, epoch, train, stats, model=model.state_dict(),
+                         optimizer=opt.state_dict(), model_config=model.model_config)
     common.export_backbone(model, os.path.join(args.output_dir, "student_backbone.pth"))
     return model
 
@@ -329,7 +329,7 @@ def test_load_weights_errors(tmp_path):
     with pytest.raises(common.UserError, match="checkpoint not found: .*never downloaded"):
         common.load_weights(m, str(tmp_path / "nope.pth"))
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(common.UserError, match="cannot read checkpoint"):
+    with pytest.raises(common.UserError, match="bad.pth is not a PyTorch checkpoint"):
         common.load_weights(m, str(tmp_path / "bad.pth"))
     deeper = common.create_model("deit_tiny", **{**TINY, "depth": 4}).state_dict()
     torch.save(deeper, tmp_path / "deeper.pth")
@@ -671,17 +671,17 @@ TINY_RECIPE = ["--dataset", "synthetic", "--input_size", "32", "--num_workers", 
 
 
 def crash_after_first_checkpoint(monkeypatch, run):
-    """Call run() with common.save_checkpoint raising KeyboardInterrupt right after its first write."""
-    save = common.save_checkpoint
+    """Call run() with common.end_epoch raising KeyboardInterrupt right after its first write."""
+    save = common.end_epoch
 
     def crash(*a, **kw):
         save(*a, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "save_checkpoint", crash)
+    monkeypatch.setattr(common, "end_epoch", crash)
     with pytest.raises(KeyboardInterrupt):
         run()
-    monkeypatch.setattr(common, "save_checkpoint", save)
+    monkeypatch.setattr(common, "end_epoch", save)
 
 
 def run_vitkd(out, *extra):
@@ -970,19 +970,19 @@ def test_ssta_end_to_end_early_stop_and_resume(tmp_path, supervised_run, ta_prob
     log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
     assert "train_teacher" in log[1] and "train_ta" in log[1] and "train_teacher" not in log[2]
     # crash after the early stop, then resume with the teacher files gone: no teacher is needed any more
-    save = common.save_checkpoint
+    save = common.end_epoch
 
     def crash_at_3(*a, **kw):
         save(*a, **kw)
-        if a[3] == 3:
+        if a[3] == 2:  # after epoch 2 (0-based) is saved: the next to run is 3
             raise KeyboardInterrupt
 
     flags = [*teachers, "--epochs", "4", "--early_stop_epoch", "2", "--synthetic_size", "128", "--selection_images", "32"]
     straight, _ = run_ssta(tmp_path / "a", *flags)
-    monkeypatch.setattr(common, "save_checkpoint", crash_at_3)
+    monkeypatch.setattr(common, "end_epoch", crash_at_3)
     with pytest.raises(KeyboardInterrupt):
         run_ssta(tmp_path / "b", *flags)
-    monkeypatch.setattr(common, "save_checkpoint", save)
+    monkeypatch.setattr(common, "end_epoch", save)
     forwards.clear()
     with monkeypatch.context() as mp:
         mp.setattr(common, "build_teacher", lambda *a, **kw: pytest.fail("a teacher was built after the early stop"))

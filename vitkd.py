@@ -135,9 +135,9 @@ def main(args):
     scaler = common.grad_scaler(device, args.amp)
     start_epoch = 0
     if ckpt is not None:
-        student.load_state_dict(ckpt["model"])
+        common.load_state(student, ckpt["model"], ckpt["_source"])
         if vitkd is not None:
-            vitkd.load_state_dict(ckpt["vitkd"])
+            common.load_state(vitkd, ckpt["vitkd"], ckpt["_source"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch = ckpt["epoch"]
@@ -152,6 +152,7 @@ def main(args):
                        common.ViTTaps(m, blocks=[-1], norm=True)) for name, m in (("student", student), ("teacher", teacher))}
 
     # ---------------- training ----------------
+    common.start_run(args, "vitkd.py")
     common.print0(f"| training {args.epochs - start_epoch} epochs of {len(loader)} iterations")
     test_stats = {}
     for epoch in range(start_epoch, args.epochs):
@@ -159,14 +160,13 @@ def main(args):
         loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(student_ddp, teacher, vitkd_ddp, taps, loader, criterion, mixup, optimizer,
                                       scaler, schedule, epoch, device, args)
+        test_stats = {}  # logged only where measured
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             test_stats = common.evaluate(student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: top-1 {test_stats['acc1']:.2f}  top-5 {test_stats['acc5']:.2f}")
-        common.log_stats(args.output_dir, epoch, train_stats, test_stats)
-        common.save_checkpoint(args.output_dir, "vitkd.py", args, epoch + 1, args.save_every,
-                               model=student.state_dict(), **({"vitkd": vitkd.state_dict()} if vitkd is not None else {}),
-                               optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                               model_config=student.model_config)
+        common.end_epoch(args.output_dir, "vitkd.py", args, epoch, train_stats, test_stats, args.save_every,
+                         model=student.state_dict(), **({"vitkd": vitkd.state_dict()} if vitkd is not None else {}),
+                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), model_config=student.model_config)
     for pair in (taps or {}).values():
         for t in pair:
             t.close()
