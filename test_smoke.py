@@ -875,6 +875,130 @@ def test_vitkd_bad_input(tmp_path, supervised_run):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y" / "checkpoint.pth").exists()
 
 
+class UnsafeThing:
+    """A pickled object that weights_only loading refuses (its class would have to be imported and run)."""
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_bad_input_is_refused_before_any_work_from_the_command_line(tmp_path, supervised_run):
+    """Each case through the real command line: exit 2, exactly one stderr line 'error: ...', no traceback, and a
+    pre-existing run folder byte for byte as it was (a fresh --output_dir: not created). The subprocesses run
+    three at a time (each mostly imports torch)."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(supervised_run, run)
+    (tmp_path / "notes.txt").write_text("hello\n" * 10)
+    (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 4)
+    torch.save({"model": tiny_vit(num_classes=0).state_dict(), "extra": UnsafeThing()}, tmp_path / "unsafe.pth")
+    torch.save(tiny_vit(num_classes=0).state_dict(), tmp_path / "plain.pth")
+    for cls in ("a", "b"):
+        os.makedirs(tmp_path / "imgs" / "train" / cls)
+        (tmp_path / "imgs" / "train" / cls / "0.jpg").write_text("not an image")
+    os.makedirs(tmp_path / "imgs" / "val")
+    shutil.copytree(tmp_path / "imgs" / "train", tmp_path / "imgs" / "val", dirs_exist_ok=True)
+    ckpt, backbone, fresh = str(run / "checkpoint.pth"), str(run / "student_backbone.pth"), str(tmp_path / "fresh")
+    tiny = TINY_RECIPE + ["--synthetic_size", "64", "--epochs", "1"]
+    evalf = ["--dataset", "synthetic", "--input_size", "32", "--num_workers", "0", "--output_dir", fresh]
+    cases = {  # name: (script, argv, what the one error line must say)
+        "ssta empty distillation": ("ssta.py", tiny + ["--epochs", "2", "--teacher_weights", "gone.pth", "--output_dir", str(run)],
+                                    "distillation would be empty"),
+        "ssta missing teacher": ("ssta.py", tiny + ["--epochs", "3", "--teacher_weights", "gone.pth", "--distill_layers", "-1",
+                                                 "--output_dir", fresh],
+                                 "checkpoint not found: gone.pth"),
+        "ssta bad probe": ("ssta.py", tiny + ["--epochs", "3", "--ta_weights", backbone, "--ta_probe", str(tmp_path / "plain.pth"),
+                                               "--distill_layers", "-1", "--output_dir", fresh], "neither a probe"),
+        "ssta CNN teacher": ("ssta.py", tiny + ["--epochs", "3", "--teacher", "resnet18", "--teacher_weights", "random",
+                                                 "--distill_layers", "-1", "--output_dir", fresh], "head-level losses need a ViT"),
+        "misspelled tag": ("vitkd.py", tiny + ["--teacher", "vit_small_patch16_224.dinoo", "--teacher_weights", "random",
+                                                "--output_dir", fresh], "unknown tag 'dinoo' for vit_small_patch16_224; its tags:"),
+        "misspelled hub tag": ("eval_knn_linear.py", evalf + ["--weights", "hub:vit_small_patch16_224.dinoo"], "unknown tag 'dinoo'"),
+        "input not a multiple of the patch": ("vitkd.py", tiny + ["--input_size", "36", "--output_dir", fresh], "not a multiple"),
+        "patch size 0": ("attn_distill.py", AD_TINY + ["--teacher_weights", backbone, "--patch_size", "0", "--output_dir", fresh],
+                         "--patch_size must be a positive integer"),
+        "input smaller than a patch": ("sskd.py", ["--dataset", "synthetic", "--input_size", "4", "--patch_size", "8",
+                                                    "--output_dir", fresh], "not a multiple"),
+        "depth 0": ("sdssl.py", SD_TINY + ["--depth", "0", "--output_dir", fresh], "--depth must be a positive integer"),
+        "epochs 0": ("vitkd.py", TINY_RECIPE + ["--epochs", "0", "--output_dir", str(run)], "--epochs must be at least 1"),
+        "sskd epochs -1": ("sskd.py", ["--dataset", "synthetic", "--epochs", "-1", "--output_dir", fresh], "--epochs must be at least 1"),
+        "resume hint, other architecture": ("vitkd.py", TINY_RECIPE + ["--epochs", "9", "--depth", "3", "--resume", ckpt,
+                                                                       "--output_dir", str(run)], "does not match the model"),
+        "resume file of the wrong kind": ("vitkd.py", tiny + ["--resume", str(tmp_path / "plain.pth"), "--output_dir", str(run)],
+                                          "not a training checkpoint of this repository"),
+        "non-finite after an epoch": ("vitkd.py", TINY_RECIPE + ["--synthetic_size", "1024", "--epochs", "9", "--lr", "1e38",
+                                                                 "--resume", ckpt, "--output_dir", str(run)], "non-finite"),
+        "unwritable output_dir": ("vitkd.py", tiny + ["--output_dir", "/proc/self/no/run"], "is not writable"),
+        "unsafe checkpoint": ("eval_knn_linear.py", evalf + ["--arch", "deit_tiny", "--weights", str(tmp_path / "unsafe.pth")],
+                              "test_smoke.UnsafeThing"),
+        "text file as weights": ("eval_knn_linear.py", evalf + ["--arch", "deit_tiny", "--weights", str(tmp_path / "notes.txt")],
+                                 "is not a PyTorch checkpoint"),
+        "random bytes as weights": ("attn_distill.py", AD_TINY + ["--teacher", "deit_tiny", "--teacher_weights",
+                                                                  str(tmp_path / "noise.pth"), "--output_dir", fresh],
+                                    "is not a PyTorch checkpoint"),
+        "n_last_blocks beyond depth": ("eval_knn_linear.py", evalf + ["--weights", backbone, "--n_last_blocks", "4"], "2 blocks"),
+        "layers beyond depth": ("eval_knn_linear.py", evalf + ["--weights", backbone, "--layers", "5"], "2 blocks"),
+        "misspelled randaug": ("vitkd.py", tiny + ["--randaug", "rand-m9-mstdd0.5", "--output_dir", fresh], "--randaug"),
+        "unreadable image (worker)": ("eval_knn_linear.py", ["--arch", "deit_tiny", "--weights", "random", "--patch_size", "8",
+                                                             "--input_size", "32", "--data_path", str(tmp_path / "imgs"),
+                                                             "--num_workers", "1", "--output_dir", str(tmp_path / "e")],
+                                      f"cannot read image {tmp_path / 'imgs' / 'train' / 'a' / '0.jpg'}"),
+    }
+    before = snapshot(run)
+    # two driver processes (one per core) each import torch once and run their share of the cases as
+    # `python script.py ARGS` would (runpy as __main__, sys.argv set), recording exit code and stderr
+    driver = """
+import contextlib, io, json, runpy, sys
+out = []
+for script, argv in json.loads(sys.argv[1]):
+    err, code = io.StringIO(), 0
+    sys.argv = [script, *argv]
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+    out.append([code, err.getvalue()])
+print(json.dumps(out))
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    names = list(cases)
+    shares = [names[0::2], names[1::2]]
+    procs = [subprocess.Popen([sys.executable, "-c", driver, json.dumps([cases[n][:2] for n in share])], cwd=HERE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env) for share in shares]
+    results = {}
+    for share, p in zip(shares, procs):
+        out = p.communicate(timeout=600)[0]
+        results.update({n: argparse.Namespace(returncode=c, stderr=e)
+                        for n, (c, e) in zip(share, json.loads(out.strip().splitlines()[-1]))})
+    for case, r in results.items():
+        lines = r.stderr.strip().splitlines()
+        errors = [l for l in lines if l.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, (case, r.returncode, r.stderr[-2000:])
+        assert cases[case][2] in errors[0], (case, errors[0])
+    assert snapshot(run) == before and not os.path.exists(fresh)
+
+
+def test_stale_temp_file_and_log_after_a_killed_checkpoint_write(tmp_path, supervised_run):
+    """A kill during a checkpoint write leaves checkpoint.pth.tmpPID and, after its resumption, the epoch would be
+    logged twice: the resumed run removes the temp file and log.txt holds every epoch once."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(supervised_run, run)
+    (run / "checkpoint.pth.tmp4242").write_bytes(b"half a checkpoint")
+    with open(run / "log.txt", "a") as f:  # the line of an epoch whose checkpoint never landed
+        f.write(json.dumps({"epoch": 8, "train_loss": 1.0}) + "\n")
+    run_vitkd(run, "--epochs", "9", "--synthetic_size", "1024", "--resume", str(run / "checkpoint.pth"))
+    assert not (run / "checkpoint.pth.tmp4242").exists()
+    epochs = [json.loads(l)["epoch"] for l in (run / "log.txt").read_text().splitlines()]
+    assert epochs == list(range(9))
+
+
 # ---------------------------------------------------------------------------------------------
 # ssta.py
 # ---------------------------------------------------------------------------------------------
