@@ -898,6 +898,16 @@ def kd_loss(logits_s, logits_t, temperature):
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
+def token_loss(dist_logits, teacher_logits, kind="hard", temperature=1.0):
+    """DeiT's loss of the distillation token's head. hard: cross-entropy to the teacher's argmax. soft: KL(softmax(t / T)
+    || softmax(s / T)) summed and divided by the number of logits (B x C), times T^2, as DeiT's code normalises it."""
+    s, t = dist_logits.float(), teacher_logits.float().detach()
+    if kind == "hard":
+        return F.cross_entropy(s, t.argmax(1))
+    kl = F.kl_div((s / temperature).log_softmax(1), (t / temperature).log_softmax(1), reduction="sum", log_target=True)
+    return kl * temperature ** 2 / s.numel()
+
+
 def accuracy(logits, target, topk=(1, 5)):
     """Number of correct predictions for each k (sums, not percentages)."""
     maxk = min(max(topk), logits.shape[1])

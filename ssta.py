@@ -75,7 +75,14 @@ def get_args_parser():
     g.add_argument("--kl", default="forward", choices=["forward", "reverse"], help="KL(teacher || student) or the reverse")
     g.add_argument("--teacher_loss", default="head", choices=["head", "lkd", "at"],
                    help="the supervised teacher's loss: head-level (ours), logit KD or attention transfer (Table 6)")
-    g.add_argument("--kd_temperature", default=1.0, type=float, help="for --teacher_loss lkd")
+    g.add_argument("--kd_temperature", default=1.0, type=float, help="for --teacher_loss lkd and --distill_token soft")
+    g.add_argument("--distill_token", default="none", choices=["none", "hard", "soft"],
+                   help="Table 2's distilled rows: the student (timm deit_*_distilled_*) also learns from --token_teacher "
+                        "through its distillation token (DeiT); its maps drop that token before the head-level losses")
+    g.add_argument("--token_teacher", default=None, type=str, help="the token's teacher (a CNN or any classifier)")
+    g.add_argument("--token_teacher_weights", default="", type=str, help="file, hub:NAME or 'random'")
+    g.add_argument("--token_teacher_key", default=None, type=str)
+    g.add_argument("--token_weight", default=0.5, type=float, help="DeiT's alpha between the class and distillation heads")
     g.add_argument("--selection_images", default=10000, type=int, help="held-out training images for head selection")
     g.add_argument("--selection_batch_size", default=64, type=int)
     g.add_argument("--select_only", action="store_true", help="select the heads, write heads.json, stop")
@@ -91,6 +98,8 @@ def main(args):
     if not (use_teacher or use_ta):
         common.fail("no teacher: give --teacher_weights and/or --ta_weights (with --beta / --lambda_ta > 0); "
                     "for the plain baseline use vitkd.py without a teacher")
+    if (args.distill_token != "none") != bool(args.token_teacher_weights):
+        common.fail("--distill_token and --token_teacher_weights go together (the token's teacher)")
     if use_ta and args.head_mode == "imp" and not args.heads_ta and not (args.ta_probe or args.ta_supervised):
         common.fail("choosing the assistant's heads needs its classifier: --ta_probe (or --ta_supervised, or --heads_ta)")
     early = args.epochs // 3 if args.early_stop_epoch is None else args.early_stop_epoch
@@ -111,6 +120,13 @@ def main(args):
     student = common.create_model(args.student, num_classes=num_classes, img_size=args.input_size,
                                   patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim,
                                   num_heads=args.num_heads, drop_path_rate=args.drop_path, mean=stats[0], std=stats[1]).to(device)
+    token_teacher = None
+    if args.distill_token != "none":
+        if not hasattr(student, "set_distilled_training"):
+            common.fail(f"--distill_token needs a student with a distillation token (timm deit_*_distilled_*), not {args.student}")
+        student.set_distilled_training(True)  # training: (class head, distillation head) logits; eval: their mean
+        token_teacher = common.build_teacher(args.token_teacher, args.token_teacher_weights, args.token_teacher_key, stats,
+                                             label="token_teacher", num_classes=num_classes, img_size=args.input_size).to(device)
     layers = {"student": resolve_layers(args.distill_layers, student, "student")}
     teacher_head, ta_head = (0, 1) if args.assignment == "eq" else (1, 0)
     if student.blocks[0].attn.num_heads < (2 if use_teacher and use_ta else 1):
@@ -181,7 +197,7 @@ def main(args):
             common.print0(f"| early stop of the distillation at epoch {epoch}")
         common.seed_everything(args.seed, epoch)
         loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(student_ddp, teachers, taps, plan, loader, criterion, mixup, optimizer,
+        train_stats = train_one_epoch(student_ddp, teachers, token_teacher, taps, plan, loader, criterion, mixup, optimizer,
                                       scaler, schedule, epoch, device, args)
         test_stats = {}  # logged only where measured
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -199,8 +215,8 @@ def main(args):
     return student, test_stats
 
 
-def train_one_epoch(student, teachers, taps, plan, loader, criterion, mixup, optimizer, scaler, schedule, epoch,
-                    device, args):
+def train_one_epoch(student, teachers, token_teacher, taps, plan, loader, criterion, mixup, optimizer, scaler, schedule,
+                    epoch, device, args):
     student.train()
     meter = common.Meter()
     steps = len(loader)
@@ -211,9 +227,16 @@ def train_one_epoch(student, teachers, taps, plan, loader, criterion, mixup, opt
             with torch.no_grad():  # all three networks see the same (mixed) batch
                 for name, t in teachers.items():
                     t_out[name] = t(images) if name == "teacher" and args.teacher_loss == "lkd" else t.forward_features(images)
+                token_logits = token_teacher(images) if token_teacher is not None else None  # all training long
             # the taps fill taps[name].attn[block] (B x H x N x N maps) and .tokens[block] during these forwards
             logits = student(images)
-            losses = {"ce": args.alpha * criterion(logits, target)}
+            if token_teacher is not None:  # DeiT: the class head learns the labels, the distillation head the teacher
+                logits, dist_logits = logits
+            w_ce = args.alpha * (1 - args.token_weight if token_teacher is not None else 1)
+            losses = {"ce": w_ce * criterion(logits, target)}
+            if token_teacher is not None:
+                losses["token"] = args.token_weight * common.token_loss(dist_logits, token_logits, args.distill_token,
+                                                                        args.kd_temperature)
             for name in teachers:
                 w = plan["weights"][name]
                 if name == "teacher" and args.teacher_loss == "lkd":
@@ -224,8 +247,8 @@ def train_one_epoch(student, teachers, taps, plan, loader, criterion, mixup, opt
                     if name == "teacher" and args.teacher_loss == "at":
                         terms = [attention_transfer(s_taps.tokens[ls], taps[name].tokens[lt], npt) for ls, lt in pairs]
                     else:
-                        terms = [attention_kd_loss(s_taps.attn[ls][:, plan["student_heads"][name]],
-                                                   teacher_map(taps[name], lt, plan["heads"][name][i], npt),
+                        terms = [attention_kd_loss(cls_and_patches(s_taps.attn[ls][:, plan["student_heads"][name]], npt),
+                                                   teacher_map(taps[name], lt, plan["heads"][name][i]),
                                                    reverse=args.kl == "reverse") for i, (ls, lt) in enumerate(pairs)]
                     losses[name] = w * sum(terms)
             loss = sum(losses.values())
@@ -247,17 +270,20 @@ def attention_kd_loss(student_attn, teacher_attn, reverse=False, eps=1e-8):
     return (p * (p.log() - q.log())).sum(-1).mean()
 
 
-def teacher_map(taps, layer, head, student_npt):
-    """The teacher's target map in `layer`: one head (an int) or the mean of all heads ('avg'), with a
-    distillation token the student does not have dropped (row and column) and the rows renormalised."""
+def teacher_map(taps, layer, head):
+    """The teacher's target map in `layer`: one head (an int) or the mean of all heads ('avg'), over CLS and patches."""
     a = taps.attn[layer]
-    a = a.mean(1) if head == "avg" else a[:, head]
-    extra = taps.num_prefix_tokens - student_npt
-    if extra > 0:  # DeiT-distilled teacher: prefix = [CLS, dist]; keep CLS and the patches
-        keep = torch.cat([torch.arange(student_npt), torch.arange(taps.num_prefix_tokens, a.shape[-1])]).to(a.device)
-        a = a[:, keep][:, :, keep]
-        a = a / a.sum(-1, keepdim=True)
-    return a
+    return cls_and_patches(a.mean(1) if head == "avg" else a[:, head], taps.num_prefix_tokens)
+
+
+def cls_and_patches(a, num_prefix_tokens):
+    """B x N x N maps -> B x (1 + P) x (1 + P): prefix tokens other than CLS (DeiT's distillation token, registers)
+    dropped, rows and columns, and the rows renormalised (METHODS 2.3), so that every network's maps compare."""
+    if num_prefix_tokens == 1:
+        return a
+    keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(num_prefix_tokens, a.shape[-1])]).to(a.device)
+    a = a[:, keep][:, :, keep]
+    return a / a.sum(-1, keepdim=True)
 
 
 def attention_transfer(s_tokens, t_tokens, npt):
@@ -435,8 +461,7 @@ def resolve_layers(layers, model, name):
 
 def check_tokens(student, teacher, name):
     s_grid, t_grid = tuple(student.patch_embed.grid_size), tuple(teacher.patch_embed.grid_size)
-    extra = teacher.num_prefix_tokens - student.num_prefix_tokens
-    if s_grid != t_grid or extra not in (0, 1):
+    if s_grid != t_grid or getattr(teacher, "cls_token", None) is None:
         common.fail(f"student and {name} attention maps differ: patch grids {s_grid} vs {t_grid}, prefix tokens "
                     f"{student.num_prefix_tokens} vs {teacher.num_prefix_tokens} (same input size and patch size needed)")
 

@@ -484,6 +484,8 @@ def test_output_dir_is_never_overwritten(tmp_path):
         toy(tmp_path / "run", "--epochs", "1", "--synthetic_size", "64", "--blr", "1e-3")
     with pytest.raises(common.UserError, match="checkpoint.pth exists; use --resume auto"):
         toy(tmp_path / "run", "--epochs", "1", "--synthetic_size", "64", "--resume", "none")
+    with pytest.raises(common.UserError, match="num_workers: 0 -> 2"):  # the augmentation stream depends on it
+        toy(tmp_path / "run", "--epochs", "1", "--synthetic_size", "64", "--num_workers", "2")
     args = toy_parser().parse_args(["--output_dir", str(tmp_path / "run")])
     with pytest.raises(common.UserError, match="is a checkpoint of toy, not vitkd.py"):
         common.prepare_output_dir(args, "vitkd.py")
@@ -1013,10 +1015,14 @@ def test_attention_kd_loss_matches_a_hand_computation():
     assert ssta.attention_kd_loss(a, a).item() == pytest.approx(0.0, abs=1e-7)
     # a distillation token of the teacher is dropped (row and column) and the rows renormalised
     taps = argparse.Namespace(attn={4: torch.softmax(torch.randn(2, 3, 6, 6), -1)}, num_prefix_tokens=2)
-    m = ssta.teacher_map(taps, 4, 1, 1)
+    m = ssta.teacher_map(taps, 4, 1)
     keep = [0, 2, 3, 4, 5]
     want = taps.attn[4][:, 1][:, keep][:, :, keep]
     torch.testing.assert_close(m, want / want.sum(-1, keepdim=True))
+    # the same for a distilled student's own maps; one prefix token (CLS alone): unchanged
+    torch.testing.assert_close(ssta.cls_and_patches(taps.attn[4][:, 1], 2), want / want.sum(-1, keepdim=True))
+    one = taps.attn[4][:, 1]
+    assert ssta.cls_and_patches(one, 1) is one
 
 
 def decisive_teacher():
@@ -1539,6 +1545,107 @@ def test_attn_distill_learns_from_a_trained_teacher_that_gets_no_gradient(tmp_pa
         run_attn_distill(tmp_path / "e2")
     with pytest.raises(common.UserError, match="same patch grid"):
         run_attn_distill(tmp_path / "e3", "--teacher_weights", teacher_file, "--patch_size", "16", "--patch_align", "1")
+
+
+# ---------------------------------------------------------------------------------------------
+# DeiT's distillation token (vitkd.py, ssta.py)
+# ---------------------------------------------------------------------------------------------
+def test_token_losses_by_hand_and_the_heads_of_a_distilled_student():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]])
+    t = torch.tensor([[0.2, 3.0, 0.1], [2.0, 1.0, 1.5]])
+    hard = -(math.log(softmax_list(s[0].tolist())[1]) + math.log(softmax_list(s[1].tolist())[0])) / 2
+    assert common.token_loss(s, t, "hard").item() == pytest.approx(hard, rel=1e-6)
+    T = 2.0
+    kl = sum(pt * (math.log(pt) - math.log(ps)) for b in range(2)
+             for pt, ps in zip(softmax_list([v / T for v in t[b].tolist()]), softmax_list([v / T for v in s[b].tolist()])))
+    assert common.token_loss(s, t, "soft", T).item() == pytest.approx(kl * T * T / 6, rel=1e-5)  # DeiT: / (B x C)
+    # training: (class head, distillation head); evaluation: their mean; each head's gradient from its own term only
+    torch.manual_seed(0)
+    m = common.create_model("deit_tiny_distilled_patch16_224", num_classes=3, img_size=32, patch_size=8, depth=2, embed_dim=48)
+    m.set_distilled_training(True)
+    x = torch.randn(2, 3, 32, 32)
+    cls, dist = m(x)
+    torch.testing.assert_close(cls, m.head(m.forward_features(x)[:, 0]))
+    torch.testing.assert_close(m.eval()(x), (cls + dist) / 2)
+    m.train()
+    cls, dist = m(x)
+    common.token_loss(dist, t, "hard").backward(retain_graph=True)
+    assert m.head.weight.grad is None and m.head_dist.weight.grad.abs().sum() > 0
+    m.zero_grad(set_to_none=True)
+    F.cross_entropy(cls, torch.tensor([0, 1])).backward()
+    assert m.head_dist.weight.grad is None and m.head.weight.grad.abs().sum() > 0
+
+
+def test_vitkd_distillation_token_end_to_end_and_resume(tmp_path, supervised_run, monkeypatch):
+    flags = ["--student", "deit_tiny_distilled_patch16_224", "--distill_token", "hard", "--alpha_vitkd", "0",
+             "--beta_vitkd", "0", "--teacher_weights", str(supervised_run / "checkpoint.pth"), "--epochs", "2",
+             "--synthetic_size", "256"]
+    straight, stats = run_vitkd(tmp_path / "a", *flags)
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.txt").read_text().splitlines()]
+    assert all(k in log[-1] for k in ("train_token", "train_ce", "test_acc1_cls_head", "test_acc1_dist_head"))
+    crash_after_first_checkpoint(monkeypatch, lambda: run_vitkd(tmp_path / "b", *flags))
+    resumed, _ = run_vitkd(tmp_path / "b", *flags)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    # the export keeps both prefix tokens and loads into eval_knn_linear.py
+    backbone = eval_knn_linear.build_backbone(eval_knn_linear.get_args_parser().parse_args(
+        ["--weights", str(tmp_path / "a" / "student_backbone.pth"), "--dataset", "synthetic", "--input_size", "32"]))
+    assert backbone.num_prefix_tokens == 2 and torch.equal(backbone.dist_token, straight.dist_token)
+    with pytest.raises(common.UserError, match="needs a student with a distillation token"):
+        run_vitkd(tmp_path / "c", "--distill_token", "soft", "--alpha_vitkd", "0", "--beta_vitkd", "0",
+                  "--teacher_weights", str(supervised_run / "checkpoint.pth"))
+    with pytest.raises(common.UserError, match="leave --kd_weight at 0"):
+        run_vitkd(tmp_path / "d", *flags, "--kd_weight", "1")
+
+
+def test_ssta_with_a_distilled_student_drops_the_token_from_its_maps(tmp_path, supervised_run, ta_probe, monkeypatch):
+    shapes, kd = [], ssta.attention_kd_loss
+    monkeypatch.setattr(ssta, "attention_kd_loss", lambda s, t, **kw: shapes.append((s.shape, t.shape)) or kd(s, t, **kw))
+    teachers = ["--teacher_weights", str(supervised_run / "checkpoint.pth"), "--ta_weights",
+                str(supervised_run / "student_backbone.pth"), "--ta_probe", str(ta_probe), "--selection_images", "32"]
+    _, stats = run_ssta(tmp_path / "run", *teachers, "--student", "deit_tiny_distilled_patch16_224", "--distill_token", "hard",
+                        "--token_teacher_weights", str(supervised_run / "checkpoint.pth"), "--epochs", "3",
+                        "--synthetic_size", "128")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert all("train_token" in e for e in log) and "train_teacher" in log[0] and "train_teacher" not in log[-1]
+    # the student has CLS + distillation token + 16 patches; its maps keep CLS and the patches, like the teacher's
+    assert shapes and all(s == t == (32, 17, 17) for s, t in shapes)
+    assert math.isfinite(stats["acc1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/reproduce_cifar10.py
+# ---------------------------------------------------------------------------------------------
+def test_reproduce_cifar10_suite_end_to_end_and_resume(tmp_path):
+    """The reproduction suite at its `tiny` size (synthetic data, 1 epoch, every script and eval run in
+    the suite's own process through each script's __main__ and command line): its JSON has a finite
+    value per seed in every row of every paper, the teachers' accuracies, the markdown and the figure;
+    run again, it skips every finished run."""
+    import time
+    cmd = [sys.executable, "bench/reproduce_cifar10.py", "--profile", "tiny", "--runner", "inprocess",
+           "--out", str(tmp_path / "out"), "--results_dir", str(tmp_path / "results")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "results" / "cifar10_tiny.json").read_text())
+    assert {row["paper"] for row in res["rows"]} == {"vitkd", "ssta", "sskd", "attn_distill", "sdssl"}
+    assert res["runs_finished"] == res["runs_planned"] and res["seeds"] == [0]
+    for row in res["rows"]:
+        assert len(row["values"]) == 1 and all(v is not None and math.isfinite(v) for v in row["values"]), row
+        assert row["holds"] is None if not row["baselines"] else row["holds"] in (True, False), row
+    curves = [row["per_block"] for row in res["rows"] if row.get("per_block")]
+    assert len(curves) == 2 and all(len(c) == 2 for c in curves)  # SDSSL: plain and SD, one k-NN per block
+    assert {"teacher_vit", "teacher_vit_ss", "teacher_cnn", "teacher_cnn_ss", "teacher_ssl"} <= set(res["teachers"])
+    assert all(run["seconds"] and run["images_per_s"] for run in res["runs"].values())
+    assert (tmp_path / "results" / "cifar10_tiny.md").stat().st_size > 0
+    assert (tmp_path / "results" / "cifar10_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    stamp = (tmp_path / "out" / "tiny_synthetic" / "vitkd_alone_s0" / "checkpoint.pth").stat().st_mtime_ns
+    t = time.time()
+    again = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-2000:]
+    assert again.stdout.count("finished, skipped") == res["runs_planned"] and "| 0 run(s) executed" in again.stdout
+    assert time.time() - t < 15  # nothing is trained, nothing is imported beyond the standard library
+    assert (tmp_path / "out" / "tiny_synthetic" / "vitkd_alone_s0" / "checkpoint.pth").stat().st_mtime_ns == stamp
 
 
 if __name__ == "__main__":

@@ -72,6 +72,11 @@ def get_args_parser():
                    help="classic KD weight (0: off; the official ViTKD repository's KD: 0.5 with --ce_weight 0.5, T 1)")
     g.add_argument("--kd_temperature", default=1.0, type=float)
     g.add_argument("--ce_weight", default=1.0, type=float, help="weight of the cross-entropy with the labels")
+    g.add_argument("--distill_token", default="none", choices=["none", "hard", "soft"],
+                   help="DeiT's distillation token (student: a timm deit_*_distilled_* model): its head learns the "
+                        "teacher's argmax (hard) or its distribution at --kd_temperature (soft); the class head the labels")
+    g.add_argument("--token_weight", default=0.5, type=float,
+                   help="DeiT's alpha: (1 - alpha) x the class head's loss + alpha x the distillation head's")
     common.add_data_args(p)
     common.add_run_args(p)
     return p
@@ -80,12 +85,17 @@ def get_args_parser():
 def main(args):
     device = common.init_distributed()
     # ---------------- checks, before any work ----------------
-    logit_kd = args.nkd or args.kd_weight > 0
+    token = args.distill_token != "none"
+    logit_kd = args.nkd or args.kd_weight > 0 or token
     feature_kd = args.alpha_vitkd > 0 or args.beta_vitkd > 0
     if args.teacher_weights and not (logit_kd or feature_kd):
-        common.fail("a teacher is given but every distillation loss is off (--alpha_vitkd / --beta_vitkd / --nkd / --kd_weight)")
+        common.fail("a teacher is given but every distillation loss is off (--alpha_vitkd / --beta_vitkd / --nkd / "
+                    "--kd_weight / --distill_token)")
     if logit_kd and not args.teacher_weights:
-        common.fail("--nkd / --kd_weight need a teacher: --teacher_weights")
+        common.fail("--nkd / --kd_weight / --distill_token need a teacher: --teacher_weights")
+    if token and args.kd_weight > 0:
+        common.fail("--distill_token and --kd_weight both distil the teacher's logits: the token's head takes them, "
+                    "leave --kd_weight at 0")
     if args.teacher and not args.teacher_weights:
         common.fail(f"--teacher {args.teacher} needs --teacher_weights (a file, hub:NAME, or 'random' for smoke tests)")
     if not 0 < args.mask_ratio < 1:
@@ -103,6 +113,10 @@ def main(args):
     student = common.create_model(args.student, num_classes=num_classes, img_size=args.input_size,
                                   patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim,
                                   num_heads=args.num_heads, drop_path_rate=args.drop_path, mean=stats[0], std=stats[1]).to(device)
+    if token:
+        if not hasattr(student, "set_distilled_training"):
+            common.fail(f"--distill_token needs a student with a distillation token (timm deit_*_distilled_*), not {args.student}")
+        student.set_distilled_training(True)  # training: (class head, distillation head) logits; eval: their mean
     teacher = vitkd = None
     if args.teacher_weights:
         # the classifier is only needed (and then must match the data) for the logit losses
@@ -163,7 +177,9 @@ def main(args):
         test_stats = {}  # logged only where measured
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             test_stats = common.evaluate(student, val_loader, device, args.amp)
-            common.print0(f"| epoch {epoch}: top-1 {test_stats['acc1']:.2f}  top-5 {test_stats['acc5']:.2f}")
+            if token:  # the two heads alone as well (evaluation averages them, as timm's distilled models do)
+                test_stats.update(head_accuracies(student, val_loader, device, args.amp))
+            common.print0(f"| epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in test_stats.items() if k != "loss"))
         common.end_epoch(args.output_dir, "vitkd.py", args, epoch, train_stats, test_stats, args.save_every,
                          model=student.state_dict(), **({"vitkd": vitkd.state_dict()} if vitkd is not None else {}),
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), model_config=student.model_config)
@@ -186,14 +202,19 @@ def train_one_epoch(student, teacher, vitkd, taps, loader, criterion, mixup, opt
     meter = common.Meter()
     steps = len(loader)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    token = args.distill_token != "none"
     for it, lr, images, target in common.train_batches(loader, optimizer, schedule, epoch, device, mixup):
         hard = target.argmax(1) if target.dim() == 2 else target  # NKD's target class under Mixup / CutMix
         with common.autocast(device, args.amp):
             if teacher is not None:
                 with torch.no_grad():  # the teacher sees the same (mixed) batch
-                    t_out = teacher(images) if (args.nkd or args.kd_weight > 0) else teacher.forward_features(images)
+                    t_out = teacher(images) if (args.nkd or args.kd_weight > 0 or token) else teacher.forward_features(images)
             logits = student(images)
-            losses = {"ce": args.ce_weight * criterion(logits, target)}
+            if token:  # DeiT: the class head learns the labels, the distillation head the teacher
+                logits, dist_logits = logits
+            losses = {"ce": args.ce_weight * (1 - args.token_weight if token else 1) * criterion(logits, target)}
+            if token:
+                losses["token"] = args.token_weight * common.token_loss(dist_logits, t_out, args.distill_token, args.kd_temperature)
             if vitkd is not None:
                 (s_low, s_high), (t_low, t_high) = (vitkd_features(*taps[n]) for n in ("student", "teacher"))
                 if t_high.shape[1] != s_high.shape[1]:  # --resample_teacher_grid (checked at start)
@@ -247,6 +268,21 @@ def nkd_loss(logits_s, logits_t, target, temperature=1.0, gamma=1.0):
 
 
 kd_loss = common.kd_loss  # Hinton KD: batch-mean KL(teacher || student) at temperature T, x T^2
+
+
+@torch.no_grad()
+def head_accuracies(model, loader, device, amp="bf16"):
+    """Top-1 (%) of a distilled DeiT's class-token head and of its distillation-token head, each alone."""
+    model.eval()
+    hits = torch.zeros(3, device=device, dtype=torch.float64)
+    for images, target in loader:
+        with common.autocast(device, amp):
+            x = model.forward_features(images.to(device, non_blocking=True))
+        target = target.to(device, non_blocking=True)
+        hits += torch.stack([(model.head(x[:, 0]).argmax(1) == target).sum(), (model.head_dist(x[:, 1]).argmax(1) == target).sum(),
+                             torch.tensor(len(target), device=device)]).double()
+    common.all_reduce_sum(hits)
+    return {"acc1_cls_head": 100 * hits[0].item() / max(hits[2].item(), 1), "acc1_dist_head": 100 * hits[1].item() / max(hits[2].item(), 1)}
 
 
 class ViTKDLoss(nn.Module):
