@@ -18,11 +18,15 @@ transform: resize + centre crop, no augmentation), then
   python eval_knn_linear.py --weights output/student_backbone.pth --n_last_blocks 4 --layers 3 7 11 ...
   # offline smoke test
   python eval_knn_linear.py --arch deit_tiny --weights random --patch_size 4 --dataset synthetic --input_size 32
+  # look inside, without k-NN / probe: attention maps, attention distance, CKA and attention KL against the teacher
+  python eval_knn_linear.py --weights out/student_backbone.pth --attention_maps 8 --attention_distance \
+      --compare_with teacher/student_backbone.pth --no-knn --no-linear --data_path /imagenet --output_dir look
 
 Writes output_dir/eval_results.json and output_dir/linear_probe[_FEATURE].pth: the probe with its
 feature spec (common.save_probe), which ssta.py loads as the classifier of a self-supervised teacher
 (DINO's released *_linearweights.pth files load the same way through common.load_probe). Images are
 normalised with the evaluated backbone's own statistics (common.input_stats; --mean / --std override).
+The look-inside modes (ViTs) write PNG + JSON files after k-NN and probe, or alone with --no-knn --no-linear.
 """
 import argparse
 import json
@@ -31,6 +35,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision import transforms
 
 import common
 
@@ -73,6 +78,19 @@ def get_args_parser():
     p.add_argument("--train_fraction", default=1.0, type=float, help="labelled fraction per class for the probe and k-NN (1%%: 0.01)")
     p.add_argument("--output_dir", default="eval_output", type=str)
     p.add_argument("--seed", default=0, type=int)
+    # look inside (ViTs); they run after k-NN and probe, alone with --no-knn --no-linear (no feature extraction)
+    g = p.add_argument_group("look inside: attention maps, attention distance, CKA against another model")
+    g.add_argument("--attention_maps", default=0, type=int,
+                   help="PNGs of each head's CLS attention (and their mean) on the first N evaluation images")
+    g.add_argument("--images", default=[], type=str, nargs="+", help="draw the attention maps of these image files instead")
+    g.add_argument("--attention_blocks", default=[-1], type=int, nargs="+", help="blocks of the maps (negative: from the end)")
+    g.add_argument("--attention_threshold", default=None, type=float,
+                   help="show only the smallest set of patches holding this share of each map's mass (DINO: 0.6)")
+    g.add_argument("--attention_distance", action="store_true", help="mean attention distance (px) per head and block")
+    g.add_argument("--attention_images", default=256, type=int, help="evaluation images of the distance and --compare_with")
+    g.add_argument("--compare_with", default="", type=str,
+                   help="a second backbone (file, hub:NAME, random), e.g. the teacher: CKA of all block pairs, attention KL")
+    g.add_argument("--compare_arch", default=None, type=str, help="its architecture, when its file does not say (as --arch)")
     common.add_data_args(p)
     return p
 
@@ -82,7 +100,9 @@ def main(args):
     device = common.init_distributed()
     common.seed_everything(args.seed)
     results_path = os.path.join(args.output_dir, "eval_results.json")
-    if os.path.exists(results_path):
+    look = bool(args.attention_maps or args.images or args.attention_distance or args.compare_with)
+    only_look = look and not (args.knn or args.linear)  # --no-knn --no-linear: no features, only the look-inside files
+    if os.path.exists(results_path) and not only_look:
         common.fail(f"{results_path} exists; pick another --output_dir (nothing was overwritten)")
     if args.dump_features and os.path.exists(args.dump_features):
         common.fail(f"--dump_features {args.dump_features} exists (nothing was overwritten)")
@@ -91,6 +111,10 @@ def main(args):
     if not (0 < args.train_fraction <= 1):
         common.fail("--train_fraction must be in (0, 1]")
     specs = feature_specs(args)
+    model, other = prepare_look_inside(args, device) if look else (None, None)  # checks, before any work
+    if only_look:  # on rank 0
+        common.start_run(args, "eval_knn_linear.py")
+        return look_inside(args, model, other, device) if common.is_main_process() else None
 
     # ---------------- features ----------------
     if args.load_features:
@@ -99,7 +123,7 @@ def main(args):
             common.fail(f"{args.load_features} was not written by --dump_features")
         specs = cache["specs"]
     else:
-        model = build_backbone(args).to(device).eval()
+        model = model if model is not None else build_backbone(args).to(device).eval()
         if not hasattr(model, "blocks") and specs != [dict(n_last_blocks=1, avgpool=False)]:
             common.fail("--n_last_blocks / --avgpool_patchtokens / --layers need a ViT backbone")
         depth = len(getattr(model, "blocks", [None]))
@@ -146,6 +170,8 @@ def main(args):
             path = os.path.join(args.output_dir, "linear_probe.pth" if name == "cls" else f"linear_probe_{name}.pth")
             common.save_probe(probe, spec, path, lr=res["best_lr"], acc1=res["acc1"], weights=cache["weights"])
     print_table(results)
+    if look:
+        results["look_inside"] = look_inside(args, model, other, device)
     with open(results_path, "w") as f:
         json.dump(results, f, indent=1, default=str)
     print(f"| results in {results_path}", flush=True)
@@ -281,6 +307,232 @@ def print_table(results):
         line += f"{lin['acc1']:>10.2f}{lin['best_lr']:>9g}" if lin else f"{'-':>10}{'':>9}"
         print(line, flush=True)
 
+
+# ---- look inside: attention maps, attention distance, CKA ----
+VIRIDIS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]) / 255.0
+
+
+def prepare_look_inside(args, device):
+    """The evaluated model and the --compare_with one (or None), after every check of the look-inside flags."""
+    model = build_backbone(args).to(device).eval()
+    vit = lambda m: all(hasattr(m, a) for a in ("blocks", "patch_embed")) and getattr(m, "cls_token", None) is not None  # noqa
+    if not vit(model):
+        common.fail("--attention_maps / --attention_distance / --compare_with need a ViT with a CLS token; "
+                    f"{args.weights} ({args.arch or 'its file'}) gives a {type(model).__name__}")
+    depth = len(model.blocks)
+    if any(not -depth <= b < depth for b in args.attention_blocks):
+        common.fail(f"the backbone has {depth} blocks: --attention_blocks must be in [{-depth}, {depth - 1}], "
+                    f"got {args.attention_blocks}")
+    if args.attention_maps < 0 or args.attention_images < 4 or not 0 < (args.attention_threshold or 1) <= 1:
+        common.fail("--attention_maps must be >= 0, --attention_images >= 4, --attention_threshold in (0, 1]")
+    for f in args.images:
+        if not os.path.isfile(f):
+            common.fail(f"--images: no such file {f}")
+    other = None
+    if args.compare_with:
+        try:
+            other = build_backbone(argparse.Namespace(**{**vars(args), "weights": args.compare_with, "arch": args.compare_arch,
+                                                         "checkpoint_key": None, "patch_size": None, "mean": None, "std": None}))
+        except common.UserError as e:
+            common.fail(f"--compare_with {args.compare_with}: {str(e).replace('--arch', '--compare_arch')}")
+        if not vit(other):
+            common.fail(f"--compare_with {args.compare_with}: a {type(other).__name__}, whose blocks / CLS token cannot be read")
+        other = other.to(device).eval()
+    files = [f"attention/img{i:04d}_block{b % depth}.png" for i in range(len(args.images) or args.attention_maps)
+             for b in args.attention_blocks] + ["attention_distance.json", "attention_distance.png"] * args.attention_distance
+    for f in files + ["compare.json", "cka_cls.png", "cka_patch.png"] * bool(args.compare_with):
+        if os.path.exists(os.path.join(args.output_dir, f)):
+            common.fail(f"{os.path.join(args.output_dir, f)} exists; pick another --output_dir (nothing was overwritten)")
+    return model, other
+
+
+def look_inside(args, model, other, device):
+    """The requested modes (rank 0) on images in [0, 1] that each model normalises with its own statistics."""
+    tf = common.build_transform(args, False, stats=((0.0,) * 3, (1.0,) * 3))  # the evaluation transform, no normalisation
+    need_val = (args.attention_maps and not args.images) or args.attention_distance or other is not None
+    val, out = common.build_dataset(args, "val", tf) if need_val else None, {}
+    if args.attention_maps or args.images:
+        images = [tf(common.load_rgb(f)) for f in args.images] or [val[i][0] for i in range(min(args.attention_maps, len(val)))]
+        out["attention_maps"] = save_attention_maps(model, torch.stack(images), args, device)
+    if args.attention_distance or other is not None:
+        out.update(attention_statistics(model, other, val, args, device))
+    return out
+
+
+def normalized(model, x):
+    mean, std = (torch.tensor(model.model_config[k], device=x.device).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return (x - mean) / std
+
+
+def patch_grid(model, size):  # (grid rows, grid columns, patch height, patch width) for size x size images
+    ph, pw = model.patch_embed.patch_size
+    return size // ph, size // pw, ph, pw
+
+
+def cls_patch_rows(attn, num_prefix_tokens):
+    """B x H x N x N -> B x H x P: the CLS query's row over the patch keys (prefix tokens dropped), renormalised."""
+    rows = attn[:, :, 0, num_prefix_tokens:].float()
+    return rows / rows.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def keep_mass(rows, share):
+    """0/1 mask of the smallest set of keys (largest first) holding `share` of each row's mass."""
+    val, idx = rows.sort(-1, descending=True)
+    before = (val.cumsum(-1) - val) / val.sum(-1, keepdim=True).clamp_min(1e-12)
+    return torch.zeros_like(rows).scatter_(-1, idx, (before < share).to(rows))
+
+
+def colorize(x):
+    """Values in [0, 1] (... x h x w) -> RGB (... x 3 x h x w), piecewise linear in a 5-stop viridis-like table."""
+    t = x.float().clamp(0, 1) * (len(VIRIDIS) - 1)
+    i = t.floor().long().clamp(max=len(VIRIDIS) - 2)
+    w = (t - i).unsqueeze(-1)
+    return (VIRIDIS[i] * (1 - w) + VIRIDIS[i + 1] * w).movedim(-1, -3)
+
+
+@torch.no_grad()
+def save_attention_maps(model, images, args, device):
+    """One PNG per image and block: the image, each head's CLS attention over the patches (nearest-upsampled, optionally
+    thresholded, each scaled to its own range), their mean. Returns the paths."""
+    from torchvision.utils import make_grid, save_image
+    blocks, folder = sorted({b % len(model.blocks) for b in args.attention_blocks}), os.path.join(args.output_dir, "attention")
+    gh, gw, _, _ = patch_grid(model, images.shape[-1])
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for s in range(0, len(images), args.batch_size):
+        x = images[s:s + args.batch_size]
+        with common.ViTTaps(model, attn=blocks) as taps, common.autocast(device, args.amp):
+            model.forward_features(normalized(model, x.to(device)))
+        for b in blocks:
+            rows = cls_patch_rows(taps.attn[b], model.num_prefix_tokens)
+            rows = torch.cat([rows, rows.mean(1, keepdim=True)], 1)  # heads 1..H, their mean
+            rows = rows * keep_mass(rows, args.attention_threshold) if args.attention_threshold else rows
+            maps = F.interpolate(rows.unflatten(-1, (gh, gw)), size=x.shape[-2:], mode="nearest").cpu()
+            lo, hi = maps.amin((-2, -1), keepdim=True), maps.amax((-2, -1), keepdim=True)
+            tiles = colorize((maps - lo) / (hi - lo).clamp_min(1e-12))  # B x (H + 1) x 3 x S x S
+            for k in range(len(x)):
+                paths.append(os.path.join(folder, f"img{s + k:04d}_block{b}.png"))
+                save_image(make_grid(torch.cat([x[k:k + 1], tiles[k]]), nrow=len(tiles[k]) + 1, pad_value=1.0), paths[-1])
+    common.print0(f"| {len(paths)} attention maps in {folder}")
+    return paths
+
+
+def mean_attention_distance(attn, num_prefix_tokens, grid):
+    """B x H x N x N -> B x H, pixels: per query patch, attention over the patch keys (renormalised) times the distance
+    between the patch centres, averaged over the query patches. grid: patch_grid()."""
+    gh, gw, ph, pw = grid
+    a = attn[:, :, num_prefix_tokens:, num_prefix_tokens:].float()
+    yx = torch.stack(torch.meshgrid(torch.arange(gh) * ph, torch.arange(gw) * pw, indexing="ij"), -1).flatten(0, 1).float()
+    return (a / a.sum(-1, keepdim=True).clamp_min(1e-12) * torch.cdist(yx, yx).to(a.device)).sum(-1).mean(-1)
+
+
+def hsic1(K, L):
+    """Unbiased HSIC (Song et al. 2012) of each of I kernels K (I x n x n) with each of J kernels L (J x n x n): I x J."""
+    n = K.shape[-1]
+    K, L = (M * (1 - torch.eye(n, dtype=M.dtype, device=M.device)) for M in (K, L))
+    rk, rl = K.sum(-1), L.sum(-1)
+    trace = torch.einsum("inm,jnm->ij", K, L)
+    return (trace + rk.sum(-1)[:, None] * rl.sum(-1)[None] / ((n - 1) * (n - 2)) - 2 / (n - 2) * rk @ rl.T) / (n * (n - 3))
+
+
+class MinibatchCKA:
+    """Linear CKA of every block pair of two models from minibatches (Nguyen, Raghu, Kornblith 2021):
+    sum_b HSIC_1(K_b, L_b) / sqrt(sum_b HSIC_1(K_b, K_b) sum_b HSIC_1(L_b, L_b)), K = X X^T of one minibatch."""
+    xy = xx = yy = 0.0
+
+    def update(self, x, y):
+        """x: I x n x d1, y: J x n x d2: blocks' features of the same n images (a batch of n < 4 is skipped)."""
+        if x.shape[1] >= 4:
+            K, L = (f.double() @ f.double().transpose(1, 2) for f in (x, y))
+            self.xy, self.xx, self.yy = self.xy + hsic1(K, L), self.xx + hsic1(K, K).diag(), self.yy + hsic1(L, L).diag()
+
+    def value(self):
+        return (self.xy / (self.xx[:, None] * self.yy[None]).clamp_min(1e-300).sqrt()).float().cpu()
+
+
+@torch.no_grad()
+def attention_statistics(model, other, dataset, args, device):
+    """On the first --attention_images evaluation images: the mean attention distance per block and head; against
+    `other`, the CKA of every block pair (CLS and mean patch token after the final norm) and the attention KL."""
+    n = min(args.attention_images, len(dataset))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), args.batch_size,
+                                         num_workers=args.num_workers)
+    models = [model] + ([other] if other is not None else [])
+    d1, d2, grid = len(model.blocks), len(models[-1].blocks), patch_grid(model, args.input_size)
+    same_grid = other is not None and patch_grid(other, args.input_size)[:2] == grid[:2]
+    pairs = {i: round((i + 1) * d2 / d1) - 1 for i in range(d1)}  # the same relative depth
+    dist, kl, cka = 0.0, torch.zeros(d1), {"cls": MinibatchCKA(), "patch": MinibatchCKA()}
+    pick = {"cls": lambda t, m: t[:, 0], "patch": lambda t, m: t[:, m.num_prefix_tokens:].mean(1)}
+    for x, _ in common.progress(loader, "look inside"):
+        taps = []
+        for m in models:
+            attn = range(len(m.blocks)) if same_grid or (args.attention_distance and m is model) else []
+            with common.ViTTaps(m, blocks=range(len(m.blocks)) if other else [], attn=attn, norm=True) as t, \
+                    common.autocast(device, args.amp):
+                m.forward_features(normalized(m, x.to(device)))
+            taps.append(t)
+        if args.attention_distance:
+            dist = dist + torch.stack([mean_attention_distance(taps[0].attn[b], model.num_prefix_tokens, grid).sum(0)
+                                       for b in range(d1)]).cpu()
+        for name in cka if other is not None else ():
+            cka[name].update(*(torch.stack([pick[name](t.tokens[b].float(), m) for b in range(len(m.blocks))])
+                               for t, m in zip(taps, models)))
+        for i, j in pairs.items() if same_grid else ():  # KL(other || evaluated) of the head-mean CLS rows
+            p, q = (cls_patch_rows(t.attn[b], m.num_prefix_tokens).mean(1).clamp_min(1e-12)
+                    for t, m, b in zip(taps, models, (i, j)))
+            kl[i] += (q * (q.log() - p.log())).sum().cpu()
+    out, path = {}, lambda f: os.path.join(args.output_dir, f)  # noqa: E731
+    if args.attention_distance:
+        out["attention_distance"] = {str(b): [round(v, 3) for v in row] for b, row in enumerate((dist / n).tolist())}
+        save_scatter(dist / n, path("attention_distance.png"))
+    if other is not None:
+        out["compare"] = {"weights": args.weights, "compare_with": args.compare_with, "images": n}
+        for name in cka:
+            out["compare"][f"cka_{name}"] = [[round(v, 4) for v in row] for row in cka[name].value().tolist()]
+            save_heatmap(cka[name].value(), path(f"cka_{name}.png"), f"linear CKA ({name}): rows this model, cols the other")
+        if same_grid:
+            out["compare"]["attention_kl"] = {str(i): round(v, 5) for i, v in enumerate((kl / n).tolist())}
+            out["compare"]["attention_kl_pairs"] = {str(i): j for i, j in pairs.items()}
+    for key in out:
+        with open(path(f"{key}.json"), "w") as f:
+            json.dump(out[key], f, indent=1)
+        common.print0(f"| {key.replace('_', ' ')} ({n} images): {path(key + '.json')} and PNG")
+    return out
+
+
+def save_scatter(dist, path):
+    """Mean attention distance (blocks x heads): block on x, pixels on y, one dot per head; PIL only."""
+    from PIL import Image, ImageDraw
+    W, H, m, top = 480, 320, 44, max(float(dist.max()), 1e-6)
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    X, Y = lambda b: m + (b + 0.5) * (W - 1.5 * m) / len(dist), lambda v: H - m - v / top * (H - 2 * m)  # noqa: E731
+    draw.line([(m, m / 2), (m, H - m), (W - m / 2, H - m)], fill="black")
+    for b in range(0, len(dist), max(1, len(dist) // 12)):
+        draw.text((X(b) - 3, H - m + 5), str(b), fill="black")
+    for v in (0, top / 2, top):
+        draw.text((4, Y(v) - 6), f"{v:.1f}", fill="black")
+    for b, row in enumerate(dist.tolist()):
+        for v in row:
+            draw.ellipse([X(b) - 3, Y(v) - 3, X(b) + 3, Y(v) + 3], fill=(59, 82, 139))
+    draw.text((W / 2 - 15, H - 18), "block", fill="black")
+    draw.text((m + 6, 6), "mean attention distance (px), one dot per head", fill="black")
+    img.save(path)
+
+
+def save_heatmap(mat, path, title):
+    """A matrix in [0, 1] as coloured cells (row 0 at the top), with a title and the first / last indices; PIL only."""
+    from PIL import Image, ImageDraw
+    (R, C), m = mat.shape, 30
+    cell = max(8, 320 // max(R, C))
+    img = Image.new("RGB", (max(C * cell + m + 10, 340), R * cell + m + 24), "white")
+    img.paste(transforms.functional.to_pil_image(colorize(mat)).resize((C * cell, R * cell), Image.NEAREST), (m, 20))
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 4), title, fill="black")
+    for i, j in ((0, 0), (R - 1, C - 1)):
+        draw.text((6, 20 + i * cell + cell / 2 - 6), str(i), fill="black")
+        draw.text((m + j * cell + cell / 2 - 3, 24 + R * cell), str(j), fill="black")
+    img.save(path)
 
 if __name__ == "__main__":
     common.run_main(main, argparse.ArgumentParser("eval_knn_linear", parents=[get_args_parser()]))

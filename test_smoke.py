@@ -1548,6 +1548,122 @@ def test_attn_distill_learns_from_a_trained_teacher_that_gets_no_gradient(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
+# eval_knn_linear.py: look inside (attention maps, attention distance, CKA, attention KL)
+# ---------------------------------------------------------------------------------------------
+LOOK = ["--dataset", "synthetic", "--synthetic_size", "64", "--input_size", "32", "--num_workers", "0",
+        "--attention_images", "16", "--batch_size", "8", "--no-knn", "--no-linear"]
+
+
+def run_look(out, *extra):
+    return eval_knn_linear.main(eval_knn_linear.get_args_parser().parse_args(LOOK + ["--output_dir", str(out), *extra]))
+
+
+def test_minibatch_cka_matches_the_unbiased_hsic_formula_and_its_invariances():
+    def hsic_direct(K, L):  # Song et al. 2012, written out on one n x n pair
+        n = len(K)
+        K, L = K - torch.diag(torch.diag(K)), L - torch.diag(torch.diag(L))
+        one = torch.ones(n, 1, dtype=K.dtype)
+        return ((K @ L).trace().item() + (one.T @ K @ one).item() * (one.T @ L @ one).item() / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * (one.T @ K @ L @ one).item()) / (n * (n - 3))
+
+    def cka(x, y, batch):
+        acc = eval_knn_linear.MinibatchCKA()
+        for s in range(0, len(x), batch):
+            acc.update(x[None, s:s + batch], y[None, s:s + batch])
+        return acc.value()[0, 0].item()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(5, 3, generator=g, dtype=torch.float64) + 0.5 * torch.randn(40, 3, generator=g, dtype=torch.float64)
+    q, q3 = (torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))[0] for k in (5, 3))  # orthogonal
+    lin = lambda z: z @ z.T  # noqa: E731
+    for batch in (40, 10):  # one batch of 40, and four of 10 summed (Nguyen et al. 2021)
+        parts = [(x[s:s + batch], y[s:s + batch]) for s in range(0, 40, batch)]
+        xy, xx, yy = (sum(hsic_direct(lin(p[i]), lin(p[j])) for p in parts) for i, j in ((0, 1), (0, 0), (1, 1)))
+        assert cka(x, y, batch) == pytest.approx(xy / math.sqrt(xx * yy), rel=1e-5)
+        assert cka(x, x, batch) == pytest.approx(1.0, abs=1e-6)
+        assert cka(x, 3.0 * x @ q, batch) == pytest.approx(1.0, abs=1e-6)  # rotation and isotropic scaling
+        assert cka(x, y, batch) == pytest.approx(cka(2.0 * x @ q, 0.1 * y @ q3, batch), abs=1e-6)
+    assert 0.2 < cka(x, y, 40) < 0.95
+    # every block pair at once (2 blocks against 3): the same features up to a rotation give 1
+    acc = eval_knn_linear.MinibatchCKA()
+    noise = torch.randn(40, 5, generator=g, dtype=x.dtype)
+    acc.update(torch.stack([x, y @ torch.ones(3, 5, dtype=x.dtype)]), torch.stack([x, -x @ q, noise]))
+    m = acc.value()
+    assert m.shape == (2, 3) and m[0, 0] == pytest.approx(1.0) and m[0, 1] == pytest.approx(1.0) and m[0, 2] < 0.5
+
+
+def test_mean_attention_distance_and_threshold_by_hand():
+    gh, gw, p, npt, heads = 3, 4, 8, 2, 2
+    cells = [(r, c) for r in range(gh) for c in range(gw)]
+    pairs = [math.dist((r1 * p, c1 * p), (r2 * p, c2 * p)) for r1, c1 in cells for r2, c2 in cells]
+    expected = sum(pairs) / len(pairs)  # a uniform map: the mean distance over all ordered pairs of patch centres
+    n = npt + gh * gw
+    uniform = torch.full((2, heads, n, n), 1.0 / n)
+    uniform[:, :, :, :npt] = 0.3  # mass on prefix keys does not count (rows renormalised over patch keys)
+    d = eval_knn_linear.mean_attention_distance(uniform, npt, (gh, gw, p, p))
+    assert d.shape == (2, heads) and torch.allclose(d, torch.full_like(d, expected))
+    assert eval_knn_linear.mean_attention_distance(torch.eye(n).expand(1, heads, n, n), npt, (gh, gw, p, p)).abs().max() < 1e-6
+    rows = torch.tensor([[0.1, 0.5, 0.1, 0.3]])
+    assert eval_knn_linear.keep_mass(rows, 0.6).tolist() == [[0, 1, 0, 1]]
+    assert eval_knn_linear.keep_mass(rows, 0.5).tolist() == [[0, 1, 0, 0]]
+    attn = torch.zeros(1, 1, 5, 5)
+    attn[0, 0, 0] = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1])  # npt 2: CLS and a register/distillation token dropped
+    assert torch.allclose(eval_knn_linear.cls_patch_rows(attn, 2), torch.tensor([[[1 / 3, 1 / 3, 1 / 3]]]))
+
+
+def test_look_inside_files_sizes_and_bad_input(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "bare.pth")  # weights that do not say their architecture
+    base = ["--arch", "deit_tiny", "--weights", "random", "--patch_size", "8"]
+    out = run_look(tmp_path / "a", *base, "--attention_maps", "2", "--attention_blocks", "0", "-1", "--attention_threshold",
+                   "0.6", "--attention_distance", "--compare_with", "random", "--compare_arch", "deit_tiny_distilled_patch16_224")
+    names = sorted(os.listdir(tmp_path / "a" / "attention"))
+    assert names == ["img0000_block0.png", "img0000_block11.png", "img0001_block0.png", "img0001_block11.png"]
+    with Image.open(tmp_path / "a" / "attention" / names[0]) as im:
+        assert im.size == ((3 + 2) * (32 + 2) + 2, 32 + 4)  # image, 3 heads, mean; make_grid pads 2 px
+    for f in ("attention_distance.png", "cka_cls.png", "cka_patch.png"):
+        with Image.open(tmp_path / "a" / f) as im:
+            assert im.format == "PNG" and min(im.size) > 100
+    dist = json.loads((tmp_path / "a" / "attention_distance.json").read_text())
+    assert sorted(map(int, dist)) == list(range(12)) and all(len(v) == 3 and 0 < min(v) for v in dist.values())
+    comp = json.loads((tmp_path / "a" / "compare.json").read_text())
+    assert len(comp["cka_cls"]) == 12 and len(comp["cka_patch"][0]) == 12 and comp["images"] == 16
+    assert "attention_kl" not in comp  # 4 x 4 grid against 2 x 2: no attention comparison
+    assert out["compare"]["cka_cls"] == comp["cka_cls"] and not (tmp_path / "a" / "eval_results.json").exists()
+    # the user's own picture (50 x 40, resized and cropped), on a model with 4 registers (5 prefix tokens)
+    run_look(tmp_path / "b", "--arch", "vit_small_patch14_reg4_dinov2", "--weights", "random", "--input_size", "28",
+             "--images", str(tmp_path / "red.png"), "--attention_blocks", "3")
+    with Image.open(tmp_path / "b" / "attention" / "img0000_block3.png") as im:
+        assert im.size == ((6 + 2) * (28 + 2) + 2, 28 + 4)
+    for extra, msg in ((["--attention_maps", "1", "--attention_blocks", "12"], "must be in \\[-12, 11\\]"),
+                       (["--attention_maps", "1"], "exists; pick another --output_dir"),
+                       (["--compare_with", str(tmp_path / "bare.pth")], "--compare_with .*pass --compare_arch"),
+                       (["--images", str(tmp_path / "nope.png")], "no such file")):
+        with pytest.raises(common.UserError, match=msg):
+            run_look(tmp_path / "a", *base, *extra)
+    with pytest.raises(common.UserError, match="need a ViT"):
+        run_look(tmp_path / "c", "--arch", "resnet18", "--weights", "random", "--attention_maps", "1")
+
+
+def test_attention_distillation_brings_the_students_attention_closer_to_the_teacher(tmp_path, supervised_run):
+    look_teacher = supervised_run / "student_backbone.pth"  # the tiny supervised ViT trained in this session
+    kl = {}
+    for lam in ("0.1", "0"):
+        attn_distill.main(attn_distill.get_args_parser().parse_args(
+            ["--student", "deit_tiny", "--depth", "2", "--embed_dim", "96", "--patch_size", "8", "--dataset", "synthetic",
+             "--input_size", "32", "--num_workers", "0", "--batch_size", "32", "--blr", "1e-2", "--warmup_epochs", "1",
+             "--synthetic_size", "256", "--epochs", "3", "--teacher_weights", str(look_teacher), "--lambda_attn", lam,
+             "--output_dir", str(tmp_path / lam)]))
+        out = run_look(tmp_path / f"look{lam}", "--weights", str(tmp_path / lam / "student_backbone.pth"),
+                       "--compare_with", str(look_teacher), "--attention_images", "64")
+        kl[lam] = out["compare"]["attention_kl"]
+    assert set(kl["0"]) == {"0", "1"}
+    assert kl["0.1"]["1"] < kl["0"]["1"], kl  # AttnDistill's L_a trains exactly this (last block, CLS row)
+
+
+# ---------------------------------------------------------------------------------------------
 # DeiT's distillation token (vitkd.py, ssta.py)
 # ---------------------------------------------------------------------------------------------
 def test_token_losses_by_hand_and_the_heads_of_a_distilled_student():
