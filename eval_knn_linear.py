@@ -76,6 +76,9 @@ def get_args_parser():
     p.add_argument("--probe_bn", action=argparse.BooleanOptionalAction, default=False,
                    help="BatchNorm1d without affine before the linear layer (MAE's linear probe)")
     p.add_argument("--train_fraction", default=1.0, type=float, help="labelled fraction per class for the probe and k-NN (1%%: 0.01)")
+    p.add_argument("--probe_holdout", default=0.0, type=float,
+                   help="choose the probe's lr on this share of the training images (per class, seeded), then train that "
+                        "lr on all of them; 0: DINO's sweep, best lr read on the evaluation split itself")
     p.add_argument("--output_dir", default="eval_output", type=str)
     p.add_argument("--seed", default=0, type=int)
     # look inside (ViTs); they run after k-NN and probe, alone with --no-knn --no-linear (no feature extraction)
@@ -108,8 +111,8 @@ def main(args):
         common.fail(f"--dump_features {args.dump_features} exists (nothing was overwritten)")
     if args.avgpool_patchtokens and args.n_last_blocks != 1:
         common.fail("--avgpool_patchtokens goes with --n_last_blocks 1 (DINO's feature layout)")
-    if not (0 < args.train_fraction <= 1):
-        common.fail("--train_fraction must be in (0, 1]")
+    if not (0 < args.train_fraction <= 1) or not (0 <= args.probe_holdout < 1):
+        common.fail("--train_fraction must be in (0, 1] and --probe_holdout in [0, 1)")
     specs = feature_specs(args)
     model, other = prepare_look_inside(args, device) if look else (None, None)  # checks, before any work
     if only_look:  # on rank 0
@@ -165,7 +168,10 @@ def main(args):
             results["knn"][name] = common.knn_classify(xtr, ytr, xva, val_y, num_classes, args.nb_knn,
                                                 args.knn_temperature, knn_dev)
         if args.linear:
-            res, probe = train_linear_probes(xtr, ytr, xva, val_y, num_classes, args, device)
+            if args.probe_holdout > 0:  # the lr is chosen without the evaluation split (a paper's discipline)
+                res, probe = probe_with_holdout(xtr, ytr, xva, val_y, num_classes, args, device)
+            else:
+                res, probe = train_linear_probes(xtr, ytr, xva, val_y, num_classes, args, device)
             results["linear"][name] = res
             path = os.path.join(args.output_dir, "linear_probe.pth" if name == "cls" else f"linear_probe_{name}.pth")
             common.save_probe(probe, spec, path, lr=res["best_lr"], acc1=res["acc1"], weights=cache["weights"])
@@ -293,6 +299,18 @@ def train_linear_probes(train_x, train_y, test_x, test_y, num_classes, args, dev
         probe.bn.load_state_dict({k: v.cpu() for k, v in bn.state_dict().items()})
     res = {"best_lr": args.probe_lrs[best], **per_lr[f"{args.probe_lrs[best]:g}"], "per_lr": per_lr}
     return res, probe.eval()
+
+
+def probe_with_holdout(train_x, train_y, test_x, test_y, num_classes, args, device):
+    """--probe_holdout: every lr trained on the training rows minus a per-class held-out share, the best one chosen
+    there, then that lr alone trained on all training rows and measured on the evaluation split."""
+    hold = common.class_subset(train_y, args.probe_holdout, torch.Generator().manual_seed(args.seed + 1))
+    fit = torch.ones(len(train_y), dtype=torch.bool)
+    fit[hold] = False
+    chosen, _ = train_linear_probes(train_x[fit], train_y[fit], train_x[hold], train_y[hold], num_classes, args, device)
+    one = argparse.Namespace(**{**vars(args), "probe_lrs": [chosen["best_lr"]]})
+    res, probe = train_linear_probes(train_x, train_y, test_x, test_y, num_classes, one, device)
+    return {**res, "chosen_on": f"{len(hold)} held-out training images ({chosen['acc1']:.2f}% there)"}, probe
 
 
 def print_table(results):

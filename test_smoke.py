@@ -642,6 +642,17 @@ def test_probe_batchnorm_head_and_label_fraction():
                               probe_weight_decay=0.0, seed=0)
     res, probe = eval_knn_linear.train_linear_probes(x, y, x, y, 2, args, torch.device("cpu"))
     assert res["acc1"] > 90 and probe.bn.running_mean.abs().max() > 10
+    # --probe_holdout: the lr is chosen on held-out training rows, never on the evaluation split
+    args = argparse.Namespace(**{**vars(eval_knn_linear.get_args_parser().parse_args([])), "probe_lrs": [1e-4, 0.1],
+                                 "probe_epochs": 20, "probe_batch_size": 50, "probe_holdout": 0.2, "probe_bn": True})
+    seen = []
+    train = eval_knn_linear.train_linear_probes
+    spy = lambda xa, ya, xb, yb, *a: seen.append((len(xa), len(xb), list(a[1].probe_lrs))) or train(xa, ya, xb, yb, *a)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eval_knn_linear, "train_linear_probes", spy)
+        xe, ye = torch.randn(30, 8, generator=g), torch.randint(0, 2, (30,), generator=g)
+        assert eval_knn_linear.probe_with_holdout(x, y, xe, ye, 2, args, torch.device("cpu"))[0]["best_lr"] == 0.1
+    assert seen == [(160, 40, [1e-4, 0.1]), (200, 30, [0.1])]
     keep = common.class_subset(torch.tensor([0] * 100 + [1] * 10), 0.1, torch.Generator().manual_seed(0))
     assert len(keep) == 11 and (keep >= 100).sum() == 1  # 10% per class, at least one image each
 

@@ -1,0 +1,1072 @@
+"""One resumable command that reproduces the central claim of every paper of this repository at
+small scale (CIFAR-10, 32 px, small ViTs), by running the repository's own scripts through their real
+command lines: teachers first, then every paper's rows with its baseline on the same student, schedule
+and seeds, then k-NN / linear-probe evaluation where the paper's metric needs it.
+
+  # the quickstart: built-in synthetic shapes, no files needed, a few minutes on a 2-core CPU
+  python bench/reproduce_cifar10.py --profile smoke --out output/reproduce
+  # reduced protocol on real CIFAR-10 (hyperparameters are fixed on a validation split first)
+  python bench/reproduce_cifar10.py --profile cpu --data ../shared/data/cifar10-jpg.tar.gz --split val --out output/reproduce
+  python bench/reproduce_cifar10.py --profile cpu --data ../shared/data/cifar10-jpg.tar.gz --out output/reproduce
+  # one GPU, several runs at a time on it; --nproc N runs every script under torchrun
+  python bench/reproduce_cifar10.py --profile gpu --data cifar10-jpg.tar.gz --jobs 4 --out output/reproduce
+  # print the commands only; one paper only (plus the teachers it needs)
+  python bench/reproduce_cifar10.py --profile cpu --data DIR --dry_run --only vitkd
+
+Re-running the same command continues: a run whose final artefact exists is skipped, an interrupted
+one is started again with the same arguments and the script resumes from its own checkpoint.pth. A
+finished run made with other arguments (a profile edited after it ran) is an error before any work:
+pick another --out or remove that run's folder. After every finished run the results are rewritten
+from what is available (missing values are left out): <results_dir>/cifar10_<profile>[_val].json,
+.md and .png. Each run also keeps its metrics, wall time and command in <run dir>/metrics.json.
+
+Data discipline: with --split val the runs train on the training split minus a held-out validation
+carve (val_per_class images per class, chosen by a fixed seed from sorted file names) and evaluate
+on that carve: use it to fix a profile's hyperparameters. --split test (default) then trains on the
+same training subset (or all 5,000 per class when the profile uses every image) and evaluates on
+the 10,000 test images. Both are folders of symbolic links built once under OUT/data/.
+
+Metrics: top-1 on the evaluation split for supervised students (the last test_acc1 of log.txt);
+k-NN@20 and the linear probe of eval_knn_linear.py for self-supervised ones; wall time measured
+around each run and images/s = training images x epochs / wall time (an image, not its views).
+Standard library, torch and Pillow only; the figure is drawn with PIL.ImageDraw.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from collections import namedtuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# =============================================================================================
+# Profiles: every size, schedule and learning rate of a profile, as the scripts' own flags.
+# "student" is the one ViT student of every paper; recipes are flag strings (shlex syntax).
+# =============================================================================================
+def _vit(model, patch, depth, dim, heads):
+    return dict(model=model, patch_size=patch, depth=depth, embed_dim=dim, num_heads=heads)
+
+
+PROFILES = {
+    # the regression test's size (bench/test_reproduce_snippet.py): every code path, no learning expected;
+    # 3 supervised epochs so that SSTA's early stop (a third of them) is not empty
+    "tiny": dict(
+        data=dict(synthetic_size=64), seeds=1, num_workers=0, jobs=1, threads=1, runner="inprocess",
+        student=_vit("deit_tiny", 16, 2, 24, 3), teacher=_vit("deit_tiny", 16, 2, 24, 3), cnn="resnet10t",
+        supervised="--epochs 3 --batch_size 32 --blr 1e-2 --warmup_epochs 0 --min_lr 1e-5 --weight_decay 0.05 "
+                   "--clip_grad 0 --drop_path 0 --smoothing 0.1 --randaug= --reprob 0 --mixup 0 --cutmix 0 --eval_every 1000",
+        teacher_supervised="--epochs 1",
+        cnn_teacher="--epochs 1 --batch_size 32 --decay_epochs --eval_every 1000",
+        teacher_ss="--ss_epochs 1 --ss_decay_epochs --batch_size 16",
+        ssta="--distill_layers -2 -1 --selection_images 32",
+        sskd="--epochs 1 --batch_size 16 --blr 0.2 --decay_epochs --eval_every 1000",
+        attn="--epochs 1 --batch_size 32 --blr 1e-2 --warmup_epochs 0",
+        ssl="--framework simclr --epochs 1 --batch_size 32 --blr 1e-2 --warmup_epochs 0 --proj_hidden 32 "
+            "--mid_proj_hidden 32 --pred_hidden 32 --out_dim 16",
+        ssl_teacher="--epochs 1",
+        eval="--batch_size 64 --nb_knn 20 --probe_epochs 2 --probe_lrs 0.1 1.0",
+    ),
+    # the README quickstart: synthetic shapes (the quickstart's 1000 images, 6 student epochs: less does
+    # not learn), 27 runs of 5 to 15 s each on 2 CPU cores
+    "smoke": dict(
+        data=dict(synthetic_size=1000), seeds=1, num_workers=0, jobs=1, threads=1, runner="inprocess",
+        student=_vit("deit_tiny", 8, 2, 48, 3), teacher=_vit("deit_tiny", 8, 2, 192, 3), cnn="resnet10t",
+        supervised="--epochs 6 --batch_size 32 --blr 1e-2 --warmup_epochs 1 --min_lr 1e-5 --weight_decay 0.05 "
+                   "--clip_grad 0 --drop_path 0 --smoothing 0.1 --randaug= --reprob 0 --mixup 0 --cutmix 0 --eval_every 1000",
+        teacher_supervised="--epochs 10",
+        cnn_teacher="--epochs 6 --batch_size 32 --blr 0.2 --decay_epochs 5 --eval_every 1000",
+        teacher_ss="--ss_epochs 3 --ss_decay_epochs 2 --batch_size 32",
+        ssta="--distill_layers -2 -1 --selection_images 500",
+        sskd="--epochs 6 --batch_size 32 --blr 0.05 --decay_epochs 5 --eval_every 1000",
+        attn="--epochs 6 --batch_size 32 --blr 1e-2 --warmup_epochs 1",
+        ssl="--framework simclr --epochs 6 --batch_size 32 --blr 1e-2 --warmup_epochs 1 --crop_min_scale 0.4 "
+            "--color_jitter 0.8 0.8 0.8 0.5 --proj_hidden 256 --mid_proj_hidden 128 --pred_hidden 256 --out_dim 64",
+        ssl_teacher="--epochs 8",
+        eval="--batch_size 256 --nb_knn 20 --probe_epochs 30",
+    ),
+    # reduced protocol on real CIFAR-10 for 2 shared CPU cores (a first guess: tune it on --split val).
+    # Measured here, one thread: this student trains at 600-700 img/s (patch 4: 224; patch 4 and 192 wide:
+    # 87). 500 images per class x 8 epochs gave a teacher of 38.9% for a student alone of 36.8% (too
+    # close), hence 1000 x 6. --split val, seed 0: teacher 40.6% (7.9 min), alone 39.2% (2.1 min), KD 41.6,
+    # NKD 41.7, ViTKD 40.1, ViTKD + NKD 40.5 (2.8 min each); an SSKD run (4 views) costs 4-5x the alone
+    # run (smoke: 4.6x). Projected: about 2.5 h for 2 seeds.
+    "cpu": dict(
+        data=dict(train_per_class=1000, val_per_class=500), seeds=2, num_workers=2, jobs=2, threads=1,
+        student=_vit("deit_tiny", 8, 4, 96, 3), teacher=_vit("deit_tiny", 8, 4, 192, 3), cnn="resnet10t",
+        supervised="--epochs 6 --batch_size 64 --blr 4e-3 --warmup_epochs 1 --min_lr 1e-5 --weight_decay 0.05 "
+                   "--clip_grad 0 --drop_path 0.1 --smoothing 0.1 --randaug= --reprob 0 --mixup 0 --cutmix 0 --eval_every 1000",
+        teacher_supervised="--epochs 12",
+        cnn_teacher="--epochs 10 --batch_size 64 --blr 0.2 --decay_epochs 7 9 --eval_every 1000",
+        teacher_ss="--ss_epochs 2 --ss_decay_epochs 1 --batch_size 64",
+        ssta="--distill_layers -2 -1 --selection_images 1000",
+        sskd="--epochs 6 --batch_size 64 --blr 0.05 --decay_epochs 4 5 --eval_every 1000",
+        attn="--epochs 6 --batch_size 64 --blr 4e-3 --warmup_epochs 1",
+        ssl="--framework simclr --epochs 6 --batch_size 128 --blr 4e-3 --warmup_epochs 1 --crop_min_scale 0.2 "
+            "--proj_hidden 512 --mid_proj_hidden 256 --pred_hidden 512 --out_dim 128",
+        ssl_teacher="--epochs 10",
+        eval="--batch_size 256 --nb_knn 20 --probe_epochs 50 --probe_holdout 0.1",
+    ),
+    # one H100 / H200 in about 25 minutes with --jobs 4 runs sharing the GPU (a guess: not measured)
+    "gpu": dict(
+        data=dict(train_per_class=2000, val_per_class=500), seeds=3, num_workers=3, jobs=4, threads=2,
+        student=_vit("deit_tiny", 4, 6, 192, 3), teacher=_vit("deit_small", 4, 6, 384, 6), cnn="resnet18",
+        supervised="--epochs 10 --batch_size 256 --blr 2e-3 --warmup_epochs 1 --min_lr 1e-5 --weight_decay 0.05 "
+                   "--clip_grad 0 --drop_path 0.1 --smoothing 0.1 --randaug rand-m9-mstd0.5-inc1 --reprob 0 --mixup 0 "
+                   "--cutmix 0 --eval_every 1000",
+        teacher_supervised="--epochs 20",
+        cnn_teacher="--epochs 20 --batch_size 128 --blr 0.2 --decay_epochs 12 16 --eval_every 1000",
+        teacher_ss="--ss_epochs 5 --ss_decay_epochs 3 4 --batch_size 128",
+        ssta="--distill_layers -3 -2 -1 --selection_images 2000",
+        sskd="--epochs 10 --batch_size 128 --blr 0.2 --decay_epochs 6 8 --eval_every 1000",
+        attn="--epochs 10 --batch_size 256 --blr 2e-3 --warmup_epochs 1",
+        ssl="--framework mocov3 --epochs 10 --batch_size 256 --blr 2e-3 --warmup_epochs 1 --crop_min_scale 0.2 "
+            "--proj_hidden 1024 --mid_proj_hidden 512 --pred_hidden 1024 --out_dim 256",
+        ssl_teacher="--epochs 20",
+        eval="--batch_size 512 --nb_knn 20 --probe_epochs 100 --probe_holdout 0.1",
+    ),
+}
+# threads: OMP_NUM_THREADS of every run. On a shared 2-core CPU one thread is up to 5x faster than two
+# (OpenMP threads spin against other processes' threads); --threads overrides it.
+# Recipe strings that override another recipe: teacher_supervised on top of supervised (the ViT
+# teacher), ssl_teacher on top of ssl (the self-supervised assistant / AttnDistill teacher).
+
+# vitkd.py's KD row: the official ViTKD code's classic KD (0.5 CE + 0.5 KD, T 1). One constant to edit.
+VITKD_KD_FLAGS = "--alpha_vitkd 0 --beta_vitkd 0 --kd_weight 0.5 --ce_weight 0.5"
+SPLIT_SEED = 0  # the fixed seed of the validation carve and of the training subset
+
+# =============================================================================================
+# Claims: one row per table line. key: the run (without _s<seed>) the row reads; baselines: the runs
+# whose rows (same metric) the method's mean over seeds must beat, all of them; no baselines = a
+# reference row. The claim is the paper's direction in words, with the paper's own numbers.
+# =============================================================================================
+Row = namedtuple("Row", "paper key method metric baselines claim")
+ROWS = [
+    # paper, run key, row, metric, baselines,
+    #     the paper's claim
+    Row("vitkd", "vitkd_alone", "student alone", "top1", (),
+        "reference (Table 5: DeiT-Ti alone 74.42)"),
+    Row("vitkd", "vitkd_kd", "KD", "top1", ("vitkd_alone",),
+        "logit KD beats the student alone (75.01 vs 74.42)"),
+    Row("vitkd", "vitkd_nkd", "NKD", "top1", ("vitkd_kd",),
+        "NKD beats classic KD (75.48 vs 75.01)"),
+    Row("vitkd", "vitkd_vitkd", "ViTKD", "top1", ("vitkd_alone",),
+        "ViTKD's feature distillation beats the student alone (75.40 vs 74.42)"),
+    Row("vitkd", "vitkd_vitkd_nkd", "ViTKD + NKD", "top1", ("vitkd_alone", "vitkd_nkd", "vitkd_vitkd"),
+        "ViTKD + NKD is the best row: above alone, NKD and ViTKD (76.18 vs 74.42 / 75.48 / 75.40)"),
+    Row("ssta", "vitkd_alone", "student alone (the vitkd run)", "top1", (),
+        "reference (Table 3: DeiT-Ti 72.2)"),
+    Row("ssta", "ssta_sl", "SL teacher only", "top1", ("vitkd_alone",),
+        "head-level KD from the supervised teacher helps (73.2 vs 72.2)"),
+    Row("ssta", "ssta_ta", "SSL assistant only", "top1", ("vitkd_alone",),
+        "head-level KD from the self-supervised assistant helps (72.6 vs 72.2)"),
+    Row("ssta", "ssta_ssta", "SSTA (both, early stop)", "top1", ("ssta_sl", "ssta_ta"),
+        "both teachers beat either one alone (74.0 vs 73.2 / 72.6)"),
+    Row("ssta", "ssta_noes", "SSTA without early stop", "top1", (),
+        "reference for the early stop (72.2: no gain without it)"),
+    Row("ssta", "ssta_ssta", "SSTA vs no early stop", "top1", ("ssta_noes",),
+        "stopping the distillation after a third of training helps (74.0 vs 72.2)"),
+    Row("sskd", "sskd_alone", "student alone", "top1", (),
+        "reference"),
+    Row("sskd", "sskd_kd", "KD (ViT teacher)", "top1", ("sskd_alone",),
+        "KD beats the student alone"),
+    Row("sskd", "sskd_sskd", "SSKD (ViT teacher)", "top1", ("sskd_kd",),
+        "SSKD beats KD with the same teacher (vgg13 -> vgg8: 75.33 vs 72.98)"),
+    Row("sskd", "sskd_sskd_cnn", "SSKD (CNN teacher)", "top1", ("sskd_alone",),
+        "SSKD transfers across architectures: a CNN teacher helps the ViT student"),
+    Row("attn_distill", "attn_pa_eval", "PA only", "knn20", (),
+        "reference (ImageNet-Subset, ViT-T: 77.8)"),
+    Row("attn_distill", "attn_ad_eval", "AttnDistill", "knn20", ("attn_pa_eval",),
+        "attention distillation beats PA only (k-NN 79.3 vs 77.8)"),
+    Row("attn_distill", "attn_pa_eval", "PA only", "linear", (),
+        "reference"),
+    Row("attn_distill", "attn_ad_eval", "AttnDistill", "linear", ("attn_pa_eval",),
+        "attention distillation beats PA only (linear probe)"),
+    Row("sdssl", "sdssl_plain_eval", "plain framework", "knn20", (),
+        "reference (MoCo v3 ViT-S/16: 66.5)"),
+    Row("sdssl", "sdssl_sd_eval", "self-distilled (SD)", "knn20", ("sdssl_plain_eval",),
+        "SD beats the plain framework at the last layer (k-NN 68.0 vs 66.5)"),
+    Row("sdssl", "sdssl_plain_eval", "plain framework", "linear", (),
+        "reference (MoCo v3 ViT-S/16: 70.0)"),
+    Row("sdssl", "sdssl_sd_eval", "self-distilled (SD)", "linear", ("sdssl_plain_eval",),
+        "SD beats the plain framework (linear 71.5 vs 70.0)"),
+    Row("sdssl", "sdssl_gain_last", "SD - plain, last block", "gain", (),
+        "reference: the final layer's k-NN gain"),
+    Row("sdssl", "sdssl_gain_mid", "SD - plain, intermediate blocks (mean)", "gain", ("sdssl_gain_last",),
+        "SD's k-NN gain is larger at the intermediate blocks than at the last one (Fig. 3)"),
+]
+METRIC_NAMES = {"top1": "top-1 %", "knn20": "k-NN@20 %", "linear": "linear probe %", "gain": "k-NN@20 gain, points",
+                "ss_acc1": "SS contrastive prediction %"}
+PAPERS = {"vitkd": "ViTKD + NKD (ViTKD Table 5)", "ssta": "SSTA: self-supervised teaching assistant (Tables 3-4)",
+          "sskd": "SSKD: KD meets self-supervision", "attn_distill": "AttnDistill (no labels)",
+          "sdssl": "SDSSL: self-distilled self-supervised learning"}
+
+
+# =============================================================================================
+# Data: the CIFAR-10 tarball or folder -> symlinked ImageFolder roots per split
+# =============================================================================================
+def find_root(path):
+    """The folder under `path` (itself or up to two levels down) that holds train/."""
+    for cand in [path] + [os.path.join(path, d) for d in sorted(os.listdir(path))] + \
+            [os.path.join(path, d, e) for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))
+             for e in sorted(os.listdir(os.path.join(path, d)))]:
+        if os.path.isdir(os.path.join(cand, "train")):
+            return cand
+    sys.exit(f"error: no train/ folder under {path}")
+
+
+def source_root(data, out):
+    """An unpacked CIFAR-10 root (train/<class>/, test/<class>/): --data itself, or the tarball
+    unpacked once into OUT/data/src."""
+    data = os.path.abspath(os.path.expanduser(data))
+    if os.path.isdir(data):
+        return find_root(data)
+    if not os.path.isfile(data):
+        sys.exit(f"error: --data {data} not found (a CIFAR-10 tarball or an unpacked folder)")
+    dst = os.path.join(out, "data", "src")
+    if not os.path.exists(os.path.join(dst, ".complete")):
+        print(f"| unpacking {data} into {dst} (once)", flush=True)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.makedirs(dst)
+        with tarfile.open(data) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dst, filter="data")
+            else:
+                tar.extractall(dst)
+        open(os.path.join(dst, ".complete"), "w").close()
+    return find_root(dst)
+
+
+def split_root(src, out, split, train_per_class, val_per_class, dry_run=False):
+    """A symlinked ImageFolder root for this split, built once. Per class, the sorted training
+    file names are shuffled with a fixed seed; the first val_per_class form the validation carve,
+    the rest is the pool. --split val: train/ = the pool (or its first train_per_class), val/ =
+    the carve. --split test: train/ = the same subset (or every training image when the profile
+    uses all), test/ = the test split. Returns (root, training images, evaluation images)."""
+    tag = f"tr{train_per_class or 'all'}_v{val_per_class}"
+    root = os.path.join(out, "data", f"cifar10_{split}_{tag}")
+    manifest = os.path.join(root, "split.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            m = json.load(f)
+        return root, m["train_images"], m["eval_images"]
+    if dry_run:
+        return root, 0, 0
+    test_dir = next((os.path.join(src, d) for d in ("test", "val") if os.path.isdir(os.path.join(src, d))), None)
+    if test_dir is None:
+        sys.exit(f"error: {src} has no test/ or val/ folder")
+    shutil.rmtree(root, ignore_errors=True)
+    counts = {"train": 0, "eval": 0}
+
+    def link(files, from_dir, to_dir, key):
+        os.makedirs(to_dir, exist_ok=True)
+        for name in sorted(files):
+            os.symlink(os.path.join(from_dir, name), os.path.join(to_dir, name))
+        counts[key] += len(files)
+
+    for cls in sorted(os.listdir(os.path.join(src, "train"))):
+        cdir = os.path.join(src, "train", cls)
+        files = sorted(os.listdir(cdir))
+        order = list(files)
+        random.Random(f"{SPLIT_SEED}:{cls}").shuffle(order)
+        carve, pool = order[:val_per_class], order[val_per_class:]
+        if train_per_class and train_per_class > len(pool):
+            sys.exit(f"error: class {cls} has {len(pool)} images after the validation carve, fewer than "
+                     f"train_per_class {train_per_class}")
+        if split == "val":
+            link(pool[:train_per_class] if train_per_class else pool, cdir, os.path.join(root, "train", cls), "train")
+            link(carve, cdir, os.path.join(root, "val", cls), "eval")
+        else:
+            link(pool[:train_per_class] if train_per_class else files, cdir, os.path.join(root, "train", cls), "train")
+            tdir = os.path.join(test_dir, cls)
+            link(os.listdir(tdir), tdir, os.path.join(root, "test", cls), "eval")
+    with open(manifest, "w") as f:
+        json.dump({"source": src, "split": split, "train_per_class": train_per_class, "val_per_class": val_per_class,
+                   "seed": SPLIT_SEED, "train_images": counts["train"], "eval_images": counts["eval"]}, f, indent=1)
+    print(f"| {split} split under {root}: {counts['train']} training, {counts['eval']} evaluation images", flush=True)
+    return root, counts["train"], counts["eval"]
+
+
+# =============================================================================================
+# The plan: every run, its command, what it needs, and how to tell that it has finished
+# =============================================================================================
+class Run:
+    """One invocation of a script. kind: sup (supervised, top-1 in log.txt), ss (sskd.py's teacher
+    stage 2, no backbone), ssl (self-supervised training), eval (eval_knn_linear.py)."""
+
+    def __init__(self, name, script, args, kind, deps, workdir, images):
+        self.name, self.script, self.kind, self.deps = name, script, kind, list(deps)
+        self.dir = os.path.join(workdir, name)
+        self.args = list(args) + ["--output_dir", self.dir]
+        self.epochs = 1 if kind == "eval" else int(last_value(self.args, "--ss_epochs" if kind == "ss" else "--epochs"))
+        self.train_images, self.eval_images = images
+
+    def artefact(self):
+        return os.path.join(self.dir, {"eval": "eval_results.json", "ss": "checkpoint.pth"}.get(self.kind, "student_backbone.pth"))
+
+    def finished(self):
+        if not os.path.exists(self.artefact()):
+            return False
+        if self.kind == "ss":  # stage 2 writes only checkpoint.pth: finished when its last epoch is logged
+            lines = read_log(self.dir)
+            return bool(lines) and lines[-1].get("epoch", -1) + 1 >= self.epochs
+        return True
+
+    def images_seen(self):
+        return self.train_images + self.eval_images if self.kind == "eval" else self.train_images * self.epochs
+
+
+def split_flags(s):
+    return shlex.split(s)
+
+
+def last_value(flags, flag):
+    """The value of the last occurrence of `flag` in a flag list (argparse keeps the last one)."""
+    i = max((i for i, t in enumerate(flags) if t == flag), default=None)
+    if i is None or i + 1 >= len(flags):
+        sys.exit(f"error: the profile gives no {flag} in {' '.join(flags)}")
+    return flags[i + 1]
+
+
+def override(base, extra):
+    """A recipe string with some flags replaced: each flag of `extra` (with its values) replaces the
+    same flag of `base`."""
+    out, new = [], split_flags(extra)
+    given = {t.split("=")[0] for t in new if t.startswith("--")}
+    skip = False
+    for t in split_flags(base):
+        if t.startswith("--"):
+            skip = t.split("=")[0] in given
+        if not skip:
+            out.append(t)
+    return out + new
+
+
+def arch_flags(a, flag="--student"):
+    return [flag, a["model"], "--patch_size", str(a["patch_size"]), "--depth", str(a["depth"]),
+            "--embed_dim", str(a["embed_dim"]), "--num_heads", str(a["num_heads"])]
+
+
+def build_plan(P, workdir, data_flags, images, seeds):
+    """Every run of the profile in execution order (teachers first, then seed by seed)."""
+    runs = []
+
+    def add(name, script, args, kind, deps=()):
+        runs.append(Run(name, script, [*args, *data_flags, "--num_workers", str(P["num_workers"])], kind, deps, workdir,
+                        images))
+        return runs[-1]
+
+    def path(name, f):
+        return os.path.join(workdir, name, f)
+
+    sup = split_flags(P["supervised"])
+    student, ssl_student = arch_flags(P["student"]), arch_flags(P["student"], "--arch")
+    # ---------------- teachers (seed 0) ----------------
+    add("teacher_vit", "vitkd.py", arch_flags(P["teacher"]) + override(P["supervised"], P["teacher_supervised"]) +
+        ["--seed", "0"], "sup")
+    add("teacher_vit_ss", "sskd.py", ["--stage", "teacher_ss", "--teacher_weights", path("teacher_vit", "checkpoint.pth"),
+                                      *split_flags(P["teacher_ss"]), "--seed", "0"], "ss", ["teacher_vit"])
+    add("teacher_cnn", "sskd.py", ["--student", P["cnn"], *split_flags(P["cnn_teacher"]), "--seed", "0"], "sup")
+    add("teacher_cnn_ss", "sskd.py", ["--stage", "teacher_ss", "--teacher_weights", path("teacher_cnn", "checkpoint.pth"),
+                                      *split_flags(P["teacher_ss"]), "--seed", "0"], "ss", ["teacher_cnn"])
+    add("teacher_ssl", "sdssl.py", arch_flags(P["teacher"], "--arch") + override(P["ssl"], P["ssl_teacher"]) +
+        ["--alpha_max", "0", "--no-pred_loss", "--seed", "0"], "ssl")
+    add("teacher_ssl_probe", "eval_knn_linear.py", ["--weights", path("teacher_ssl", "student_backbone.pth"),
+                                                    *split_flags(P["eval"])], "eval", ["teacher_ssl"])
+    T = ["--teacher_weights", path("teacher_vit", "checkpoint.pth")]
+    TA = ["--ta_weights", path("teacher_ssl", "student_backbone.pth"), "--ta_probe", path("teacher_ssl_probe", "linear_probe.pth")]
+    A = ["--teacher_weights", path("teacher_ssl", "student_backbone.pth")]
+    layers = [str(i) for i in range(P["student"]["depth"])]
+    epochs = last_value(sup, "--epochs")
+    # ---------------- students, seed by seed ----------------
+    for s in seeds:
+        def student_run(name, script, flags, kind="sup", deps=()):
+            return add(f"{name}_s{s}", script, [*flags, "--seed", str(s)], kind, deps)
+
+        def evaluation(name, *extra):  # k-NN and linear probe of a self-supervised student's backbone
+            add(f"{name}_eval_s{s}", "eval_knn_linear.py", ["--weights", path(f"{name}_s{s}", "student_backbone.pth"),
+                                                            *split_flags(P["eval"]), *extra], "eval", [f"{name}_s{s}"])
+        # vitkd.py: the student alone is also SSTA's baseline (same recipe, --drop_path included)
+        student_run("vitkd_alone", "vitkd.py", student + sup)
+        student_run("vitkd_kd", "vitkd.py", student + sup + T + split_flags(VITKD_KD_FLAGS), deps=["teacher_vit"])
+        student_run("vitkd_nkd", "vitkd.py", student + sup + T + ["--alpha_vitkd", "0", "--beta_vitkd", "0", "--nkd"],
+                    deps=["teacher_vit"])
+        student_run("vitkd_vitkd", "vitkd.py", student + sup + T + ["--vitkd_rescale"], deps=["teacher_vit"])
+        student_run("vitkd_vitkd_nkd", "vitkd.py", student + sup + T + ["--vitkd_rescale", "--nkd"], deps=["teacher_vit"])
+        # ssta.py: the same recipe; teacher, assistant, both, both without the early stop
+        ssta = student + sup + split_flags(P["ssta"])
+        student_run("ssta_sl", "ssta.py", ssta + T, deps=["teacher_vit"])
+        student_run("ssta_ta", "ssta.py", ssta + TA, deps=["teacher_ssl_probe"])
+        student_run("ssta_ssta", "ssta.py", ssta + T + TA, deps=["teacher_vit", "teacher_ssl_probe"])
+        student_run("ssta_noes", "ssta.py", ssta + T + TA + ["--early_stop_epoch", epochs],
+                    deps=["teacher_vit", "teacher_ssl_probe"])
+        # sskd.py: its own recipe (SGD, step decay); KD and SSKD read the teachers' stage-2 checkpoints
+        sskd = student + split_flags(P["sskd"])
+        TS = ["--teacher_weights", path("teacher_vit_ss", "checkpoint.pth")]
+        student_run("sskd_alone", "sskd.py", sskd)
+        student_run("sskd_kd", "sskd.py", sskd + TS + ["--tf_weight", "0", "--ss_weight", "0"], deps=["teacher_vit_ss"])
+        student_run("sskd_sskd", "sskd.py", sskd + TS, deps=["teacher_vit_ss"])
+        student_run("sskd_sskd_cnn", "sskd.py", sskd + ["--teacher_weights", path("teacher_cnn_ss", "checkpoint.pth")],
+                    deps=["teacher_cnn_ss"])
+        # attn_distill.py (no labels): PA only vs AttnDistill, from the self-supervised teacher
+        for name, extra in (("attn_pa", ["--lambda_attn", "0"]), ("attn_ad", [])):
+            student_run(name, "attn_distill.py", student + split_flags(P["attn"]) + A + extra, "ssl", ["teacher_ssl"])
+            evaluation(name)
+        # sdssl.py: the plain framework vs self-distilled; every block's CLS evaluated
+        for name, extra in (("sdssl_plain", ["--alpha_max", "0", "--no-pred_loss"]), ("sdssl_sd", [])):
+            student_run(name, "sdssl.py", ssl_student + split_flags(P["ssl"]) + extra, "ssl")
+            evaluation(name, "--layers", *layers)
+    return runs
+
+
+def restrict(runs, papers):
+    """The runs that the rows of `papers` read, and everything they depend on."""
+    keys = {r.key for r in ROWS if r.paper in papers}
+    if "sdssl" in papers:
+        keys |= {"sdssl_plain_eval", "sdssl_sd_eval"}
+    by_name = {r.name: r for r in runs}
+    want = {r.name for r in runs if r.name.rsplit("_s", 1)[0] in keys}
+    stack = list(want)
+    while stack:
+        for d in by_name[stack.pop()].deps:
+            if d not in want:
+                want.add(d)
+                stack.append(d)
+    return [r for r in runs if r.name in want]
+
+
+# =============================================================================================
+# Metrics of one run, from the files the scripts write
+# =============================================================================================
+def read_log(d):
+    path = os.path.join(d, "log.txt")
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def run_metrics(run):
+    """{metric: value} of a finished run: top1 / top5 (sup), ss_acc1 (ss), knn20 / linear and the
+    per-block lists of a multi-exit evaluation (eval)."""
+    if run.kind == "eval":
+        with open(run.artefact()) as f:
+            res = json.load(f)
+        m = {}
+        cls = res.get("knn", {}).get("cls", {})
+        if "20" in cls:
+            m["knn20"] = cls["20"]["acc1"]
+        if "cls" in res.get("linear", {}):
+            m["linear"] = res["linear"]["cls"]["acc1"]
+        blocks = sorted((int(k[5:]), k) for k in set(res.get("knn", {})) | set(res.get("linear", {})) if k.startswith("block"))
+        if blocks:
+            m["block_knn20"] = [res["knn"].get(k, {}).get("20", {}).get("acc1") for _, k in blocks]
+            m["block_linear"] = [res["linear"].get(k, {}).get("acc1") for _, k in blocks]
+        return m
+    last = {}
+    for line in read_log(run.dir):
+        last.update({k: v for k, v in line.items() if k.startswith("test_")})
+    keys = {"sup": {"test_acc1": "top1", "test_acc5": "top5"}, "ss": {"test_ss_acc1": "ss_acc1"},
+            "ssl": {"test_knn_acc1": "knn_monitor"}}[run.kind]
+    return {new: last[old] for old, new in keys.items() if old in last}
+
+
+def command_line(run, nproc):
+    launcher = [sys.executable] if nproc <= 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    return launcher + [run.script] + run.args
+
+
+def normalize(cmd, out):
+    """The command as stored and compared: the interpreter as `python`, --out as $OUT."""
+    text = " ".join(shlex.quote(c) for c in ["python"] + cmd[1:])
+    return text.replace(out.rstrip("/") + "/", "$OUT/")
+
+
+def load_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def write_json(path, obj, indent=1):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# =============================================================================================
+# Running: subprocesses (default) or in this process (--runner inprocess: no 4 s import per run)
+# =============================================================================================
+def start_subprocess(cmd, log_path, threads):
+    log = open(log_path, "a")
+    log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(shlex.quote(c) for c in cmd)}\n")
+    log.flush()
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+def run_inprocess(cmd, log_path, threads):
+    """Run the script's `__main__` in this process with its command line as sys.argv (the same
+    argparse path as a subprocess). Returns the exit status."""
+    import runpy
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    saved = sys.argv, os.getcwd()
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        print(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} (in process) {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        sys.argv = cmd[1:]
+        os.chdir(REPO)
+        try:
+            runpy.run_path(os.path.join(REPO, cmd[1]), run_name="__main__")
+            rc = 0
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:
+            traceback.print_exc()
+            rc = 1
+        finally:
+            sys.argv = saved[0]
+            os.chdir(saved[1])
+    return rc
+
+
+def tail(path, n=25):
+    try:
+        with open(path, errors="replace") as f:
+            lines = [l.rstrip() for l in f.read().replace("\r", "\n").splitlines() if l.strip()]
+        return "\n".join(lines[-n:])
+    except OSError:
+        return ""
+
+
+def fmt_time(sec):
+    sec = int(round(sec))
+    return f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}"
+
+
+class Suite:
+    """runs: what this invocation executes (--only restricts it); plan: the whole profile, which the
+    results always aggregate, so a partial invocation never drops another paper's rows."""
+
+    def __init__(self, args, P, runs, plan, out, workdir, results_base, meta):
+        self.args, self.P, self.runs, self.plan, self.out, self.workdir = args, P, runs, plan, out, workdir
+        self.results_base, self.meta = results_base, meta
+        self.index = {r.name: i + 1 for i, r in enumerate(runs)}
+        self.t0 = time.time()
+
+    def stored(self, run):
+        return load_json(os.path.join(run.dir, "metrics.json"))
+
+    def finalize(self, run):
+        """Write <run dir>/metrics.json for a finished run; its seconds add up every attempt's wall time
+        (suite_time.json), and are unknown (None) for a run finished outside the suite."""
+        total = load_json(os.path.join(run.dir, "suite_time.json"), {}).get("seconds", 0.0)
+        m = {"metrics": run_metrics(run), "seconds": round(total, 2) if total else None,
+             "images_per_s": round(run.images_seen() / total, 1) if total else None,
+             "command": normalize(command_line(run, self.args.nproc), self.out)}
+        write_json(os.path.join(run.dir, "metrics.json"), m)
+        return m
+
+    def add_time(self, run, seconds):
+        path = os.path.join(run.dir, "suite_time.json")
+        spent = load_json(path, {}).get("seconds", 0.0)
+        write_json(path, {"seconds": round(spent + seconds, 2)})
+
+    def eta(self, remaining):
+        secs = [m["seconds"] for m in (self.stored(r) for r in self.plan) if m and m.get("seconds")]
+        if not secs:
+            return "?"
+        return fmt_time(statistics.mean(secs) * remaining / max(1, self.args.jobs))
+
+    def check_stale(self):
+        """A finished run whose stored command differs from the planned one (a profile edited after
+        it ran) would mix two settings in one table: stop before any work."""
+        stale = []
+        for r in self.plan:
+            m = self.stored(r)
+            cmd = normalize(command_line(r, self.args.nproc), self.out)
+            if m and m.get("command") and m["command"] != cmd and r.finished():
+                stale.append((r.name, m["command"], cmd))
+        if stale:
+            name, old, new = stale[0]
+            sys.exit(f"error: {len(stale)} finished run(s) under {self.workdir} were made with other arguments, e.g. "
+                     f"{name}:\n  was: {old}\n  now: {new}\npick another --out, or remove those run folders to redo them")
+
+    def execute(self):
+        """Run what is not finished, at most --jobs at a time, each when its dependencies are done."""
+        done, failed, executed, skipped = set(), set(), 0, 0
+        for r in self.runs:
+            if r.finished():
+                done.add(r.name)
+                skipped += 1
+                if self.stored(r) is None:
+                    self.finalize(r)
+                print(f"[run {self.index[r.name]}/{len(self.runs)}] {r.name}: finished, skipped", flush=True)
+        if skipped:
+            self.write_results()
+        pending = [r for r in self.runs if r.name not in done]
+        running = {}  # name -> (run, Popen or exit status, log file or None, start time)
+        try:
+            executed += self._loop(pending, running, done, failed)
+        except KeyboardInterrupt:
+            for r, p, log, t in running.values():
+                if log is not None:  # subprocesses: the scripts resume from their last checkpoint next time
+                    p.terminate()
+                    p.wait()
+                    log.close()
+                    self.add_time(r, time.time() - t)
+            self.write_results()
+            print(f"| interrupted after {fmt_time(time.time() - self.t0)}; run the same command again to continue", flush=True)
+            raise SystemExit(130)
+        self.write_results()
+        print(f"| {executed} run(s) executed, {skipped} skipped (finished before), {len(failed)} failed or blocked; "
+              f"wall time {fmt_time(time.time() - self.t0)}", flush=True)
+        return not failed
+
+    def _loop(self, pending, running, done, failed):
+        executed = 0
+        while pending or running:
+            for r in list(pending):
+                if len(running) >= self.args.jobs or (failed and not self.args.keep_going):
+                    break
+                if any(d in failed for d in r.deps):
+                    pending.remove(r)
+                    failed.add(r.name)
+                    print(f"[run {self.index[r.name]}/{len(self.runs)}] {r.name}: not run (a dependency failed)", flush=True)
+                    continue
+                if not all(d in done for d in r.deps):
+                    continue
+                pending.remove(r)
+                os.makedirs(r.dir, exist_ok=True)
+                cmd = command_line(r, self.args.nproc)
+                remaining = len(pending) + len(running) + 1
+                print(f"[run {self.index[r.name]}/{len(self.runs)}] {r.name} ... elapsed {fmt_time(time.time() - self.t0)}, "
+                      f"ETA {self.eta(remaining)}", flush=True)
+                log_path = os.path.join(r.dir, "suite_log.txt")
+                t = time.time()
+                if self.args.runner == "inprocess":
+                    try:
+                        rc = run_inprocess(cmd, log_path, self.args.threads)
+                    finally:
+                        self.add_time(r, time.time() - t)
+                    running[r.name] = (r, rc, None, t)
+                else:
+                    proc, log = start_subprocess(cmd, log_path, self.args.threads)
+                    running[r.name] = (r, proc, log, t)
+            if not running:
+                if pending and not (failed and not self.args.keep_going):
+                    sys.exit(f"error: cannot start {[r.name for r in pending]}: dependencies never finished")
+                break
+            # wait for one run to end
+            while True:
+                ended = [n for n, (r, p, log, t) in running.items() if isinstance(p, int) or p.poll() is not None]
+                if ended:
+                    break
+                time.sleep(0.5)
+            for n in ended:
+                r, p, log, t = running.pop(n)
+                rc = p if isinstance(p, int) else p.returncode
+                if log is not None:
+                    log.close()
+                    self.add_time(r, time.time() - t)
+                if rc == 0 and r.finished():
+                    m = self.finalize(r)
+                    done.add(n)
+                    executed += 1
+                    shown = ", ".join(f"{k} {v:.2f}" for k, v in m["metrics"].items() if isinstance(v, float))
+                    print(f"[run {self.index[n]}/{len(self.runs)}] {n} done in {m['seconds']:.1f} s "
+                          f"({m['images_per_s']} img/s){': ' + shown if shown else ''}", flush=True)
+                    self.write_results()
+                else:
+                    failed.add(n)
+                    log_path = os.path.join(r.dir, "suite_log.txt")
+                    print(f"[run {self.index[n]}/{len(self.runs)}] {n} FAILED (exit {rc}); log {log_path}:\n{tail(log_path)}",
+                          flush=True)
+        return executed
+
+    # ---------------------------------------------------------------------------------------------
+    # aggregation
+    # ---------------------------------------------------------------------------------------------
+    def collect(self):
+        stored = {r.name: self.stored(r) for r in self.plan}
+        seeds = self.meta["seeds"]
+
+        def value(key, metric, s):
+            if key.startswith("sdssl_gain"):
+                a, b = [(stored.get(f"{k}_s{s}") or {}).get("metrics", {}).get("block_knn20")
+                        for k in ("sdssl_sd_eval", "sdssl_plain_eval")]
+                if not a or not b or None in a or None in b:
+                    return None
+                gains = [x - y for x, y in zip(a, b)]
+                return gains[-1] if key.endswith("last") else statistics.mean(gains[:-1]) if len(gains) > 1 else None
+            m = (stored.get(f"{key}_s{s}") or {}).get("metrics", {})
+            v = m.get(metric)
+            return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+        names = {r.name for r in self.plan}
+        rows = []
+        for row in ROWS:
+            if row.key.startswith("sdssl_gain"):
+                if f"sdssl_sd_eval_s{seeds[0]}" not in names:
+                    continue
+            elif f"{row.key}_s{seeds[0]}" not in names:
+                continue
+            vals = [value(row.key, row.metric, s) for s in seeds]
+            got = [v for v in vals if v is not None]
+            entry = {"paper": row.paper, "method": row.method, "metric": row.metric, "key": row.key,
+                     "values": [None if v is None else round(v, 3) for v in vals],
+                     "mean": round(statistics.mean(got), 3) if got else None,
+                     "std": round(statistics.stdev(got), 3) if len(got) > 1 else (0.0 if got else None),
+                     "claim": row.claim, "baselines": list(row.baselines), "holds": None}
+            rows.append(entry)
+        def baseline(e, key):  # the row of run `key` with e's metric, the same paper's reference row first
+            same = [b for b in rows if b["key"] == key and b["metric"] == e["metric"]]
+            same.sort(key=lambda b: (b["paper"] != e["paper"], bool(b["baselines"])))
+            return same[0] if same else None
+
+        def complete(e):  # a value for every seed
+            return e is not None and None not in e["values"]
+
+        for e in rows:  # holds: the mean beats every baseline row's mean (all seeds present on both sides)
+            if not e["baselines"]:
+                continue
+            base = [baseline(e, k) for k in e["baselines"]]
+            if complete(e) and all(complete(b) for b in base):
+                e["margin"] = round(e["mean"] - max(b["mean"] for b in base), 3)
+                e["holds"] = e["margin"] > 0
+        # SDSSL's per-block k-NN curves (mean over seeds)
+        for e in rows:
+            if e["key"] in ("sdssl_plain_eval", "sdssl_sd_eval") and e["metric"] == "knn20":
+                curves = [(stored.get(f"{e['key']}_s{s}") or {}).get("metrics", {}).get("block_knn20") for s in seeds]
+                curves = [c for c in curves if c and None not in c]
+                if curves:
+                    e["per_block"] = [round(statistics.mean(c[i] for c in curves), 3) for i in range(len(curves[0]))]
+        teachers = {}
+        for name in ("teacher_vit", "teacher_vit_ss", "teacher_cnn", "teacher_cnn_ss", "teacher_ssl_probe"):
+            m = stored.get(name)
+            if m:
+                teachers["teacher_ssl" if name == "teacher_ssl_probe" else name] = {
+                    k: round(v, 3) for k, v in m["metrics"].items() if isinstance(v, (int, float))}
+        runs = {}
+        for r in self.plan:
+            m = stored.get(r.name)
+            if m:
+                runs[r.name] = {"seconds": m.get("seconds"), "images_per_s": m.get("images_per_s"), "command": m.get("command"),
+                                "metrics": {k: round(v, 3) for k, v in m["metrics"].items() if isinstance(v, (int, float))}}
+        return {"profile": self.meta["profile"], "split": self.meta["split"], "machine": self.meta["machine"],
+                "command": self.meta["command"], "seeds": seeds, "profile_settings": self.P,
+                "data": self.meta["data"], "runs_planned": len(self.plan), "runs_finished": len(runs),
+                "teachers": teachers, "runs": runs, "rows": rows}
+
+    def write_results(self):
+        res = self.collect()
+        os.makedirs(os.path.dirname(self.results_base) or ".", exist_ok=True)
+        write_json(self.results_base + ".json", res)
+        with open(self.results_base + ".md.tmp", "w") as f:
+            f.write(markdown(res))
+        os.replace(self.results_base + ".md.tmp", self.results_base + ".md")
+        try:
+            draw_figure(res, self.results_base + ".png")
+        except Exception as e:  # a figure problem never stops the runs
+            print(f"| warning: figure not drawn ({type(e).__name__}: {e})", flush=True)
+
+
+# =============================================================================================
+# Reports: markdown and a PIL figure
+# =============================================================================================
+def fmt(v, d=2):
+    return "-" if v is None else f"{v:.{d}f}"
+
+
+def markdown(res):
+    L = [f"# CIFAR-10 reproduction: profile `{res['profile']}`, split `{res['split']}`", ""]
+    mach = res["machine"]
+    L.append(f"Machine: {mach.get('cpu')} ({mach.get('cores')} cores), GPU {mach.get('gpu') or 'none'}, "
+             f"torch {mach.get('torch')}. Seeds {res['seeds']}; {res['runs_finished']} of {res['runs_planned']} runs finished.")
+    L += ["", f"Command: `{res['command']}`", ""]
+    secs = [r["seconds"] for r in res["runs"].values() if r.get("seconds")]
+    if secs:
+        L += [f"Wall time of the finished runs: {fmt_time(sum(secs))} ({len(secs)} runs).", ""]
+    if res["teachers"]:
+        L += ["## Teachers", "", "| teacher | metric | value |", "|---|---|---|"]
+        for name, m in res["teachers"].items():
+            for k, v in m.items():
+                if k in ("top1", "ss_acc1", "knn20", "linear"):
+                    L.append(f"| {name} | {METRIC_NAMES.get(k, k)} | {v:.2f} |")
+        L.append("")
+    for paper, title in PAPERS.items():
+        rows = [r for r in res["rows"] if r["paper"] == paper]
+        if not rows:
+            continue
+        L += [f"## {paper}: {title}", "", "| row | metric | the paper's claim | ours: mean ± std (n) | per seed | holds |",
+              "|---|---|---|---|---|---|"]
+        for r in rows:
+            n = sum(v is not None for v in r["values"])
+            ours = f"{fmt(r['mean'])} ± {fmt(r['std'])} ({n})" if r["mean"] is not None else "-"
+            holds = {True: "yes", False: "**no**", None: "" if not r["baselines"] else "-"}[r["holds"]]
+            if r.get("margin") is not None:
+                holds += f" ({r['margin']:+.2f})"
+            seeds = " / ".join(fmt(v, 1) for v in r["values"])
+            L.append(f"| {r['method']} | {METRIC_NAMES.get(r['metric'], r['metric'])} | {r['claim']} | {ours} | {seeds} | {holds} |")
+        curves = {r["key"]: r["per_block"] for r in rows if r.get("per_block")}
+        if len(curves) == 2:
+            plain, sd = curves["sdssl_plain_eval"], curves["sdssl_sd_eval"]
+            L += ["", "Per-block k-NN@20 (CLS of each block after the final norm, mean over seeds):", "",
+                  "| block | plain | SD | gain |", "|---|---|---|---|"]
+            L += [f"| {i} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for i, (a, b) in enumerate(zip(plain, sd))]
+        L.append("")
+    if res["runs"]:
+        L += ["## Wall time per run (mean over seeds)", "", "| run | runs | seconds | images/s |", "|---|---|---|---|"]
+        groups = {}  # the seeds of one run type together: vitkd_kd_s0, vitkd_kd_s1 -> vitkd_kd
+        for name, r in res["runs"].items():
+            base, _, seed = name.rpartition("_s")
+            groups.setdefault(base if base and seed.isdigit() else name, []).append(r)
+
+        def mean(rs, key, digits):
+            v = [r[key] for r in rs if r.get(key)]
+            return fmt(statistics.mean(v), digits) if v else "-"
+        for g, rs in groups.items():
+            L.append(f"| {g} | {len(rs)} | {mean(rs, 'seconds', 1)} | {mean(rs, 'images_per_s', 0)} |")
+        L.append("")
+    return "\n".join(L)
+
+
+def draw_figure(res, path):
+    """One panel per paper (bars = mean over seeds, whiskers = std; grey: reference rows, green: claim
+    holds, red: it does not) and SDSSL's per-block k-NN@20 curves. PIL only."""
+    from PIL import Image, ImageDraw, ImageFont
+    try:
+        font, small = ImageFont.load_default(size=13), ImageFont.load_default(size=10)
+    except TypeError:  # Pillow without FreeType sizes
+        font = small = ImageFont.load_default()
+    W, H, cols = 460, 360, 3
+    panels = [p for p in PAPERS if any(r["paper"] == p for r in res["rows"])]
+    curve = {r["key"]: r["per_block"] for r in res["rows"] if r.get("per_block")}
+    n = len(panels) + (1 if len(curve) == 2 else 0)
+    img = Image.new("RGB", (W * cols, H * max(1, math.ceil(n / cols)) + 30), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), f"CIFAR-10 reproduction: profile {res['profile']}, split {res['split']}, seeds {res['seeds']}; "
+                    "bars: mean, whiskers: std over seeds", fill="black", font=font)
+    x = W * cols - 430
+    for colour, name in (("#9e9e9e", "reference"), ("#43a047", "claim holds"), ("#e53935", "does not"),
+                         ("#90caf9", "seeds missing")):
+        d.rectangle([x, 10, x + 12, 22], fill=colour, outline="black")
+        d.text((x + 16, 9), name, fill="black", font=small)
+        x += 24 + d.textlength(name, font=small) + 20
+
+    def axes(x0, y0, title, lo, hi):
+        left, top, right, bottom = x0 + 45, y0 + 30, x0 + W - 15, y0 + H - 80
+        d.text((x0 + 10, y0 + 8), title, fill="black", font=font)
+        d.line([(left, top), (left, bottom), (right, bottom)], fill="black")
+        for i in range(5):
+            v = lo + (hi - lo) * i / 4
+            y = bottom - (bottom - top) * i / 4
+            d.line([(left - 4, y), (left, y)], fill="black")
+            d.text((x0 + 5, y - 6), f"{v:.1f}", fill="black", font=small)
+        return left, top, right, bottom, (lambda v: bottom - (bottom - top) * (v - lo) / (hi - lo))
+
+    def span(vals):
+        lo, hi = min(vals), max(vals)
+        pad = max(1.0, 0.15 * (hi - lo))
+        return math.floor(lo - pad), math.ceil(hi + pad)
+
+    for k, paper in enumerate(panels):
+        x0, y0 = (k % cols) * W, 30 + (k // cols) * H
+        rows, seen = [], {}
+        for r in res["rows"]:  # one bar per (run, metric): a run with two claims is green only if both hold
+            if r["paper"] != paper or r["mean"] is None or r["metric"] == "gain":
+                continue
+            if (r["key"], r["metric"]) in seen:
+                first = seen[(r["key"], r["metric"])]
+                first["holds"] = None if None in (first["holds"], r["holds"]) else first["holds"] and r["holds"]
+                first["baselines"] = first["baselines"] or r["baselines"]
+                continue
+            seen[(r["key"], r["metric"])] = r = dict(r)
+            rows.append(r)
+        if not rows:
+            d.text((x0 + 10, y0 + 8), f"{paper}: no results yet", fill="black", font=font)
+            continue
+        lo, hi = span([r["mean"] - r["std"] for r in rows] + [r["mean"] + r["std"] for r in rows])
+        metrics = sorted({r["metric"] for r in rows}, key=list(METRIC_NAMES).index)
+        left, top, right, bottom, y = axes(x0, y0, f"{paper}: {', '.join(METRIC_NAMES[m] for m in metrics)}", lo, hi)
+        slot = (right - left) / len(rows)
+        for i, r in enumerate(rows):
+            cx = left + slot * (i + 0.5)
+            colour = "#9e9e9e" if not r["baselines"] else {True: "#43a047", False: "#e53935", None: "#90caf9"}[r["holds"]]
+            d.rectangle([cx - slot * 0.32, y(r["mean"]), cx + slot * 0.32, bottom], fill=colour, outline="black")
+            if r["std"]:
+                d.line([(cx, y(r["mean"] - r["std"])), (cx, y(r["mean"] + r["std"]))], fill="black", width=2)
+                for v in (r["mean"] - r["std"], r["mean"] + r["std"]):
+                    d.line([(cx - 5, y(v)), (cx + 5, y(v))], fill="black", width=2)
+            d.text((cx - 14, y(r["mean"] + r["std"]) - 14), f"{r['mean']:.1f}", fill="black", font=small)
+            label = r["method"] + ("" if len(metrics) == 1 else f" [{r['metric']}]")
+            words, lines, cur = label.split(), [], ""
+            for w in words:  # wrap the label under its bar
+                if cur and d.textlength(cur + " " + w, font=small) > slot - 2:
+                    lines.append(cur)
+                    cur = w
+                else:
+                    cur = (cur + " " + w).strip()
+            lines.append(cur)
+            for j, line in enumerate(lines[:5]):
+                d.text((cx - d.textlength(line, font=small) / 2, bottom + 4 + 12 * j), line, fill="black", font=small)
+    if len(curve) == 2:
+        k = len(panels)
+        x0, y0 = (k % cols) * W, 30 + (k // cols) * H
+        plain, sd = curve["sdssl_plain_eval"], curve["sdssl_sd_eval"]
+        lo, hi = span(plain + sd)
+        left, top, right, bottom, y = axes(x0, y0, "sdssl: k-NN@20 of each block's CLS", lo, hi)
+        xs = [left + (right - left) * (i + 0.5) / len(plain) for i in range(len(plain))]
+        for vals, colour, name, row in ((plain, "#757575", "plain", 0), (sd, "#1e88e5", "self-distilled", 1)):
+            pts = [(x, y(v)) for x, v in zip(xs, vals)]
+            if len(pts) > 1:
+                d.line(pts, fill=colour, width=3)
+            for x, v in pts:
+                d.ellipse([x - 4, v - 4, x + 4, v + 4], fill=colour)
+            d.line([(left + 10, top + 8 + 16 * row), (left + 30, top + 8 + 16 * row)], fill=colour, width=3)
+            d.text((left + 35, top + 2 + 16 * row), name, fill="black", font=small)
+        for i, x in enumerate(xs):
+            d.text((x - 10, bottom + 4), f"block {i}", fill="black", font=small)
+    img.save(path, optimize=True)
+
+
+# =============================================================================================
+# main
+# =============================================================================================
+def machine_info():
+    """CPU model and cores, GPU name, torch version, without importing torch (slow) when possible."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        try:
+            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30).stdout.strip().replace("\n", ", ") or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        from importlib.metadata import version
+        torch_version = version("torch")
+    except Exception:
+        torch_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch_version, "python": platform.python_version()}
+
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("reproduce_cifar10", description="Reproduce every paper's central claim on CIFAR-10 "
+                                "(resumable; see the module docstring).")
+    p.add_argument("--profile", default="smoke", choices=sorted(PROFILES), help="sizes and schedules (PROFILES at the top)")
+    p.add_argument("--data", default="", help="the CIFAR-10 tarball or an unpacked root with train/ and test/ "
+                   "(ignored by the synthetic profiles smoke and tiny)")
+    p.add_argument("--split", default="test", choices=["val", "test"],
+                   help="val: train on the training split minus a held-out carve and evaluate on the carve "
+                        "(hyperparameter selection); test: the test split (the synthetic profiles have their own)")
+    p.add_argument("--seeds", default=None, type=int, help="student seeds 0..N-1 (default: the profile's)")
+    p.add_argument("--out", default="output/reproduce", help="runs go to OUT/<profile>_<split>/<run>, data to OUT/data")
+    p.add_argument("--results_dir", default=os.path.join(REPO, "bench", "results"),
+                   help="where cifar10_<profile>[_val].json / .md / .png go")
+    p.add_argument("--only", default=[], nargs="+", choices=sorted(PAPERS),
+                   help="only these papers' rows (and the teachers they need)")
+    p.add_argument("--nproc", default=1, type=int, help="processes per run (torchrun --nproc_per_node) when > 1")
+    p.add_argument("--jobs", default=None, type=int, help="runs at a time (default: the profile's; one GPU can hold several)")
+    p.add_argument("--runner", default=None, choices=["subprocess", "inprocess"],
+                   help="inprocess: run each script's __main__ in this process (saves the ~4 s import of every run; jobs 1); "
+                        "default: the profile's (smoke, tiny: inprocess)")
+    p.add_argument("--threads", default=None, type=int,
+                   help="OMP_NUM_THREADS of every run (default: the profile's; 0: leave the environment alone)")
+    p.add_argument("--keep_going", action="store_true", help="after a failed run, go on with the runs that do not need it")
+    p.add_argument("--dry_run", action="store_true", help="print the commands and exit")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    P = PROFILES[args.profile]
+    args.jobs = args.jobs or P.get("jobs", 1)
+    args.runner = args.runner or P.get("runner", "subprocess")
+    args.threads = P.get("threads", 0) if args.threads is None else args.threads
+    if args.runner == "inprocess" and (args.jobs > 1 or args.nproc > 1):
+        sys.exit("error: --runner inprocess runs one script at a time in one process (--jobs 1 --nproc 1)")
+    out = os.path.abspath(args.out)
+    seeds = list(range(args.seeds if args.seeds is not None else P["seeds"]))
+    if not seeds:
+        sys.exit("error: --seeds must be at least 1")
+    synthetic = "synthetic_size" in P["data"]
+    split = "synthetic" if synthetic else args.split
+    if synthetic:  # built-in shapes: the scripts make n training and n // 4 evaluation images themselves
+        n = P["data"]["synthetic_size"]
+        data_flags, images = ["--dataset", "synthetic", "--synthetic_size", str(n)], (n, max(n // 4, 10))
+        data_info = {"dataset": "synthetic", "train_images": images[0], "eval_images": images[1]}
+    else:
+        if not args.data:
+            sys.exit(f"error: --profile {args.profile} needs --data (the CIFAR-10 tarball or an unpacked root)")
+        src = source_root(args.data, out) if not args.dry_run or os.path.isdir(args.data) else args.data
+        root, ntr, nev = split_root(src, out, args.split, P["data"].get("train_per_class"), P["data"]["val_per_class"],
+                                    args.dry_run)
+        data_flags, images = ["--dataset", "imagefolder", "--data_path", root], (ntr, nev)
+        data_info = {"dataset": "cifar10", "root": root.replace(out + "/", "$OUT/"), "train_images": ntr, "eval_images": nev,
+                     "train_per_class": P["data"].get("train_per_class"), "val_per_class": P["data"]["val_per_class"],
+                     "split_seed": SPLIT_SEED}
+    data_flags += ["--input_size", "32"]
+    workdir = os.path.join(out, f"{args.profile}_{split}")
+    plan = build_plan(P, workdir, data_flags, images, seeds)
+    runs = restrict(plan, set(args.only)) if args.only else plan
+    results_base = os.path.join(os.path.abspath(args.results_dir), f"cifar10_{args.profile}" + ("_val" if split == "val" else ""))
+    if args.dry_run:
+        for i, r in enumerate(runs):
+            state = "finished" if r.finished() else "to run"
+            print(f"[run {i + 1}/{len(runs)}] {r.name} ({state})\n  {normalize(command_line(r, args.nproc), out)}")
+        print(f"| {len(runs)} runs; results would go to {results_base}.json/.md/.png; $OUT = {out}")
+        return 0
+    command = ["python", "bench/reproduce_cifar10.py"] + list(sys.argv[1:] if argv is None else argv)
+    meta = {"profile": args.profile, "split": split, "seeds": seeds, "machine": machine_info(), "data": data_info,
+            "command": " ".join(shlex.quote(a) for a in command)}
+    os.makedirs(workdir, exist_ok=True)
+    signal.signal(signal.SIGTERM, stop)  # a scheduler's kill stops like Ctrl-C: time kept, children stopped
+    suite = Suite(args, P, runs, plan, out, workdir, results_base, meta)
+    suite.check_stale()
+    print(f"| profile {args.profile}, split {split}, seeds {seeds}: {len(runs)} runs in {workdir}; "
+          f"results in {results_base}.json/.md/.png", flush=True)
+    ok = suite.execute()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
