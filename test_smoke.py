@@ -879,7 +879,7 @@ def test_each_network_gets_its_own_input_normalisation(tmp_path):
 
 
 def test_vitkd_bad_input(tmp_path, supervised_run):
-    with pytest.raises(common.UserError, match="--nkd / --kd_weight need a teacher"):
+    with pytest.raises(common.UserError, match="--nkd / --kd_weight / --distill_token need a teacher"):
         run_vitkd(tmp_path / "x", "--nkd")
     with pytest.raises(common.UserError, match="patch grid .* pass --resample_teacher_grid"):
         run_vitkd(tmp_path / "y", "--patch_size", "4", "--teacher_weights", str(supervised_run / "checkpoint.pth"))
