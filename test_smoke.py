@@ -518,6 +518,12 @@ def torchrun_ranks(tmp_path_factory):
     return out
 
 
+def test_torchrun_bad_input_is_reported_once(torchrun_ranks):
+    ranks = [json.loads((torchrun_ranks / f"refused{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in ranks] == [2, 2] and all(r["pg_closed"] for r in ranks)
+    assert ranks[0]["stderr"].strip().splitlines() == ["error: --epochs must be at least 1, got 0"] and ranks[1]["stderr"] == ""
+
+
 def test_torchrun_two_ranks_equal_one_process(tmp_path, torchrun_ranks):
     flags = DDP_FLAGS
     ranks = [torch.load(torchrun_ranks / f"rank{i}.pth", weights_only=True) for i in range(2)]
@@ -567,7 +573,18 @@ def ddp_worker(argv):
     torch.save({"model": model.state_dict(), "gather_ok": bool(ok), "feats": feats, "labels": labels},
                os.path.join(args.output_dir, f"rank{rank}.pth"))
     sdssl_worker(args.output_dir)
-    torch.distributed.destroy_process_group()
+    # last: a refused input on every rank; one error line, from rank 0 only, and every rank exits 2
+    import contextlib
+    import io
+    err, code = io.StringIO(), None
+    with contextlib.redirect_stderr(err):
+        try:
+            common.run_main(vitkd.main, vitkd.get_args_parser(), ["--epochs", "0", "--dataset", "synthetic",
+                                                                   "--output_dir", os.path.join(args.output_dir, "refused")])
+        except SystemExit as e:
+            code = e.code
+    with open(os.path.join(args.output_dir, f"refused{rank}.json"), "w") as f:
+        json.dump({"code": code, "stderr": err.getvalue(), "pg_closed": not torch.distributed.is_initialized()}, f)
 
 
 # ---------------------------------------------------------------------------------------------
