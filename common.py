@@ -1,8 +1,4 @@
-"""Shared pieces of the scripts in this repository (only those that two or more use), in sections: 1. errors,
-rank-0 printing; 2. distributed (torchrun / SLURM / one process); 3. models (create_model, load_weights, frozen
-teachers, backbone export); 4. ViT taps (block outputs, attention maps, head masks); 5. data (datasets, transforms,
-loaders); 6. training utilities (seeds, schedules, lr, precision, evaluation, checkpoints, resume, logs); 7. frozen
-features (feature specs, linear-probe files, k-NN). All runs on CPU in one process and under `torchrun` on GPUs."""
+"""What two or more scripts share: errors, distributed, models, ViT taps, data, training utilities, frozen features."""
 import argparse
 import datetime
 import json
@@ -41,9 +37,7 @@ TRUST_CHECKPOINTS = False  # --trust_checkpoint: allow full unpickling of files 
 
 
 def run_main(main, parser, argv=None):
-    """Every script's `__main__` body: parse, run, and report a UserError as one stderr line from rank 0 (every
-    rank exits 2), no traceback. A UserError raised in a data-loader worker arrives wrapped in the worker's
-    traceback: its last line is the message."""
+    """A script's __main__: parse, run; a UserError (a worker's: its last line) -> one rank-0 stderr line, exit 2."""
     global TRUST_CHECKPOINTS
     args = parser.parse_args(argv)
     TRUST_CHECKPOINTS = getattr(args, "trust_checkpoint", False)
@@ -51,8 +45,7 @@ def run_main(main, parser, argv=None):
         main(args)
     except UserError as e:
         msg = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-        if get_rank() == 0:
-            print(f"error: {msg}", file=sys.stderr, flush=True)
+        print0(f"error: {msg}", file=sys.stderr)
         if is_dist():
             dist.destroy_process_group()
         sys.exit(2)
@@ -74,8 +67,7 @@ def progress(iterable, desc="", total=None):
 
 # ---- 2. distributed -------------------------------------------------------------------------
 def init_distributed():
-    """Process group from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (or SLURM's SLURM_PROCID / SLURM_NTASKS /
-    SLURM_LOCALID under srun); without them one plain process. nccl on CUDA, gloo on CPU. Returns the device."""
+    """Process group of torchrun's or srun's (SLURM_*) variables, else one process; nccl / gloo. Returns the device."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
@@ -161,9 +153,7 @@ CHECKPOINT_KEYS = ("teacher", "student", "model", "state_dict", "state_dict_ema"
 
 
 def create_model(name, num_classes=None, mean=None, std=None, **overrides):
-    """timm.create_model with aliases (deit_tiny, ...), tagged names (vit_small_patch16_224.dino) and overrides (None:
-    timm's default); never downloads weights. mean / std: its input normalisation (default: input_stats of the name).
-    The arguments are kept in model.model_config, so a checkpoint rebuilds the model and its normalisation."""
+    """timm.create_model with aliases, tags, overrides (None: timm's); no download. model_config: arguments + stats."""
     full = ALIASES.get(name, name)
     check_timm_name(full, name)
     kwargs = {k: v for k, v in dict(overrides, num_classes=num_classes).items() if v is not None}
@@ -173,15 +163,13 @@ def create_model(name, num_classes=None, mean=None, std=None, **overrides):
     try:
         model = timm.create_model(full, pretrained=False, **kwargs)
     except TypeError as e:
-        sized = {k: kwargs.pop(k) for k in ("img_size", "dynamic_img_size") if k in kwargs}
-        model = None
+        sized, model = {k: kwargs.pop(k) for k in ("img_size", "dynamic_img_size") if k in kwargs}, None
         with suppress(TypeError):  # a model without a fixed input size (CNNs) takes any size: drop img_size for it
             model = timm.create_model(full, pretrained=False, **kwargs) if sized else None
         if model is None:
             fail(f"model '{name}' does not take these options {sorted({**kwargs, **sized})}: {e}")
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None) is not None:
-        (ih, iw), (ph, pw) = pe.img_size, pe.patch_size
+    if getattr(getattr(model, "patch_embed", None), "img_size", None) is not None:
+        (ih, iw), (ph, pw) = model.patch_embed.img_size, model.patch_embed.patch_size
         if ih % ph or iw % pw:
             fail(f"--input_size {ih} is not a multiple of the patch size {ph}: the image would be cropped to "
                  f"{ih // ph * ph} px (use a multiple of {ph})")
@@ -204,8 +192,7 @@ def check_timm_name(full, given=None):
 
 
 def input_stats(name, weights=None, mean=None, std=None):
-    """(mean, std) a network expects: the given values; else timm's pretrained config of hub:NAME weights or of a
-    tagged name; else ImageNet's (untagged names, local files, networks trained from scratch here)."""
+    """(mean, std) a network expects: the given ones, else timm's config of hub:NAME / tagged name, else ImageNet's."""
     if mean is not None and std is not None:
         return tuple(float(v) for v in mean), tuple(float(v) for v in std)
     tagged = weights[4:] if weights and weights.startswith("hub:") else (name if "." in name else None)
@@ -239,22 +226,18 @@ def renormalize_input(model, data_stats, label="teacher"):
 
 
 def sincos_2d(grid_h, grid_w, dim, layout="mae", temperature=10000.0):
-    """Fixed 2-D sin-cos position embedding, (grid_h * grid_w, dim), row-major tokens. layout='mae' (MAE, the ViTKD
-    generator): [sin x, cos x, sin y, cos y], x the column, y the row; 'moco' (MoCo v3): [sin y, cos y, sin x, cos x]
-    (the row's channels first)."""
+    """Fixed 2-D sin-cos position embedding, (grid_h * grid_w, dim), row-major; x the column, y the row. layout 'mae'
+    (MAE, ViTKD's generator): [sin x, cos x, sin y, cos y]; 'moco' (MoCo v3): [sin y, cos y, sin x, cos x]."""
     if dim % 4:
         fail(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32),
-                          torch.arange(grid_w, dtype=torch.float32), indexing="ij")
+    y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (grid_h, grid_w)), indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    first, second = (x, y) if layout == "mae" else (y, x)
-    a, b = first.reshape(-1, 1) * omega, second.reshape(-1, 1) * omega
+    a, b = (t.reshape(-1, 1) * omega for t in ((x, y) if layout == "mae" else (y, x)))
     return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], 1)
 
 
 def read_checkpoint(path):
-    """torch.load a local file on CPU. weights_only=True first (argparse.Namespace allowed, as in
-    DINO / DeiT / MAE files); a file that needs full unpickling is loaded only with a warning."""
+    """torch.load on CPU, weights_only (and argparse.Namespace: DINO, DeiT, MAE); more only with --trust_checkpoint."""
     if not os.path.isfile(path):
         fail(f"checkpoint not found: {path} (local paths are never downloaded; use hub:NAME for timm weights)")
     try:
@@ -268,8 +251,7 @@ def read_checkpoint(path):
             if "This file can still be loaded" not in str(e):  # torch's words for "a global outside the allow-list"
                 raise
             if not TRUST_CHECKPOINTS:  # full unpickling runs whatever code the file names
-                found = re.search(r"GLOBAL ([\w.]+)", str(e))
-                what = found.group(1) if found else "a global outside the allow-list"
+                what = next(iter(re.findall(r"GLOBAL ([\w.]+)", str(e))), "a global outside the allow-list")
                 fail(f"{path} holds Python objects beyond tensors ({what}); loading it would run code from the file: "
                      "pass --trust_checkpoint if you trust it")
             print0(f"warning: {path}: full unpickling (--trust_checkpoint)")
@@ -285,7 +267,8 @@ def read_checkpoint(path):
 def pick_state_dict(ckpt, key, source):
     if key is not None:
         if not isinstance(ckpt, dict) or key not in ckpt:
-            fail(f"{source} has no key '{key}' (top-level keys: {sorted(ckpt)[:12] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+            top = sorted(ckpt)[:12] if isinstance(ckpt, dict) else type(ckpt).__name__
+            fail(f"{source} has no key '{key}' (top-level keys: {top})")
         return ckpt[key], key
     if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         return ckpt, None
@@ -296,9 +279,8 @@ def pick_state_dict(ckpt, key, source):
 
 
 def adapt_state_dict(sd, model):
-    """Map a foreign state dict onto `model`: strip 'module.' / '_orig_mod.'; keep only a 'backbone.' / 'base_encoder.'
-    / 'encoder.' part (DINO, MoCo v3); drop MAE's decoder and a classifier whose shape or presence differs; resample
-    pos_embed to the patch grid. Returns (state_dict, notes, is_head), is_head(key) telling classifier keys."""
+    """Map a foreign state dict onto `model` (prefixes, DINO / MoCo v3 backbone part, MAE decoder, differing classifier,
+    pos_embed resampled). Returns (state_dict, notes, is_head), is_head(key) telling classifier keys."""
     model_sd, notes = model.state_dict(), []
     sd = timm.models.clean_state_dict({k: v for k, v in sd.items() if torch.is_tensor(v)})  # DDP / compile prefixes
     for p in ("backbone.", "base_encoder.", "encoder."):
@@ -334,16 +316,10 @@ def adapt_state_dict(sd, model):
 
 
 def load_weights(model, source, key=None, ckpt=None, require_head=False):
-    """Load weights into `model` from
-      - a local .pth / .pt / .bin / .safetensors file: timm (plain, 'state_dict' / 'state_dict_ema'), DeiT / MAE
-        ('model'), DINO ('teacher' / 'student', 'module.backbone.'), MoCo v3 ('state_dict', 'module.base_encoder.'),
-        this repository's checkpoints and exported backbones; `key` forces a top-level key;
-      - 'hub:<timm name>': timm pretrained weights (network or a filled HF cache; HF_HUB_OFFLINE=1 fails at once);
-      - 'random': keep the random initialisation (asked for explicitly, e.g. smoke tests).
-    Errors: a missing path (never downloaded), missing / unexpected keys beyond a classifier head, and with require_head
-    a classifier absent or of another shape. `ckpt`: the file's content if the caller read it."""
+    """Load `model` from a file (timm, DeiT, MAE, DINO, MoCo v3, ours; `key`: top-level key; `ckpt`: content if read),
+    hub:<timm name> or 'random'. Fails on missing / unexpected keys beyond the classifier, which require_head needs."""
     if source == "random":
-        print0(f"warning: {model.model_config['name'] if hasattr(model, 'model_config') else 'model'} keeps RANDOM weights (asked for)")
+        print0(f"warning: {getattr(model, 'model_config', {}).get('name', 'model')} keeps RANDOM weights (asked for)")
         return
     if source.startswith("hub:"):
         sd, used_key = _hub_state_dict(source[4:]), None
@@ -351,10 +327,9 @@ def load_weights(model, source, key=None, ckpt=None, require_head=False):
         ckpt = read_checkpoint(os.path.expanduser(source)) if ckpt is None else ckpt
         sd, used_key = pick_state_dict(ckpt, key, source)
     sd, notes, is_head = adapt_state_dict(sd, model)
-    model_sd = model.state_dict()
     check_state_dict(sd, model, source, optional=is_head)
     model.load_state_dict(sd, strict=False)
-    head_missing = [k for k in model_sd if k not in sd]
+    head_missing = [k for k in model.state_dict() if k not in sd]
     if head_missing and require_head:
         fail(f"{source} holds no classifier for this model ({', '.join(notes) or 'none in the file'}); "
              f"a teacher needs its own: give it the file's number of classes")
@@ -392,13 +367,11 @@ def _hub_state_dict(name):
 
 
 def saved_model_config(source):
-    """(create_model arguments, content) of a file written here: the checkpoint's 'model_config' or the .json beside
-    an exported backbone. (None, content) for foreign files, (None, None) for hub: and random."""
+    """(its 'model_config' or the .json beside an export, else None; content, None for hub: / random) of a file."""
     if not source or source == "random" or source.startswith("hub:"):
         return None, None
-    ckpt = read_checkpoint(os.path.expanduser(source))
+    ckpt, config = read_checkpoint(os.path.expanduser(source)), None
     sidecar = os.path.splitext(os.path.expanduser(source))[0] + ".json"
-    config = None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
         config = dict(ckpt["model_config"])
     elif os.path.isfile(sidecar):
@@ -410,10 +383,8 @@ def saved_model_config(source):
 
 
 def build_teacher(name, weights, key=None, data_stats=None, mean=None, std=None, label="teacher", **overrides):
-    """A frozen teacher (eval mode forever, no gradients). `weights` (a file, hub:NAME, 'random' for smoke tests) is
-    required: a teacher is never silently random, nor its classifier (num_classes > 0 needs one of the right shape).
-    `name` may be None for this repository's files; `overrides` (None ignored) apply on top. Input statistics: mean /
-    std, else the file's, else input_stats; data_stats inputs are re-normalised to them (renormalize_input)."""
+    """Frozen teacher; `weights` (file, hub:NAME, 'random') and its classifier required; data_stats: renormalize_input.
+    `name` None: the file's; overrides (None ignored) on top; stats: mean / std, else the file's, else input_stats."""
     if not weights:
         fail(f"{label} '{name}' needs weights: a local file, hub:<timm name>, or 'random' (smoke tests only)")
     config, ckpt = saved_model_config(weights)
@@ -423,7 +394,8 @@ def build_teacher(name, weights, key=None, data_stats=None, mean=None, std=None,
     elif config is None:
         fail(f"cannot tell the {label}'s architecture from {weights}: pass --{label.replace(' ', '_')}")
     config.update({k: v for k, v in overrides.items() if v is not None})
-    config["mean"], config["std"] = input_stats(config["name"], weights, mean or saved.get("mean"), std or saved.get("std"))
+    config["mean"], config["std"] = input_stats(config["name"], weights, mean or saved.get("mean"),
+                                                std or saved.get("std"))
     model = create_model(**config)
     load_weights(model, weights, key, ckpt=ckpt, require_head=model.num_classes > 0)
     if data_stats is not None:
@@ -439,8 +411,7 @@ def freeze(model):
 
 
 def export_backbone(model, path):
-    """Write the plain timm state dict of `model` (timm.create_model(..., checkpoint_path=path) and
-    eval_knn_linear.py load it) and, beside it, <path>.json with the create_model arguments that rebuild it."""
+    """Write model's plain timm state dict (timm's checkpoint_path= loads it) and <path>.json of its model_config."""
     model = unwrap(model)
     atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     if is_main_process() and hasattr(model, "model_config"):
@@ -450,19 +421,10 @@ def export_backbone(model, path):
 
 # ---- 4. ViT taps ----------------------------------------------------------------------------
 class ViTTaps:
-    """Read block outputs and attention maps of chosen blocks of a timm VisionTransformer during its ordinary
-    forward, and optionally zero heads. Hooks only (Attention.forward is never replaced); blocks whose attention is
-    read run the unfused path, all others keep fused SDPA. Example:
-        with ViTTaps(vit, blocks=[0, 1, -1], attn=[-1], norm=[-1]) as taps:
-            logits = vit(x)
-        taps.tokens[11]   # B x N x D output of block 11 (after the final norm: norm=[-1])
-        taps.attn[11]     # B x H x N x N post-softmax attention of block 11
-    blocks: block outputs to keep, prefix tokens included (taps.num_prefix_tokens of them).
-    where: 'ffn' = full block output (FFN-out); 'mha' = block input + attention branch (MHA-out).
-    norm: True / False / block indices whose output goes through the model's final norm.
-    attn: blocks whose post-softmax probabilities (before dropout) are kept, with their graph when grad is enabled.
-    head_masks: {block: (H,) or (B, H) mask} multiplied into the head outputs before the output projection (0
-    removes a head); set_head_masks() changes them. Context manager or close(): either restores the model exactly."""
+    """Hooks on a timm ViT (Attention.forward kept; blocks in `attn` leave fused SDPA). `with ViTTaps(vit, [0, -1],
+    [-1]) as taps: vit(x)` fills taps.tokens[i] (B x N x D with prefix tokens; where 'ffn': block output, 'mha': input
+    + attention branch; `norm`: True / False / blocks through the final norm) and taps.attn[i] (B x H x N x N softmax,
+    with graph under grad); head_masks {block: (H,) or (B, H)} scale heads before the projection. close() restores."""
 
     def __init__(self, model, blocks=(), attn=(), where="ffn", norm=False, head_masks=None):
         if not hasattr(model, "blocks") or not all(hasattr(b, "attn") and hasattr(b.attn, "attn_drop")
@@ -470,14 +432,11 @@ class ViTTaps:
             fail(f"ViT taps need a timm VisionTransformer, got {type(model).__name__}")
         if where not in ("ffn", "mha"):
             fail(f"where must be 'ffn' or 'mha', got {where!r}")
-        self.model = model
-        depth = len(model.blocks)
-        idx = lambda i: i % depth if -depth <= i < depth else fail(f"block {i} out of range for depth {depth}")  # noqa: E731
-        self.blocks = sorted({idx(i) for i in blocks})
-        self.attn_blocks = sorted({idx(i) for i in attn})
+        self.model, depth = model, len(model.blocks)
+        idx = lambda i: i % depth if -depth <= i < depth else fail(f"block {i} out of range for depth {depth}")  # noqa
+        self.blocks, self.attn_blocks = sorted({idx(i) for i in blocks}), sorted({idx(i) for i in attn})
         norm_set = set(self.blocks) if norm is True else {idx(i) for i in (norm or ())}
-        self.num_prefix_tokens = model.num_prefix_tokens
-        self.tokens, self.attn, self.head_masks = {}, {}, {}
+        self.tokens, self.attn, self.head_masks, self.num_prefix_tokens = {}, {}, {}, model.num_prefix_tokens
         self._handles, self._fused, self._inputs, self._mask_hooks = [], {}, None, {}
         for i in self.blocks:
             blk, post = model.blocks[i], (model.norm if i in norm_set else None)
@@ -508,8 +467,7 @@ class ViTTaps:
 
     def set_head_masks(self, masks):
         """Replace the head masks: {block: (H,) or (B, H) tensor}; blocks left out are unmasked."""
-        depth = len(self.model.blocks)
-        masks = {i % depth: m for i, m in masks.items()}
+        masks = {i % len(self.model.blocks): m for i, m in masks.items()}
         for i in list(self._mask_hooks):
             if i not in masks:
                 self._mask_hooks.pop(i).remove()
@@ -522,19 +480,17 @@ class ViTTaps:
         heads = self.model.blocks[i].attn.num_heads
 
         def hook(module, inputs):
-            x = inputs[0]
-            m = self.head_masks[i].to(x.dtype)
-            m = m.view(1, 1, heads, 1) if m.dim() == 1 else m.view(m.shape[0], 1, heads, 1)
+            x, m = inputs[0], self.head_masks[i]
+            m = m.to(x.dtype).view(1 if m.dim() == 1 else m.shape[0], 1, heads, 1)
             return (x.unflatten(-1, (heads, -1)) * m).flatten(-2),
         return hook
 
     def close(self):
         for h in self._handles + list(self._mask_hooks.values()):
             h.remove()
-        self._handles, self._mask_hooks = [], {}
         for i, fused in self._fused.items():
             self.model.blocks[i].attn.fused_attn = fused
-        self._fused, self._inputs = {}, None
+        self._handles, self._mask_hooks, self._fused, self._inputs = [], {}, {}, None
 
     def __enter__(self):
         return self
@@ -547,18 +503,19 @@ class ViTTaps:
 def add_data_args(parser, input_size=224):
     """Data flags shared by every script."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data_path", default="", type=str,
-                   help="ImageFolder root with train/ and val/ (or test/), or the CIFAR root; unused for synthetic/fake")
-    g.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "cifar10", "cifar100", "fake", "synthetic"],
+    g.add_argument("--data_path", default="", type=str, help="ImageFolder root with train/ and val/ (or test/), or "
+                   "the CIFAR root; unused for synthetic/fake")
+    g.add_argument("--dataset", default="imagefolder",
+                   choices=["imagefolder", "cifar10", "cifar100", "fake", "synthetic"],
                    help="synthetic: built-in learnable shapes (offline smoke runs); fake: torchvision FakeData (noise)")
     g.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR into --data_path")
     g.add_argument("--input_size", default=input_size, type=int, help="image side in pixels")
-    g.add_argument("--crop_pct", default=0.875, type=float, help="evaluation: resize to input_size / crop_pct, then centre crop")
+    g.add_argument("--crop_pct", default=0.875, type=float,
+                   help="evaluation: resize to input_size / crop_pct, then centre crop")
     g.add_argument("--synthetic_size", default=2000, type=int, help="training images of the synthetic/fake dataset")
     g.add_argument("--num_workers", default=8, type=int, help="data loader workers per process")
-    g.add_argument("--mean", default=None, type=float, nargs=3,
-                   help="input normalisation (training: of the data and the student, default ImageNet's; "
-                        "eval_knn_linear.py: overrides the backbone's own)")
+    g.add_argument("--mean", default=None, type=float, nargs=3, help="input normalisation (training: of the data and "
+                   "the student, default ImageNet's; eval_knn_linear.py: overrides the backbone's own)")
     g.add_argument("--std", default=None, type=float, nargs=3, help="as --mean")
     return g
 
@@ -569,8 +526,7 @@ def data_stats(args):
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """Learnable shapes made on the fly for offline runs: 10 classes, random colours, sizes, positions, frequencies,
-    pixel noise. Image i is a function of (seed, i): the same in every process and epoch before augmentation."""
+    """Learnable shapes (10 classes, random colours, sizes, positions, noise) for offline runs; image i = f(seed, i)."""
     classes = ["disc", "square", "triangle", "cross", "ring", "diamond", "hgrating", "vgrating", "dgrating", "checker"]
 
     def __init__(self, size, img_size=32, seed=0, transform=None):
@@ -584,23 +540,16 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def render(self, i):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
-        s = self.img_size
-        y, x = torch.meshgrid(torch.arange(s) / s, torch.arange(s) / s, indexing="ij")
+        y, x = torch.meshgrid(*[torch.arange(self.img_size) / self.img_size] * 2, indexing="ij")
         cx, cy, r = u(0.3, 0.7), u(0.3, 0.7), u(0.15, 0.3)
-        dx, dy = x - cx, y - cy
-        f, ph = u(2.5, 6.0), u(0, 2 * math.pi)
+        f, ph, dx, dy = u(2.5, 6.0), u(0, 2 * math.pi), x - cx, y - cy
         wave = lambda t: torch.sin(2 * math.pi * f * t + ph) > 0  # noqa: E731
-        shape = (
-            lambda: dx ** 2 + dy ** 2 < r ** 2,
-            lambda: torch.maximum(dx.abs(), dy.abs()) < 0.8 * r,
+        shape = (  # self.classes, in order
+            lambda: dx ** 2 + dy ** 2 < r ** 2, lambda: torch.maximum(dx.abs(), dy.abs()) < 0.8 * r,
             lambda: (dy.abs() < r) & (dx.abs() < (dy + r) / 2),
             lambda: ((dx.abs() < r / 4) & (dy.abs() < r)) | ((dy.abs() < r / 4) & (dx.abs() < r)),
-            lambda: ((dx ** 2 + dy ** 2).sqrt() - 0.7 * r).abs() < 0.3 * r,
-            lambda: dx.abs() + dy.abs() < r,
-            lambda: wave(y),
-            lambda: wave(x),
-            lambda: wave((x + y) / math.sqrt(2)),
-            lambda: wave(x) ^ wave(y),
+            lambda: ((dx ** 2 + dy ** 2).sqrt() - 0.7 * r).abs() < 0.3 * r, lambda: dx.abs() + dy.abs() < r,
+            lambda: wave(y), lambda: wave(x), lambda: wave((x + y) / math.sqrt(2)), lambda: wave(x) ^ wave(y),
         )[self.targets[i]]()
         fg = torch.rand(3, generator=g)
         bg = (fg + 0.35 + 0.3 * torch.rand(3, generator=g)) % 1.0
@@ -609,16 +558,13 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return transforms.functional.to_pil_image(img)
 
     def __getitem__(self, i):
-        if i not in self._cache:
-            self._cache[i] = self.render(i)
-        img = self._cache[i]
+        img = self._cache[i] if i in self._cache else self._cache.setdefault(i, self.render(i))
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
 def build_dataset(args, split, transform):
     """split: 'train' or 'val'. Fails with one line on a missing or empty path before any work."""
-    name, root = args.dataset, os.path.expanduser(args.data_path or "")
-    is_train = split == "train"
+    name, root, is_train = args.dataset, os.path.expanduser(args.data_path or ""), split == "train"
     if name in ("synthetic", "fake"):
         n = args.synthetic_size if is_train else max(args.synthetic_size // 4, 10)
         if name == "synthetic":
@@ -648,8 +594,7 @@ def build_dataset(args, split, transform):
 
 
 def load_rgb(path):
-    """An image file as RGB. Policy for unreadable files (truncated, not an image): stop with the file's path,
-    in worker processes too (run_main prints it as one line); never skip silently."""
+    """An image file as RGB; an unreadable one stops the run with its path (from workers too), never skipped."""
     from PIL import Image
     try:
         with open(path, "rb") as f:
@@ -667,12 +612,12 @@ def build_transform(args, is_train, randaug="rand-m9-mstd0.5-inc1", reprob=0.25,
         bad = [p for p in parts[1:] if not re.fullmatch(r"(mstd|mmax|inc|m|n|p)\d[\d.]*|t\w+", p)]
         if parts[0] != "rand" or bad:
             fail(f"--randaug {randaug!r}: expected 'rand' followed by -m<int>, -n<int>, -mstd<float>, -mmax<int>, "
-                 f"-inc<0|1>, -p<float> sections (e.g. rand-m9-mstd0.5-inc1; '' = off)" + (f"; unknown: {bad}" if bad else ""))
+                 f"-inc<0|1>, -p<float> sections (e.g. rand-m9-mstd0.5-inc1; '' = off)"
+                 + (f"; unknown: {bad}" if bad else ""))
     if is_train:
         from timm.data import create_transform
-        t = create_transform(args.input_size, is_training=True, auto_augment=randaug or None,
-                             color_jitter=color_jitter, re_prob=reprob, re_mode="pixel", re_count=1,
-                             interpolation="bicubic", mean=mean, std=std)
+        t = create_transform(args.input_size, is_training=True, auto_augment=randaug or None, color_jitter=color_jitter,
+                             re_prob=reprob, re_mode="pixel", re_count=1, interpolation="bicubic", mean=mean, std=std)
         for op in (op for tt in t.transforms for op in getattr(tt, "ops", ())):
             if "Posterize" in getattr(op, "name", ""):
                 op.aug_fn = _posterize
@@ -684,8 +629,7 @@ def build_transform(args, is_train, randaug="rand-m9-mstd0.5-inc1", reprob=0.25,
 
 
 def _posterize(img, bits_to_keep, **_):
-    """timm's posterize op, also for 0 bits: RandAugment asks for 0 bits at magnitude 10 (DeiT's
-    m9-mstd0.5 reaches it); Pillow < 13 returned a black image, Pillow 13 raises ValueError."""
+    """timm's posterize; 0 bits (magnitude 10, reached by DeiT's m9-mstd0.5): black, as Pillow < 13 (13 raises)."""
     from PIL import Image, ImageOps
     if bits_to_keep >= 8:
         return img
@@ -712,14 +656,14 @@ def add_supervised_args(parser, epochs=300, batch_size=128, blr=2.5e-4, min_lr=1
     g.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0 = off)")
     g.add_argument("--mixup_prob", default=1.0, type=float)
     g.add_argument("--mixup_switch_prob", default=0.5, type=float)
-    g.add_argument("--repeated_aug", action=argparse.BooleanOptionalAction, default=False, help="DeiT's repeated augmentation")
+    g.add_argument("--repeated_aug", action=argparse.BooleanOptionalAction, default=False,
+                   help="DeiT's repeated augmentation")
     g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and at the end)")
     return g
 
 
 def build_supervised_data(args):
-    """(train_set, train_loader, val_loader, mixup_fn or None, criterion) with the DeiT recipe (add_supervised_args).
-    Under timm's Mixup / CutMix targets become soft labels (smoothing included), the criterion soft-target CE."""
+    """(train_set, train_loader, val_loader, mixup_fn or None, criterion) of the DeiT recipe (Mixup: soft-target CE)."""
     train_set = build_dataset(args, "train", build_transform(args, True, args.randaug, args.reprob))
     val_set = build_dataset(args, "val", build_transform(args, False))
     loader = build_loader(train_set, args.batch_size, True, args.num_workers, args.seed, args.repeated_aug)
@@ -737,9 +681,8 @@ def build_supervised_data(args):
 
 
 def build_loader(dataset, batch_size, train, num_workers=8, seed=0, repeated_aug=False):
-    """Training: shuffled DistributedSampler (also in one process, so batch W*b there sees the batches of W processes
-    with b), last partial batch dropped; DeiT's repeated augmentation on request. Evaluation: rank r takes samples
-    r, r + W, ...: each once, no padding, so metrics do not depend on W. Workers restart each epoch: exact resume."""
+    """Training: DistributedSampler even in one process (batch W*b = W processes of b), no partial batch, repeated aug.
+    on request. Evaluation: rank r takes r, r + W, ... (no padding: exact at any W). Workers restart: exact resume."""
     world, rank = get_world_size(), get_rank()
     if batch_size < 1:
         fail(f"--batch_size is per process and must be at least 1 (global batch = batch_size x {world} processes)")
@@ -751,10 +694,10 @@ def build_loader(dataset, batch_size, train, num_workers=8, seed=0, repeated_aug
         else:
             sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
                                                           shuffle=True, seed=seed, drop_last=True)
-        if len(sampler) < batch_size:
-            fail(f"{len(dataset)} training images give no full batch of {batch_size} per process on {world} process(es)")
     else:
         sampler = range(rank, len(dataset), world)
+    if train and len(sampler) < batch_size:
+        fail(f"{len(dataset)} training images give no full batch of {batch_size} per process on {world} process(es)")
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(), drop_last=train)
 
@@ -782,13 +725,14 @@ def add_run_args(parser):
     """Run-management flags shared by every training script (not hyperparameters)."""
     g = parser.add_argument_group("run")
     g.add_argument("--output_dir", default="output", type=str, help="checkpoint.pth, log.txt, args.json go here")
-    g.add_argument("--resume", default="auto", type=str,
-                   help="'auto': continue from output_dir/checkpoint.pth if present; 'none': start fresh "
-                        "(refused if output_dir holds a checkpoint); or a checkpoint path")
+    g.add_argument("--resume", default="auto", type=str, help="'auto': continue from output_dir/checkpoint.pth if "
+                   "present; 'none': start fresh (refused if output_dir holds a checkpoint); or a checkpoint path")
     g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="mixed precision on CUDA (CPU: always off)")
+    g.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"],
+                   help="mixed precision on CUDA (CPU: always off)")
     g.add_argument("--log_every", default=50, type=int, help="print a training line every N iterations")
-    g.add_argument("--save_every", default=0, type=int, help="also keep checkpoint{epoch:04}.pth every N epochs (0: never)")
+    g.add_argument("--save_every", default=0, type=int,
+                   help="also keep checkpoint{epoch:04}.pth every N epochs (0: never)")
     g.add_argument("--trust_checkpoint", action="store_true",
                    help="load files that hold Python objects beyond tensors (full unpickling runs code from the file)")
     return g
@@ -819,9 +763,8 @@ def lr_schedule(base, final, total_steps, warmup_steps=0, start=0.0):
 
 def train_batches(loader, optimizer, schedule, epoch, device, mixup=None):
     """One epoch: set lr = schedule(global step), move the batch to `device`, Mixup / CutMix. Yields (it, lr, x, y)."""
-    steps = len(loader)
     for it, (images, target) in enumerate(loader):
-        lr = schedule(epoch * steps + it)
+        lr = schedule(epoch * len(loader) + it)
         for g in optimizer.param_groups:
             g["lr"] = lr
         images = ([v.to(device, non_blocking=True) for v in images] if isinstance(images, (list, tuple))  # views
@@ -883,8 +826,7 @@ def optimizer_step(loss, optimizer, scaler, params=(), clip_grad=0.0, update=Tru
 
 
 def check_finite(loss, where=""):
-    """Stop every rank together when the loss is non-finite on any rank (a rank-local exit would
-    hang the others in their next collective). The last checkpoint on disk stays untouched."""
+    """Stop every rank together if the loss is non-finite on any (a lone exit would hang the others); no write."""
     bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device))
     if bad.item() > 0:
         fail(f"non-finite loss {where} on {int(bad.item())} rank(s); stopping all ranks. The last good "
@@ -893,14 +835,13 @@ def check_finite(loss, where=""):
 
 def kd_loss(logits_s, logits_t, temperature):
     """Hinton KD: KL(softmax(t / T) || softmax(s / T)), batch mean, times T^2 (fp32, teacher detached)."""
-    log_s = (logits_s.float() / temperature).log_softmax(1)
-    log_t = (logits_t.float().detach() / temperature).log_softmax(1)
+    log_s, log_t = ((z.float() / temperature).log_softmax(1) for z in (logits_s, logits_t.detach()))
     return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
 def token_loss(dist_logits, teacher_logits, kind="hard", temperature=1.0):
-    """DeiT's loss of the distillation token's head. hard: cross-entropy to the teacher's argmax. soft: KL(softmax(t / T)
-    || softmax(s / T)) summed and divided by the number of logits (B x C), times T^2, as DeiT's code normalises it."""
+    """DeiT's distillation-token loss. hard: cross-entropy to the teacher's argmax; soft: KL(softmax(t / T) ||
+    softmax(s / T)) summed, divided by the number of logits (B x C) as DeiT's code does, times T^2."""
     s, t = dist_logits.float(), teacher_logits.float().detach()
     if kind == "hard":
         return F.cross_entropy(s, t.argmax(1))
@@ -924,9 +865,8 @@ def evaluate(model, loader, device, amp="bf16"):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(images).float()
-        c1, c5 = accuracy(logits, target)
-        stats += torch.tensor([c1, c5, F.cross_entropy(logits, target, reduction="sum").item(), len(target)],
-                              device=device, dtype=torch.float64)
+        stats += torch.tensor([*accuracy(logits, target), F.cross_entropy(logits, target, reduction="sum").item(),
+                               len(target)], device=device, dtype=torch.float64)
     all_reduce_sum(stats)
     n = max(stats[3].item(), 1)
     return {"acc1": 100 * stats[0].item() / n, "acc5": 100 * stats[1].item() / n, "loss": stats[2].item() / n}
@@ -946,59 +886,51 @@ RESUME_FREE = ("resume", "output_dir", "data_path", "log_every", "save_every", "
 
 
 def prepare_output_dir(args, script, free=()):
-    """Read only (nothing is written before start_run): pick what to resume, refuse what would overwrite a run.
-    --resume auto: output_dir/checkpoint.pth if present (same script, same arguments up to RESUME_FREE and `free`);
-    none: refused if there is one; PATH: continue it (same script; changed arguments printed; load_state then checks
-    it against the model). Returns the checkpoint or None."""
+    """Read only: the checkpoint to resume or None. --resume auto: output_dir/checkpoint.pth if any (same script, args
+    equal up to RESUME_FREE and `free`); none: refused if there is one; PATH: same script, changed args printed."""
     for k in ("epochs", "ss_epochs"):
         if getattr(args, k, 1) < 1:
             fail(f"--{k} must be at least 1, got {getattr(args, k)}")
-    out = args.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        fail(f"--output_dir {out} exists and is not a folder")
-    own = os.path.join(out, "checkpoint.pth")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        fail(f"--output_dir {args.output_dir} exists and is not a folder")
+    own = os.path.join(args.output_dir, "checkpoint.pth")
     free = set(RESUME_FREE) | set(free)
     current = {k: v for k, v in vars(args).items() if k not in free}
-    if args.resume in ("none", ""):
-        if os.path.exists(own):
-            fail(f"{own} exists; use --resume auto to continue it or pick another --output_dir (nothing was overwritten)")
-        path = None
-    elif args.resume == "auto":
-        path = own if os.path.exists(own) else None
-    else:
+    if args.resume in ("none", "") and os.path.exists(own):
+        fail(f"{own} exists; use --resume auto to continue it or pick another --output_dir (nothing was overwritten)")
+    path = own if args.resume == "auto" and os.path.exists(own) else None
+    if args.resume not in ("none", "", "auto"):
         path = args.resume
         if not os.path.isfile(path):
             fail(f"--resume {path}: no such checkpoint")
-    ckpt = None
-    if path is not None:
-        ckpt = read_checkpoint(path)
-        if not isinstance(ckpt, dict) or "script" not in ckpt or "epoch" not in ckpt:
-            fail(f"--resume {path} is not a training checkpoint of this repository (no 'script' / 'epoch' entries)")
-        if ckpt["script"] != script:
-            fail(f"{path} is a checkpoint of {ckpt['script']}, not {script}; use another --output_dir")
-        old = {k: v for k, v in ckpt.get("args", {}).items() if k not in free}
-        diff = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
-        if diff:
-            listing = ", ".join(f"{k}: {old.get(k)!r} -> {current.get(k)!r}" for k in diff[:6])
-            if args.resume == "auto":
-                fail(f"{own} was written with other arguments ({listing}); pass --resume {own} to continue it "
-                     f"with the new ones, or pick another --output_dir")
-            print0(f"| resuming {path} with changed arguments: {listing}")
-        print0(f"| resuming from {path} at epoch {ckpt['epoch']}")
-        ckpt["_source"] = path  # for load_state's messages
+    if path is None:
+        return None
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "script" not in ckpt or "epoch" not in ckpt:
+        fail(f"--resume {path} is not a training checkpoint of this repository (no 'script' / 'epoch' entries)")
+    if ckpt["script"] != script:
+        fail(f"{path} is a checkpoint of {ckpt['script']}, not {script}; use another --output_dir")
+    old = {k: v for k, v in ckpt.get("args", {}).items() if k not in free}
+    diff = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
+    if diff:
+        listing = ", ".join(f"{k}: {old.get(k)!r} -> {current.get(k)!r}" for k in diff[:6])
+        if args.resume == "auto":
+            fail(f"{own} was written with other arguments ({listing}); pass --resume {own} to continue it "
+                 f"with the new ones, or pick another --output_dir")
+        print0(f"| resuming {path} with changed arguments: {listing}")
+    print0(f"| resuming from {path} at epoch {ckpt['epoch']}")
+    ckpt["_source"] = path  # for load_state's messages
     return ckpt
 
 
 def load_state(module, sd, source):
-    """module.load_state_dict(sd), after a clear error if the keys or shapes differ (e.g. --resume PATH of a run
-    with another architecture)."""
+    """module.load_state_dict(sd), after a clear error on differing keys or shapes (e.g. --resume of another model)."""
     check_state_dict(sd, module, source)
     module.load_state_dict(sd)
 
 
 def start_run(args, script):
-    """Call after every check has passed: create output_dir and prove it writable (a probe file), remove the temp
-    files of a checkpoint write that was killed, print the arguments and versions."""
+    """After all checks: make output_dir, prove it writable, delete killed writes' temp files, print args, versions."""
     out = args.output_dir
     if is_main_process():
         try:
@@ -1017,11 +949,9 @@ def start_run(args, script):
 
 
 def end_epoch(output_dir, script, args, epoch, train=None, test=None, save_every=0, **state):
-    """After epoch `epoch` has run: a non-finite metric or parameter stops every rank before anything is written
-    (the last good checkpoint stays); else write checkpoint.pth ('epoch' = the next to run, 'args' a plain dict for
-    weights_only=True, the state dicts; 'model' is the student, 'model_config' its create_model arguments, 'teacher'
-    only for a teacher that training changes, as load_weights prefers it), checkpoint{epoch:04}.pth every save_every
-    epochs, args.json (arguments, versions, git state) and the epoch's line in log.txt, which holds each epoch once."""
+    """After epoch `epoch`: a non-finite metric or parameter stops every rank before anything is written; else write
+    checkpoint.pth ('epoch' the next to run, 'args' a plain dict for weights_only, 'teacher' only if training changes
+    it: load_weights prefers it), checkpoint{epoch:04}.pth every save_every epochs, args.json, log.txt (epochs once)."""
     stats = {"epoch": epoch, **{f"train_{k}": v for k, v in (train or {}).items()},
              **{f"test_{k}": v for k, v in (test or {}).items()}}
     bad = [k for k, v in stats.items() if isinstance(v, float) and not math.isfinite(v)]
@@ -1071,8 +1001,7 @@ class Meter:
         self.count += 1
 
     def log(self, epoch, it, steps, every, **values):
-        """Add this iteration's values (floats or 0-d tensors); print the running line every `every` iterations and at
-        the last. Call it right after check_finite (which waited for the forward): logging adds no GPU sync."""
+        """Add floats / 0-d tensors; print every `every` iterations and the last. Call after check_finite: no sync."""
         tensors = [k for k, v in values.items() if torch.is_tensor(v)]  # one device -> host copy for all of them
         if tensors:
             values.update(zip(tensors, torch.stack([values[k].detach().float() for k in tensors]).tolist()))
@@ -1091,8 +1020,8 @@ class Meter:
 
 
 # ---- 7. frozen features: specs, linear-probe files, k-NN ------------------------------------
-# A feature spec names what a probe reads from a ViT: {'n_last_blocks': n, 'avgpool': bool} (the final-norm CLS of
-# the last n blocks, concatenated; DINO's CLS / mean-patch layout with avgpool) or {'layer': l} (CLS of block l).
+# Feature specs: {'n_last_blocks': n, 'avgpool': bool} (final-norm CLS of the last n blocks; with avgpool DINO's CLS +
+# mean patch) or {'layer': l} (CLS of block l).
 def spec_name(spec):
     if "layer" in spec:
         return f"block{spec['layer']}"
@@ -1138,9 +1067,8 @@ def save_probe(probe, spec, path, **info):
 
 
 def load_probe(path, embed_dim=None):
-    """(LinearProbe, feature spec) from a file of save_probe, or from DINO's released
-    *_linearweights.pth (state dict 'module.linear.*'): DINO's feature is the last 4 CLS tokens for
-    ViT-S (in = 4 D) and CLS + mean patch token for ViT-B (in = 2 D), inferred from embed_dim."""
+    """(LinearProbe, feature spec) of a save_probe file or of DINO's *_linearweights.pth, whose feature (last 4 CLS for
+    ViT-S, in = 4 D; CLS + mean patch for ViT-B, in = 2 D) is inferred from embed_dim."""
     ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and "probe" in ckpt and "feature" in ckpt:
         sd, spec, bn = ckpt["probe"], ckpt["feature"], ckpt.get("bn", False)
@@ -1155,8 +1083,7 @@ def load_probe(path, embed_dim=None):
         if rest:
             fail(f"{path}: input width {sd['linear.weight'].shape[1]} is not a multiple of {embed_dim}")
         spec, bn = (dict(n_last_blocks=1, avgpool=True) if k == 2 else dict(n_last_blocks=k, avgpool=False)), False
-    num_classes, dim = sd["linear.weight"].shape
-    probe = LinearProbe(dim, num_classes, bn=bn)
+    probe = LinearProbe(sd["linear.weight"].shape[1], sd["linear.weight"].shape[0], bn=bn)
     probe.load_state_dict(sd)
     return probe.eval(), spec
 
@@ -1168,8 +1095,7 @@ def knn_classify(train_x, train_y, test_x, test_y, num_classes, ks=(10, 20, 100,
     device = torch.device(device)
     bank, bank_y = F.normalize(train_x.to(device).float(), dim=1), train_y.to(device)
     test_x, test_y = F.normalize(test_x.float(), dim=1), test_y.to(device)
-    kmax = min(max(ks), len(bank))
-    chunk = max(1, max_entries // max(1, len(bank)))
+    kmax, chunk = min(max(ks), len(bank)), max(1, max_entries // max(1, len(bank)))
     hits = {k: torch.zeros(2, dtype=torch.long) for k in ks}
     for s in range(0, len(test_x), chunk):
         q = test_x[s:s + chunk].to(device)
@@ -1186,8 +1112,7 @@ def knn_classify(train_x, train_y, test_x, test_y, num_classes, ks=(10, 20, 100,
 
 @torch.no_grad()
 def knn_monitor(backbone, args, device):
-    """{'knn_acc1': %} of DINO's k-NN (k = 20, T = 0.07) on backbone(x) (a ViT without classifier: final-norm CLS)
-    over args' train / val splits, evaluation transform. Each process embeds a shard; k-NN needs no order."""
+    """{'knn_acc1': %} of DINO's k-NN (k 20, T 0.07) on backbone(x) (final-norm CLS), train vs val, ranks sharded."""
     t, was, feats = build_transform(args, False), backbone.training, {}
     backbone.eval()
     for split in ("train", "val"):
