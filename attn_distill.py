@@ -123,6 +123,7 @@ def main(args):
     backbone.norm.requires_grad_(not args.projector)
     model = StudentWithProjector(backbone, teacher.embed_dim, args.proj_layers if args.projector else 0).to(device)
     model_ddp = DistributedDataParallel(model) if common.get_world_size() > 1 else model
+    common.compile_models(args, backbone, teacher)
     depth_s, depth_t = len(backbone.blocks), len(teacher.blocks)
     pairs = [(depth_s - 1, depth_t - 1)] if args.attn_layers == "last" else \
         [(i, round((i + 1) * depth_t / depth_s) - 1) for i in range(depth_s)]

@@ -735,7 +735,26 @@ def add_run_args(parser):
                    help="also keep checkpoint{epoch:04}.pth every N epochs (0: never)")
     g.add_argument("--trust_checkpoint", action="store_true",
                    help="load files that hold Python objects beyond tensors (full unpickling runs code from the file)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student's and teachers' blocks")
+    g.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: no code generation)")
+    g.add_argument("--compile_mode", default=None, help="torch.compile mode (inductor)",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     return g
+
+
+def compile_models(args, *models):
+    """--compile: torch.compile each model's repeated blocks in place (a timm ViT's `blocks`, else every top-level child
+    with weights), so forward, forward_features and the ViTTaps hooks all run compiled and one graph serves every
+    block of a shape. Hooks are guarded: taps opened or closed later recompile instead of being silently skipped."""
+    if not args.compile:
+        return
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # (widths x tap layouts)
+    for model in {id(m): m for m in models if m is not None}.values():
+        regions = unwrap(model).blocks if hasattr(unwrap(model), "blocks") else \
+            [m for m in unwrap(model).children() if next(m.parameters(), None) is not None]
+        for m in regions:
+            m.compile(backend=args.compile_backend, mode=args.compile_mode)
 
 
 def seed_everything(seed, epoch=0):
@@ -882,7 +901,8 @@ def atomic_save(obj, path):
 
 
 # flags that may change between a run and its resumption (--num_workers may not: the augmentation stream depends on it)
-RESUME_FREE = ("resume", "output_dir", "data_path", "log_every", "save_every", "download", "trust_checkpoint")
+RESUME_FREE = ("resume", "output_dir", "data_path", "log_every", "save_every", "download", "trust_checkpoint",
+               "compile", "compile_backend", "compile_mode")
 
 
 def prepare_output_dir(args, script, free=()):
@@ -891,6 +911,8 @@ def prepare_output_dir(args, script, free=()):
     for k in ("epochs", "ss_epochs"):
         if getattr(args, k, 1) < 1:
             fail(f"--{k} must be at least 1, got {getattr(args, k)}")
+    if args.compile and args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        fail(f"--compile_backend {args.compile_backend} is not a torch.compile backend (e.g. inductor, aot_eager)")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         fail(f"--output_dir {args.output_dir} exists and is not a folder")
     own = os.path.join(args.output_dir, "checkpoint.pth")

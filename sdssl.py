@@ -98,6 +98,7 @@ def main(args):
     ddp = common.get_world_size() > 1
     student_ddp = DistributedDataParallel(student) if ddp else student
     heads_ddp = DistributedDataParallel(heads) if ddp else heads
+    common.compile_models(args, student, teacher["backbone"] if teacher is not None else None)
 
     # ---------------- optimizer, schedules, resume ----------------
     lr = common.resolve_lr(args)

@@ -130,6 +130,7 @@ def main(args):
     ddp = common.get_world_size() > 1
     wrap = lambda m: DistributedDataParallel(m) if ddp and m is not None else m  # noqa: E731
     student_ddp, s_ss_ddp = (None, wrap(t_ss)) if teacher_ss else (wrap(WithFeatures(student)), wrap(s_ss))
+    common.compile_models(args, student, teacher)
 
     # ---------------- optimizer, schedule, resume ----------------
     lr = common.resolve_lr(args)

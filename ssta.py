@@ -162,6 +162,7 @@ def main(args):
         if args.select_only:
             return heads
     student_ddp = DistributedDataParallel(student) if common.get_world_size() > 1 else student
+    common.compile_models(args, student, token_teacher, *teachers.values())  # after head selection: it runs eager
 
     # ---------------- optimizer, resume ----------------
     lr = common.resolve_lr(args)

@@ -1758,6 +1758,48 @@ def test_ssta_with_a_distilled_student_drops_the_token_from_its_maps(tmp_path, s
 
 
 # ---------------------------------------------------------------------------------------------
+# --compile
+# ---------------------------------------------------------------------------------------------
+def test_compiled_runs_give_the_eager_first_step_losses(tmp_path, supervised_run, ta_probe):
+    """Each training script, one step of one epoch (the logged training losses are the first step's, the test
+    metrics the updated model's), eager against --compile, with every kind of tap the scripts read under
+    compilation. Tolerance: 1e-4 relative with inductor (generated C++ kernels reorder the float sums), 1e-5 with
+    aot_eager (the same ATen ops through dynamo's graphs). Guards that would skip the taps' hooks are off."""
+    from torch._dynamo.utils import counters
+    sup, backbone = str(supervised_run / "checkpoint.pth"), str(supervised_run / "student_backbone.pth")
+    step = ["--epochs", "1", "--synthetic_size", "32"]
+    runs = {
+        "vitkd alone": (run_vitkd, step + ["--drop_path", "0"], "inductor", 1e-4),
+        "vitkd ViTKD+NKD": (run_vitkd, step + ["--drop_path", "0", "--teacher_weights", sup, "--nkd"], "aot_eager", 1e-5),
+        "ssta": (run_ssta, step + ["--drop_path", "0", "--teacher_weights", sup, "--ta_weights", backbone, "--ta_probe",
+                                   str(ta_probe), "--selection_images", "32", "--early_stop_epoch", "1"], "aot_eager", 1e-5),
+        "sskd teacher_ss": (run_sskd, ["--stage", "teacher_ss", "--teacher_weights", sup, "--ss_epochs", "1",
+                                       "--synthetic_size", "16"], "aot_eager", 1e-5),
+        "sdssl SD-MoCo v3": (lambda out, *f: sdssl.main(sd_args(*f, "--output_dir", str(out))),
+                             step + ["--framework", "mocov3"], "aot_eager", 1e-5),
+        "attn_distill": (run_attn_distill, step + ["--teacher_weights", backbone], "aot_eager", 1e-5),
+    }
+    try:
+        for name, (run, flags, backend, tol) in runs.items():
+            logs = []
+            for i, extra in enumerate(([], ["--compile", "--compile_backend", backend])):
+                torch._dynamo.reset()  # no graph of an earlier run is reused
+                graphs = counters["stats"]["unique_graphs"]
+                run(tmp_path / f"{name}{i}".replace(" ", "_"), *flags, *extra)
+                assert (counters["stats"]["unique_graphs"] > graphs) == bool(extra), name  # compiled only when asked
+                logs.append(json.loads((tmp_path / f"{name}{i}".replace(" ", "_") / "log.txt").read_text()))
+            eager, compiled = logs
+            assert eager.keys() == compiled.keys() and len(eager) > 3, name
+            for k in eager:
+                assert compiled[k] == pytest.approx(eager[k], rel=tol, abs=1e-6), (name, k, eager[k], compiled[k])
+    finally:
+        torch._dynamo.reset()
+    with pytest.raises(common.UserError, match="not a torch.compile backend"):
+        run_vitkd(tmp_path / "bad", *step, "--compile", "--compile_backend", "indcutor")
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # bench/reproduce_cifar10.py
 # ---------------------------------------------------------------------------------------------
 def test_reproduce_cifar10_suite_end_to_end_and_resume(tmp_path):

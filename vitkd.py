@@ -142,6 +142,7 @@ def main(args):
     ddp = common.get_world_size() > 1
     student_ddp = DistributedDataParallel(student) if ddp else student
     vitkd_ddp = DistributedDataParallel(vitkd) if ddp and vitkd is not None else vitkd
+    common.compile_models(args, student, teacher)
 
     # ---------------- optimizer, schedule, resume ----------------
     lr = common.resolve_lr(args)

@@ -1,0 +1,179 @@
+"""Every training script end to end on one device, through its real command line; then --compile.
+
+  python bench/gpu_check.py                 # a GPU: 224 px, DeiT-Ti students, DeiT-S teachers, bf16
+  python bench/gpu_check.py --tiny          # the same checks on a CPU in minutes (32 px, 3-block students, fp32)
+  python bench/gpu_check.py --only vitkd_kd ssta --no-compile
+
+Synthetic data, random teachers (`--teacher_weights random`), except SSKD's chain of three stages. Per case:
+  1. first step: one step with --amp bf16 and one with --amp off; the logged training losses (the first step's)
+     must agree within --tol (relative). On a CPU both run in fp32 (the scripts' autocast is CUDA-only).
+  2. resume: 1 epoch, then the same folder resumed to 2 epochs; the log must hold both epochs, finite.
+     Steady-state it/s of the resumed epoch (its first step, with any warm-up, left out) and peak memory.
+  3. --compile: 1 epoch compiled; steady-state it/s against the eager one, and the time its first step took
+     (mostly compilation) against the eager first step.
+eval_knn_linear.py runs once on the backbone of the first vitkd case. Output: a table, and OUT/gpu_check.json.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="gpu_check_out", help="run folders and gpu_check.json (emptied first)")
+    p.add_argument("--tiny", action="store_true", help="CPU-sized: 32 px, 3-block students, small batches")
+    p.add_argument("--student", default="deit_tiny")
+    p.add_argument("--teacher", default="deit_small")
+    p.add_argument("--input_size", default=224, type=int)
+    p.add_argument("--batch_size", default=128, type=int)
+    p.add_argument("--steps", default=20, type=int, help="training steps per epoch")
+    p.add_argument("--num_workers", default=10, type=int)
+    p.add_argument("--tol", default=0.03, type=float, help="relative tolerance, bf16 vs fp32 first-step losses")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile_backend", default="inductor")
+    p.add_argument("--only", nargs="*", default=None, help="case names (see CASES)")
+    args = p.parse_args()
+    if args.tiny:
+        args.input_size, args.batch_size, args.steps, args.num_workers = 32, 16, 4, 0
+    return args
+
+
+def cases(args):
+    """name -> (script, flags); {prev} is replaced by the previous case's output folder (SSKD's stages)."""
+    t = ["--teacher", args.teacher, "--teacher_weights", "random"]
+    size = ["--depth", "3", "--embed_dim", "48"] if args.tiny else []  # --tiny: patch 16 at 32 px, 2 x 2 tokens
+    sup = ["--randaug=", "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--warmup_epochs", "1"]
+    no_feat = ["--alpha_vitkd", "0", "--beta_vitkd", "0"]
+    return {
+        "vitkd_alone": ("vitkd.py", size + sup),
+        "vitkd_kd": ("vitkd.py", size + sup + t + no_feat + ["--kd_weight", "0.5", "--ce_weight", "0.5"]),
+        "vitkd_nkd": ("vitkd.py", size + sup + t + no_feat + ["--nkd"]),
+        "vitkd_vitkd": ("vitkd.py", size + sup + t),
+        "ssta": ("ssta.py", size + sup + t + ["--ta", args.teacher, "--ta_weights", "random", "--ta_supervised",
+                                              "--selection_images", str(2 * args.batch_size), "--early_stop_epoch", "2"]),
+        "sskd_teacher": ("sskd.py", ["--student", args.teacher]),
+        "sskd_teacher_ss": ("sskd.py", ["--stage", "teacher_ss", "--teacher_weights", "{prev}/checkpoint.pth"]),
+        "sskd_student": ("sskd.py", size + ["--teacher_weights", "{prev}/checkpoint.pth"]),
+        **{f"sdssl_{f}": ("sdssl.py", ["--framework", f, "--arch", args.student, "--num_heads", "3"] + size)
+           for f in ("simclr", "byol", "mocov3")},
+        "attn_distill": ("attn_distill.py", size + t),
+    }
+
+
+def run(script, flags, out, log):
+    """Run `python script flags`; (seconds, stdout). Fails loudly with the output's tail."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--output_dir", out]
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    with open(log, "a") as f:
+        f.write(" ".join(cmd) + "\n" + p.stdout + p.stderr + "\n")
+    if p.returncode:
+        raise RuntimeError(f"{script} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+    return time.time() - t, p.stdout
+
+
+def epochs_of(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.txt")) if line.strip()]
+
+
+LINE = re.compile(r"^epoch (\d+) \[(\d+)/(\d+)\].*?([\d.]+) it/s(?:\s+mem ([\d.]+)G)?", re.M)
+
+
+def timing(stdout, epoch):
+    """(seconds of the first step, steady it/s after it, peak GB) from the training lines of `epoch` (--log_every 1:
+    Meter prints the rate since the epoch began, so step i ends at (i + 1) / rate)."""
+    lines = [(int(i), float(r), float(m or "nan")) for e, i, _, r, m in LINE.findall(stdout) if int(e) == epoch]
+    if len(lines) < 2:
+        return float("nan"), float("nan"), float("nan")
+    (i0, r0, _), (i1, r1, mem) = lines[0], lines[-1]
+    t0, t1 = (i0 + 1) / r0, (i1 + 1) / r1
+    return t0, (i1 - i0) / max(t1 - t0, 1e-9), mem
+
+
+def main():
+    args = get_args()
+    shutil.rmtree(args.out, ignore_errors=True)
+    os.makedirs(args.out)
+    log = os.path.join(args.out, "commands.log")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    common = ["--dataset", "synthetic", "--input_size", str(args.input_size), "--batch_size", str(args.batch_size),
+              "--num_workers", str(args.num_workers), "--log_every", "1"]
+    all_cases = cases(args)
+    names = args.only or list(all_cases)
+    unknown = [n for n in names if n not in all_cases]
+    if unknown:
+        sys.exit(f"error: unknown case(s) {unknown}; choose from {list(all_cases)}")
+    results, prev = {}, None
+    for name in names:
+        script, flags = all_cases[name]
+        flags = [f.replace("{prev}", prev or "") for f in flags]
+        if "{prev}" in " ".join(all_cases[name][1]) and prev is None:
+            sys.exit(f"error: {name} needs the case before it (run the SSKD stages in order)")
+        epochs = ["--ss_epochs"] if "teacher_ss" in flags else ["--epochs"]
+        if script == "sskd.py":
+            flags += ["--decay_epochs", "--ss_decay_epochs"]  # no step decay inside 2 epochs
+        one = ["--synthetic_size", str(args.batch_size)]
+        many = ["--synthetic_size", str(args.batch_size * args.steps)]
+        d = lambda k: os.path.join(args.out, f"{name}_{k}")  # noqa: E731
+        r = {"script": script, "flags": flags}
+        print(f"[{name}] first step bf16 / fp32", flush=True)
+        first = {}
+        for amp in ("bf16", "off"):
+            run(script, common + flags + one + epochs + ["1", "--amp", amp], d(f"step_{amp}"), log)
+            first[amp] = {k: v for k, v in epochs_of(d(f"step_{amp}"))[0].items() if k.startswith("train_") and k != "train_lr"}
+        r["first_step"] = first
+        r["first_step_max_rel_diff"] = max(abs(first["bf16"][k] - v) / max(abs(v), 1e-6) for k, v in first["off"].items())
+        print(f"[{name}] 1 epoch, then resumed to 2", flush=True)
+        run(script, common + flags + many + epochs + ["1"], d("eager"), log)
+        sec, out = run(script, common + flags + many + epochs + ["2", "--resume", os.path.join(d("eager"), "checkpoint.pth")],
+                       d("eager"), log)
+        logged = epochs_of(d("eager"))
+        r["resume_ok"] = "resuming from" in out and [e["epoch"] for e in logged] == [0, 1] and \
+            all(math.isfinite(v) for e in logged for v in e.values() if isinstance(v, float))
+        r["first_step_s"], r["eager_it_s"], r["peak_gb"] = timing(out, 1)
+        r["images_s"] = r["eager_it_s"] * args.batch_size
+        if args.compile:
+            print(f"[{name}] --compile", flush=True)
+            sec, out = run(script, common + flags + many + epochs + ["1", "--compile", "--compile_backend",
+                                                                     args.compile_backend], d("compiled"), log)
+            r["compiled_first_step_s"], r["compiled_it_s"], _ = timing(out, 0)
+            r["compile_speedup"] = r["compiled_it_s"] / r["eager_it_s"]
+        results[name] = r
+        prev = d("eager")
+    eval_src = next((n for n in names if n.startswith("vitkd")), None)
+    if eval_src:
+        print("[eval_knn_linear] k-NN and linear probe of the first vitkd student", flush=True)
+        sec, _ = run("eval_knn_linear.py", ["--weights", os.path.join(args.out, f"{eval_src}_eager", "student_backbone.pth"),
+                                            "--dataset", "synthetic", "--synthetic_size", str(args.batch_size * args.steps),
+                                            "--input_size", str(args.input_size), "--num_workers", str(args.num_workers),
+                                            "--probe_epochs", "5"], os.path.join(args.out, "eval"), log)
+        results["eval_knn_linear"] = {"seconds": sec}
+    report = {"device": dev, "torch": torch.__version__, "command": " ".join(sys.argv), "args": vars(args),
+              "results": results}
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"\n{dev}, torch {torch.__version__}, {args.input_size} px, batch {args.batch_size}")
+    print(f"{'case':<16} {'bf16/fp32':>9} {'resume':>6} {'img/s':>8} {'peak GB':>7} {'compile x':>9} {'1st step s':>15}")
+    for name, r in results.items():
+        if "first_step" in r:
+            comp = f"{r.get('compile_speedup', float('nan')):9.2f}"
+            steps = f"{r['first_step_s']:6.1f} -> {r.get('compiled_first_step_s', float('nan')):5.1f}"
+            print(f"{name:<16} {r['first_step_max_rel_diff']:9.1e} {str(r['resume_ok']):>6} {r['images_s']:8.0f} "
+                  f"{r['peak_gb']:7.2f} {comp} {steps:>15}")
+    bad = [n for n, r in results.items() if "first_step" in r and (not r["resume_ok"] or r["first_step_max_rel_diff"] > args.tol)]
+    print("all checks passed" if not bad else f"FAILED: {bad}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
