@@ -780,9 +780,16 @@ def lr_schedule(base, final, total_steps, warmup_steps=0, start=0.0):
     return lambda step: cosine_schedule(step, total_steps, base, final, warmup_steps, start)
 
 
+DATA_WAIT = [0.0]  # seconds train_batches spent blocked on the loader; Meter's line prints the share ("data")
+
+
 def train_batches(loader, optimizer, schedule, epoch, device, mixup=None):
     """One epoch: set lr = schedule(global step), move the batch to `device`, Mixup / CutMix. Yields (it, lr, x, y)."""
-    for it, (images, target) in enumerate(loader):
+    batches = iter(loader)
+    for it in range(len(loader)):
+        t = time.perf_counter()
+        images, target = next(batches)
+        DATA_WAIT[0] += time.perf_counter() - t
         lr = schedule(epoch * len(loader) + it)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -877,18 +884,24 @@ def accuracy(logits, target, topk=(1, 5)):
 
 @torch.no_grad()
 def evaluate(model, loader, device, amp="bf16"):
-    """Top-1 / top-5 (%) and mean CE over the whole evaluation set, exact at any world size."""
+    """Top-1 / top-5 (%) and mean CE over the whole evaluation set, exact at any world size. A model may return
+    {"logits": ..., NAME: logits, ...}: the top-1 of every NAME is added as acc1_NAME, in the same pass."""
     model.eval()
-    stats = torch.zeros(4, device=device, dtype=torch.float64)
+    stats, names = None, []
     for images, target in progress(loader, "eval"):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits = model(images).float()
-        stats += torch.tensor([*accuracy(logits, target), F.cross_entropy(logits, target, reduction="sum").item(),
-                               len(target)], device=device, dtype=torch.float64)
+            out = model(images)
+        out = {k: v.float() for k, v in (out if isinstance(out, dict) else {"logits": out}).items()}
+        names = [k for k in out if k != "logits"]
+        logits = out["logits"]
+        s = torch.tensor([*accuracy(logits, target), F.cross_entropy(logits, target, reduction="sum").item(),
+                          len(target), *(accuracy(out[k], target, (1,))[0] for k in names)], device=device, dtype=torch.float64)
+        stats = s if stats is None else stats + s
     all_reduce_sum(stats)
     n = max(stats[3].item(), 1)
-    return {"acc1": 100 * stats[0].item() / n, "acc5": 100 * stats[1].item() / n, "loss": stats[2].item() / n}
+    return {"acc1": 100 * stats[0].item() / n, "acc5": 100 * stats[1].item() / n, "loss": stats[2].item() / n,
+            **{f"acc1_{k}": 100 * v.item() / n for k, v in zip(names, stats[4:])}}
 
 
 def atomic_save(obj, path):
@@ -1015,7 +1028,7 @@ class Meter:
     """Running averages of named floats for the periodic training line."""
 
     def __init__(self):
-        self.sums, self.count, self.t0 = {}, 0, time.time()
+        self.sums, self.count, self.t0, self.wait0 = {}, 0, time.time(), DATA_WAIT[0]
 
     def update(self, **values):
         for k, v in values.items():
@@ -1035,10 +1048,11 @@ class Meter:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
     def line(self, prefix, step, total):
-        rate = self.count / max(time.time() - self.t0, 1e-9)
+        elapsed = max(time.time() - self.t0, 1e-9)
         vals = "  ".join(f"{k} {v:.4g}" for k, v in self.averages().items())
         mem = f"  mem {torch.cuda.max_memory_allocated() / 2 ** 30:.1f}G" if torch.cuda.is_available() else ""
-        return f"{prefix} [{step}/{total}]  {vals}  {rate:.2f} it/s{mem}"
+        data = f"  data {100 * (DATA_WAIT[0] - self.wait0) / elapsed:.0f}%"  # time waiting on the loader
+        return f"{prefix} [{step}/{total}]  {vals}  {self.count / elapsed:.2f} it/s{data}{mem}"
 
 
 # ---- 7. frozen features: specs, linear-probe files, k-NN ------------------------------------

@@ -461,6 +461,30 @@ def test_schedule_lr_rule_param_groups_and_finite_check():
     torch.testing.assert_close(teacher.weight.detach(), expect)
 
 
+def test_meter_line_reports_loader_wait_and_gpu_check_reads_it(capsys):
+    """train_batches counts the time blocked on the loader; Meter's line prints it as a share of the epoch, and
+    bench/gpu_check.py's parser reads the steady rate and that share back from the lines."""
+    import time
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import gpu_check
+
+    class SlowLoader(list):  # every batch takes 50 ms to arrive
+        def __iter__(self):
+            for b in super().__iter__():
+                time.sleep(0.05)
+                yield b
+
+    loader = SlowLoader([(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))] * 4)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    meter = common.Meter()
+    for it, lr, x, y in common.train_batches(loader, opt, lambda step: 0.1, 1, torch.device("cpu")):
+        time.sleep(0.01 if it else 0.2)  # the first step also warms up
+        meter.log(1, it, len(loader), 1, loss=1.0)
+    first, rate, _, wait = gpu_check.timing(capsys.readouterr().out, 1)
+    assert 40 <= wait <= 55  # 4 x 50 ms of 4 x 50 + 230 ms: 47%
+    assert first == pytest.approx(0.25, abs=0.04) and rate == pytest.approx(1 / 0.06, rel=0.25)
+
+
 def test_resume_gives_the_same_weights_as_one_run(tmp_path):
     straight = toy(tmp_path / "a", "--num_workers", "2")  # augmentation in worker processes
     toy(tmp_path / "b", "--num_workers", "2", "--stop_after", "1")
@@ -1727,6 +1751,14 @@ def test_vitkd_distillation_token_end_to_end_and_resume(tmp_path, supervised_run
     straight, stats = run_vitkd(tmp_path / "a", *flags)
     log = [json.loads(line) for line in (tmp_path / "a" / "log.txt").read_text().splitlines()]
     assert all(k in log[-1] for k in ("train_token", "train_ce", "test_acc1_cls_head", "test_acc1_dist_head"))
+    # one evaluation pass: the mean of the heads is timm's own eval output, each head's top-1 counted beside it
+    x, y = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
+    out = vitkd.HeadsApart(straight.eval())(x)
+    assert torch.allclose(out["logits"], straight(x), atol=1e-6)
+    stats = common.evaluate(vitkd.HeadsApart(straight), [(x[:25], y[:25]), (x[25:], y[25:])], torch.device("cpu"))
+    assert stats["acc1"] == pytest.approx(100 * (out["logits"].argmax(1) == y).float().mean().item())
+    for k in ("cls_head", "dist_head"):
+        assert stats[f"acc1_{k}"] == pytest.approx(100 * (out[k].argmax(1) == y).float().mean().item())
     crash_after_first_checkpoint(monkeypatch, lambda: run_vitkd(tmp_path / "b", *flags))
     resumed, _ = run_vitkd(tmp_path / "b", *flags)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):

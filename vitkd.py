@@ -177,9 +177,7 @@ def main(args):
                                       scaler, schedule, epoch, device, args)
         test_stats = {}  # logged only where measured
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            test_stats = common.evaluate(student, val_loader, device, args.amp)
-            if token:  # the two heads alone as well (evaluation averages them, as timm's distilled models do)
-                test_stats.update(head_accuracies(student, val_loader, device, args.amp))
+            test_stats = common.evaluate(HeadsApart(student) if token else student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in test_stats.items() if k != "loss"))
         common.end_epoch(args.output_dir, "vitkd.py", args, epoch, train_stats, test_stats, args.save_every,
                          model=student.state_dict(), **({"vitkd": vitkd.state_dict()} if vitkd is not None else {}),
@@ -272,18 +270,18 @@ kd_loss = common.kd_loss  # Hinton KD: batch-mean KL(teacher || student) at temp
 
 
 @torch.no_grad()
-def head_accuracies(model, loader, device, amp="bf16"):
-    """Top-1 (%) of a distilled DeiT's class-token head and of its distillation-token head, each alone."""
-    model.eval()
-    hits = torch.zeros(3, device=device, dtype=torch.float64)
-    for images, target in loader:
-        with common.autocast(device, amp):
-            x = model.forward_features(images.to(device, non_blocking=True))
-        target = target.to(device, non_blocking=True)
-        hits += torch.stack([(model.head(x[:, 0]).argmax(1) == target).sum(), (model.head_dist(x[:, 1]).argmax(1) == target).sum(),
-                             torch.tensor(len(target), device=device)]).double()
-    common.all_reduce_sum(hits)
-    return {"acc1_cls_head": 100 * hits[0].item() / max(hits[2].item(), 1), "acc1_dist_head": 100 * hits[1].item() / max(hits[2].item(), 1)}
+class HeadsApart(nn.Module):
+    """Evaluation of a distilled DeiT: timm's eval output (the mean of the two heads' logits) as "logits", and each
+    head alone (cls_head, dist_head), for common.evaluate's one pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        x = self.model.forward_features(images)
+        cls, dist = self.model.head(x[:, 0]), self.model.head_dist(x[:, 1])
+        return {"logits": (cls + dist) / 2, "cls_head": cls, "dist_head": dist}
 
 
 class ViTKDLoss(nn.Module):

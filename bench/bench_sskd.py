@@ -35,7 +35,7 @@ def main():
     x = torch.randn(opts.images, 4, 3, opts.input_size, opts.input_size, device=device)
     y = torch.randint(0, 100, (opts.images,), device=device)
     batches = [(x, y)] * opts.steps
-    x4, y4 = sskd.rotate_views(x), y.repeat_interleave(4)
+    y4 = y.repeat_interleave(4)
     mods = torch.nn.ModuleDict({"student": student, "ss": s_ss})
     opt = torch.optim.SGD(common.param_groups(mods, 5e-4), lr=0.01, momentum=0.9)
     scaler = common.grad_scaler(device, args.amp)

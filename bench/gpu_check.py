@@ -11,7 +11,9 @@ Synthetic data, random teachers (`--teacher_weights random`), except SSKD's chai
      Steady-state it/s of the resumed epoch (its first step, with any warm-up, left out) and peak memory.
   3. --compile: 1 epoch compiled; steady-state it/s against the eager one, and the time its first step took
      (mostly compilation) against the eager first step.
-eval_knn_linear.py runs once on the backbone of the first vitkd case. Output: a table, and OUT/gpu_check.json.
+eval_knn_linear.py runs once on the backbone of the first vitkd case. Last, the model FLOP utilisation of a
+DeiT-S student's training step in bf16 (random tensors on the device, no loader; FLOPs counted by torch's
+FlopCounterMode, peak from PEAK_TFLOPS). Output: a table, and OUT/gpu_check.json.
 """
 import argparse
 import json
@@ -86,18 +88,62 @@ def epochs_of(out):
     return [json.loads(line) for line in open(os.path.join(out, "log.txt")) if line.strip()]
 
 
-LINE = re.compile(r"^epoch (\d+) \[(\d+)/(\d+)\].*?([\d.]+) it/s(?:\s+mem ([\d.]+)G)?", re.M)
+LINE = re.compile(r"^epoch (\d+) \[(\d+)/(\d+)\].*?([\d.]+) it/s  data (\d+)%(?:  mem ([\d.]+)G)?", re.M)
 
 
 def timing(stdout, epoch):
-    """(seconds of the first step, steady it/s after it, peak GB) from the training lines of `epoch` (--log_every 1:
-    Meter prints the rate since the epoch began, so step i ends at (i + 1) / rate)."""
-    lines = [(int(i), float(r), float(m or "nan")) for e, i, _, r, m in LINE.findall(stdout) if int(e) == epoch]
+    """(seconds of the first step, steady it/s after it, peak GB, % of the epoch waiting on data) from the training
+    lines of `epoch` (--log_every 1: Meter prints the rate since the epoch began, so step i ends at (i + 1) / rate)."""
+    lines = [(int(i), float(r), int(w), float(m or "nan")) for e, i, _, r, w, m in LINE.findall(stdout) if int(e) == epoch]
     if len(lines) < 2:
-        return float("nan"), float("nan"), float("nan")
-    (i0, r0, _), (i1, r1, mem) = lines[0], lines[-1]
+        return (float("nan"),) * 4
+    (i0, r0, _, _), (i1, r1, wait, mem) = lines[0], lines[-1]
     t0, t1 = (i0 + 1) / r0, (i1 + 1) / r1
-    return t0, (i1 - i0) / max(t1 - t0, 1e-9), mem
+    return t0, (i1 - i0) / max(t1 - t0, 1e-9), mem, wait
+
+
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16, NVIDIA's data sheets
+
+
+def mfu_check(args, compile_backend=None):
+    """Images/s and model FLOP utilisation of a DeiT-S training step (AdamW, bf16 autocast) on random tensors."""
+    sys.path.insert(0, ROOT)
+    import common
+    from torch.utils.flop_counter import FlopCounterMode
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = common.create_model("deit_small", num_classes=1000, img_size=args.input_size).to(device)
+    if compile_backend:
+        common.compile_models(argparse.Namespace(compile=True, compile_backend=compile_backend, compile_mode=None), model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+
+    def step():
+        with common.autocast(device, "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up (and compilation)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    n = max(args.steps, 3)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    sec = (time.perf_counter() - t) / n
+    name = torch.cuda.get_device_name() if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    achieved = flops / sec / 1e12
+    return {"images_s": args.batch_size / sec, "tflops": achieved, "gflop_per_image": flops / args.batch_size / 1e9,
+            "mfu": achieved / peak if peak else None, "peak_tflops": peak, "compile": compile_backend}
 
 
 def main():
@@ -140,13 +186,13 @@ def main():
         logged = epochs_of(d("eager"))
         r["resume_ok"] = "resuming from" in out and [e["epoch"] for e in logged] == [0, 1] and \
             all(math.isfinite(v) for e in logged for v in e.values() if isinstance(v, float))
-        r["first_step_s"], r["eager_it_s"], r["peak_gb"] = timing(out, 1)
+        r["first_step_s"], r["eager_it_s"], r["peak_gb"], r["data_wait_pct"] = timing(out, 1)
         r["images_s"] = r["eager_it_s"] * args.batch_size
         if args.compile:
             print(f"[{name}] --compile", flush=True)
             sec, out = run(script, common + flags + many + epochs + ["1", "--compile", "--compile_backend",
                                                                      args.compile_backend], d("compiled"), log)
-            r["compiled_first_step_s"], r["compiled_it_s"], _ = timing(out, 0)
+            r["compiled_first_step_s"], r["compiled_it_s"], _, _ = timing(out, 0)
             r["compile_speedup"] = r["compiled_it_s"] / r["eager_it_s"]
         results[name] = r
         prev = d("eager")
@@ -158,18 +204,29 @@ def main():
                                             "--input_size", str(args.input_size), "--num_workers", str(args.num_workers),
                                             "--probe_epochs", "5"], os.path.join(args.out, "eval"), log)
         results["eval_knn_linear"] = {"seconds": sec}
+    print("[mfu] DeiT-S training step, bf16", flush=True)
+    results["mfu_eager"] = mfu_check(args)
+    if args.compile:
+        results["mfu_compiled"] = mfu_check(args, args.compile_backend)
     report = {"device": dev, "torch": torch.__version__, "command": " ".join(sys.argv), "args": vars(args),
               "results": results}
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(f"\n{dev}, torch {torch.__version__}, {args.input_size} px, batch {args.batch_size}")
-    print(f"{'case':<16} {'bf16/fp32':>9} {'resume':>6} {'img/s':>8} {'peak GB':>7} {'compile x':>9} {'1st step s':>15}")
+    print(f"{'case':<16} {'bf16/fp32':>9} {'resume':>6} {'img/s':>8} {'data %':>6} {'peak GB':>7} {'compile x':>9} "
+          f"{'1st step s':>15}")
     for name, r in results.items():
         if "first_step" in r:
             comp = f"{r.get('compile_speedup', float('nan')):9.2f}"
             steps = f"{r['first_step_s']:6.1f} -> {r.get('compiled_first_step_s', float('nan')):5.1f}"
             print(f"{name:<16} {r['first_step_max_rel_diff']:9.1e} {str(r['resume_ok']):>6} {r['images_s']:8.0f} "
-                  f"{r['peak_gb']:7.2f} {comp} {steps:>15}")
+                  f"{r['data_wait_pct']:6.0f} {r['peak_gb']:7.2f} {comp} {steps:>15}")
+    for k in ("mfu_eager", "mfu_compiled"):
+        if k in results:
+            m = results[k]
+            util = f"{100 * m['mfu']:.1f}% of {m['peak_tflops']} TFLOPS" if m["mfu"] else "no peak known for this device"
+            print(f"DeiT-S step ({k[4:]}): {m['images_s']:.0f} img/s, {m['tflops']:.2f} TFLOPS achieved "
+                  f"({m['gflop_per_image']:.1f} GFLOP per image), {util}")
     bad = [n for n, r in results.items() if "first_step" in r and (not r["resume_ok"] or r["first_step_max_rel_diff"] > args.tol)]
     print("all checks passed" if not bad else f"FAILED: {bad}")
     sys.exit(1 if bad else 0)

@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -575,6 +576,17 @@ def tail(path, n=25):
         return ""
 
 
+def data_wait(log_path):
+    """Mean over the run's epochs of the share of training time spent waiting on the loader (the 'data N%' of each
+    epoch's last training line); None where the log has none."""
+    try:
+        text = open(log_path, errors="replace").read()
+    except OSError:
+        return None
+    ends = [int(w) for i, n, w in re.findall(r"\[(\d+)/(\d+)\].*? data (\d+)%", text) if int(i) == int(n) - 1]
+    return round(statistics.mean(ends), 1) if ends else None
+
+
 def fmt_time(sec):
     sec = int(round(sec))
     return f"{sec // 3600}:{sec // 60 % 60:02d}:{sec % 60:02d}"
@@ -599,6 +611,7 @@ class Suite:
         total = load_json(os.path.join(run.dir, "suite_time.json"), {}).get("seconds", 0.0)
         m = {"metrics": run_metrics(run), "seconds": round(total, 2) if total else None,
              "images_per_s": round(run.images_seen() / total, 1) if total else None,
+             "data_wait_pct": data_wait(os.path.join(run.dir, "suite_log.txt")),
              "command": normalize(command_line(run, self.args.nproc), self.out)}
         write_json(os.path.join(run.dir, "metrics.json"), m)
         return m
@@ -787,7 +800,8 @@ class Suite:
         for r in self.plan:
             m = stored.get(r.name)
             if m:
-                runs[r.name] = {"seconds": m.get("seconds"), "images_per_s": m.get("images_per_s"), "command": m.get("command"),
+                runs[r.name] = {"seconds": m.get("seconds"), "images_per_s": m.get("images_per_s"),
+                                "data_wait_pct": m.get("data_wait_pct"), "command": m.get("command"),
                                 "metrics": {k: round(v, 3) for k, v in m["metrics"].items() if isinstance(v, (int, float))}}
         return {"profile": self.meta["profile"], "split": self.meta["split"], "machine": self.meta["machine"],
                 "command": self.meta["command"], "seeds": seeds, "profile_settings": self.P,
@@ -852,17 +866,20 @@ def markdown(res):
             L += [f"| {i} | {a:.2f} | {b:.2f} | {b - a:+.2f} |" for i, (a, b) in enumerate(zip(plain, sd))]
         L.append("")
     if res["runs"]:
-        L += ["## Wall time per run (mean over seeds)", "", "| run | runs | seconds | images/s |", "|---|---|---|---|"]
+        L += ["## Wall time per run (mean over seeds)", "", "| run | runs | seconds | images/s | waiting on data |",
+              "|---|---|---|---|---|"]
         groups = {}  # the seeds of one run type together: vitkd_kd_s0, vitkd_kd_s1 -> vitkd_kd
         for name, r in res["runs"].items():
             base, _, seed = name.rpartition("_s")
             groups.setdefault(base if base and seed.isdigit() else name, []).append(r)
 
         def mean(rs, key, digits):
-            v = [r[key] for r in rs if r.get(key)]
+            v = [r[key] for r in rs if r.get(key) is not None]
             return fmt(statistics.mean(v), digits) if v else "-"
         for g, rs in groups.items():
-            L.append(f"| {g} | {len(rs)} | {mean(rs, 'seconds', 1)} | {mean(rs, 'images_per_s', 0)} |")
+            wait = mean(rs, "data_wait_pct", 0)
+            L.append(f"| {g} | {len(rs)} | {mean(rs, 'seconds', 1)} | {mean(rs, 'images_per_s', 0)} | "
+                     f"{wait + '%' if wait != '-' else '-'} |")
         L.append("")
     return "\n".join(L)
 
