@@ -781,8 +781,12 @@ class Suite:
                 continue
             base = [baseline(e, k) for k in e["baselines"]]
             if complete(e) and all(complete(b) for b in base):
-                e["margin"] = round(e["mean"] - max(b["mean"] for b in base), 3)
+                top = max(base, key=lambda b: b["mean"])
+                e["margin"] = round(e["mean"] - top["mean"], 3)
                 e["holds"] = e["margin"] > 0
+                # the margin against twice its standard error over seeds: a direction that seed noise could flip
+                se = math.sqrt(sum((r["std"] or 0.0) ** 2 / len(r["values"]) for r in (e, top)))
+                e["within_noise"] = len(e["values"]) < 2 or abs(e["margin"]) <= 2 * se
         # SDSSL's per-block k-NN curves (mean over seeds)
         for e in rows:
             if e["key"] in ("sdssl_plain_eval", "sdssl_sd_eval") and e["metric"] == "knn20":
@@ -833,10 +837,13 @@ def markdown(res):
     mach = res["machine"]
     L.append(f"Machine: {mach.get('cpu')} ({mach.get('cores')} cores), GPU {mach.get('gpu') or 'none'}, "
              f"torch {mach.get('torch')}. Seeds {res['seeds']}; {res['runs_finished']} of {res['runs_planned']} runs finished.")
-    L += ["", f"Command: `{res['command']}`", ""]
+    L += ["", f"Command: `{res['command']}`", "", "holds: the row's mean beats its baselines' means (margin in points); "
+          "within noise: the margin is at most twice its standard error over the seeds.", ""]
     secs = [r["seconds"] for r in res["runs"].values() if r.get("seconds")]
     if secs:
-        L += [f"Wall time of the finished runs: {fmt_time(sum(secs))} ({len(secs)} runs).", ""]
+        jobs = res["profile_settings"].get("jobs") or 1
+        L += [f"Wall time of the finished runs, summed: {fmt_time(sum(secs))} ({len(secs)} runs, {jobs} at a time: about "
+              f"{fmt_time(sum(secs) / jobs)} of wall-clock time).", ""]
     if res["teachers"]:
         L += ["## Teachers", "", "| teacher | metric | value |", "|---|---|---|"]
         for name, m in res["teachers"].items():
@@ -855,7 +862,7 @@ def markdown(res):
             ours = f"{fmt(r['mean'])} ± {fmt(r['std'])} ({n})" if r["mean"] is not None else "-"
             holds = {True: "yes", False: "**no**", None: "" if not r["baselines"] else "-"}[r["holds"]]
             if r.get("margin") is not None:
-                holds += f" ({r['margin']:+.2f})"
+                holds += f" ({r['margin']:+.2f}{', within noise' if r.get('within_noise') else ''})"
             seeds = " / ".join(fmt(v, 1) for v in r["values"])
             L.append(f"| {r['method']} | {METRIC_NAMES.get(r['metric'], r['metric'])} | {r['claim']} | {ours} | {seeds} | {holds} |")
         curves = {r["key"]: r["per_block"] for r in rows if r.get("per_block")}
