@@ -269,7 +269,6 @@ def nkd_loss(logits_s, logits_t, target, temperature=1.0, gamma=1.0):
 kd_loss = common.kd_loss  # Hinton KD: batch-mean KL(teacher || student) at temperature T, x T^2
 
 
-@torch.no_grad()
 class HeadsApart(nn.Module):
     """Evaluation of a distilled DeiT: timm's eval output (the mean of the two heads' logits) as "logits", and each
     head alone (cls_head, dist_head), for common.evaluate's one pass."""
