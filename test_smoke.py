@@ -476,11 +476,12 @@ def test_meter_line_reports_loader_wait_and_gpu_check_reads_it(capsys):
 
     loader = SlowLoader([(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))] * 4)
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    meter = common.Meter()
+    meter, arrived = common.Meter(), []
     for it, lr, x, y in common.train_batches(loader, opt, lambda step: 0.1, 1, torch.device("cpu")):
         time.sleep(0.01 if it else 0.2)  # the first step also warms up
         meter.log(1, it, len(loader), 1, loss=1.0)
-    first, rate, _, wait = gpu_check.timing(capsys.readouterr().out, 1)
+        arrived.append(time.perf_counter())  # when gpu_check would read the line
+    first, rate, _, wait = gpu_check.timing(list(zip(arrived, capsys.readouterr().out.splitlines())), 1)
     assert 40 <= wait <= 55  # 4 x 50 ms of 4 x 50 + 230 ms: 47%
     assert first == pytest.approx(0.25, abs=0.04) and rate == pytest.approx(1 / 0.06, rel=0.25)
 

@@ -73,33 +73,43 @@ def cases(args):
 
 
 def run(script, flags, out, log):
-    """Run `python script flags`; (seconds, stdout). Fails loudly with the output's tail."""
+    """Run `python script flags`; (seconds, [(arrival time, line), ...]), each output line timestamped as it
+    arrives (steady rates from these, not from the 2-decimal rates printed). Fails loudly with the output's tail."""
     cmd = [sys.executable, os.path.join(ROOT, script), *flags, "--output_dir", out]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
+        for line in p.stdout:
+            lines.append((time.perf_counter(), line.rstrip("\n")))
+    text = "\n".join(l for _, l in lines)
     with open(log, "a") as f:
-        f.write(" ".join(cmd) + "\n" + p.stdout + p.stderr + "\n")
+        f.write(" ".join(cmd) + "\n" + text + "\n\n")
     if p.returncode:
-        raise RuntimeError(f"{script} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
-    return time.time() - t, p.stdout
+        raise RuntimeError(f"{script} failed ({p.returncode}):\n{text[-3000:]}")
+    return time.time() - t, lines
 
 
 def epochs_of(out):
     return [json.loads(line) for line in open(os.path.join(out, "log.txt")) if line.strip()]
 
 
-LINE = re.compile(r"^epoch (\d+) \[(\d+)/(\d+)\].*?([\d.]+) it/s  data (\d+)%(?:  mem ([\d.]+)G)?", re.M)
+LINE = re.compile(r"^epoch (\d+) \[(\d+)/(\d+)\].*?([\d.]+) it/s  data (\d+)%(?:  mem ([\d.]+)G)?")
 
 
-def timing(stdout, epoch):
+def timing(lines, epoch):
     """(seconds of the first step, steady it/s after it, peak GB, % of the epoch waiting on data) from the training
-    lines of `epoch` (--log_every 1: Meter prints the rate since the epoch began, so step i ends at (i + 1) / rate)."""
-    lines = [(int(i), float(r), int(w), float(m or "nan")) for e, i, _, r, w, m in LINE.findall(stdout) if int(e) == epoch]
-    if len(lines) < 2:
+    lines of `epoch` (--log_every 1: a line per step). The first step's time is the rate Meter printed after it
+    (its count since the epoch began); the steady rate counts the later steps between the lines' arrival times."""
+    steps = []
+    for t, text in lines:
+        m = LINE.match(text)
+        if m and int(m.group(1)) == epoch:
+            steps.append((t, int(m.group(2)), float(m.group(4)), int(m.group(5)), float(m.group(6) or "nan")))
+    if len(steps) < 2:
         return (float("nan"),) * 4
-    (i0, r0, _, _), (i1, r1, wait, mem) = lines[0], lines[-1]
-    t0, t1 = (i0 + 1) / r0, (i1 + 1) / r1
-    return t0, (i1 - i0) / max(t1 - t0, 1e-9), mem, wait
+    (t0, i0, r0, _, _), (t1, i1, _, wait, mem) = steps[0], steps[-1]
+    return (i0 + 1) / r0, (i1 - i0) / max(t1 - t0, 1e-9), mem, wait
 
 
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16, NVIDIA's data sheets
@@ -184,7 +194,7 @@ def main():
         sec, out = run(script, common + flags + many + epochs + ["2", "--resume", os.path.join(d("eager"), "checkpoint.pth")],
                        d("eager"), log)
         logged = epochs_of(d("eager"))
-        r["resume_ok"] = "resuming from" in out and [e["epoch"] for e in logged] == [0, 1] and \
+        r["resume_ok"] = any("resuming from" in line for _, line in out) and [e["epoch"] for e in logged] == [0, 1] and \
             all(math.isfinite(v) for e in logged for v in e.values() if isinstance(v, float))
         r["first_step_s"], r["eager_it_s"], r["peak_gb"], r["data_wait_pct"] = timing(out, 1)
         r["images_s"] = r["eager_it_s"] * args.batch_size
