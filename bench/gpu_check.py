@@ -8,9 +8,9 @@ Synthetic data, random teachers (`--teacher_weights random`), except SSKD's chai
   1. first step: one step with --amp bf16 and one with --amp off; the logged training losses (the first step's)
      must agree within --tol (relative). On a CPU both run in fp32 (the scripts' autocast is CUDA-only).
   2. resume: 1 epoch, then the same folder resumed to 2 epochs; the log must hold both epochs, finite.
-     Steady-state it/s of the resumed epoch (its first step, with any warm-up, left out) and peak memory.
-  3. --compile: 1 epoch compiled; steady-state it/s against the eager one, and the time its first step took
-     (mostly compilation) against the eager first step.
+     Steady-state it/s of the resumed epoch (median step), its warm-up seconds, peak memory, data wait.
+  3. --compile: 1 epoch compiled; steady-state it/s against the eager one, and its warm-up seconds (mostly
+     compilation) against the eager warm-up.
 eval_knn_linear.py runs once on the backbone of the first vitkd case. Last, the model FLOP utilisation of a
 DeiT-S student's training step in bf16 (random tensors on the device, no loader; FLOPs counted by torch's
 FlopCounterMode, peak from PEAK_TFLOPS). Output: a table, and OUT/gpu_check.json.
@@ -98,9 +98,10 @@ LINE = re.compile(r"^epoch (\d+) \[(\d+)/(\d+)\].*?([\d.]+) it/s  data (\d+)%(?:
 
 
 def timing(lines, epoch):
-    """(seconds of the first step, steady it/s after it, peak GB, % of the epoch waiting on data) from the training
-    lines of `epoch` (--log_every 1: a line per step). The first step's time is the rate Meter printed after it
-    (its count since the epoch began); the steady rate counts the later steps between the lines' arrival times."""
+    """(warm-up seconds, steady it/s, peak GB, % of the epoch waiting on data) from the training lines of `epoch`
+    (--log_every 1: a line per step). Steady: 1 / the median interval between the lines' arrivals. Warm-up
+    (compilation, allocator, cuDNN): the epoch's training time beyond its steps at that rate; the epoch's time is
+    the first step's (from the rate Meter printed after it, counted from the epoch's start) plus the intervals."""
     steps = []
     for t, text in lines:
         m = LINE.match(text)
@@ -108,8 +109,10 @@ def timing(lines, epoch):
             steps.append((t, int(m.group(2)), float(m.group(4)), int(m.group(5)), float(m.group(6) or "nan")))
     if len(steps) < 2:
         return (float("nan"),) * 4
+    gaps = sorted((b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(steps, steps[1:]))
+    step = gaps[len(gaps) // 2] if len(gaps) % 2 else (gaps[len(gaps) // 2 - 1] + gaps[len(gaps) // 2]) / 2
     (t0, i0, r0, _, _), (t1, i1, _, wait, mem) = steps[0], steps[-1]
-    return (i0 + 1) / r0, (i1 - i0) / max(t1 - t0, 1e-9), mem, wait
+    return (i0 + 1) / r0 + (t1 - t0) - (i1 + 1) * step, 1 / max(step, 1e-9), mem, wait
 
 
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16, NVIDIA's data sheets
@@ -196,13 +199,13 @@ def main():
         logged = epochs_of(d("eager"))
         r["resume_ok"] = any("resuming from" in line for _, line in out) and [e["epoch"] for e in logged] == [0, 1] and \
             all(math.isfinite(v) for e in logged for v in e.values() if isinstance(v, float))
-        r["first_step_s"], r["eager_it_s"], r["peak_gb"], r["data_wait_pct"] = timing(out, 1)
+        r["warmup_s"], r["eager_it_s"], r["peak_gb"], r["data_wait_pct"] = timing(out, 1)
         r["images_s"] = r["eager_it_s"] * args.batch_size
         if args.compile:
             print(f"[{name}] --compile", flush=True)
             sec, out = run(script, common + flags + many + epochs + ["1", "--compile", "--compile_backend",
                                                                      args.compile_backend], d("compiled"), log)
-            r["compiled_first_step_s"], r["compiled_it_s"], _, _ = timing(out, 0)
+            r["compiled_warmup_s"], r["compiled_it_s"], _, _ = timing(out, 0)
             r["compile_speedup"] = r["compiled_it_s"] / r["eager_it_s"]
         results[name] = r
         prev = d("eager")
@@ -224,11 +227,11 @@ def main():
         json.dump(report, f, indent=1)
     print(f"\n{dev}, torch {torch.__version__}, {args.input_size} px, batch {args.batch_size}")
     print(f"{'case':<16} {'bf16/fp32':>9} {'resume':>6} {'img/s':>8} {'data %':>6} {'peak GB':>7} {'compile x':>9} "
-          f"{'1st step s':>15}")
+          f"{'warm-up s':>15}")
     for name, r in results.items():
         if "first_step" in r:
             comp = f"{r.get('compile_speedup', float('nan')):9.2f}"
-            steps = f"{r['first_step_s']:6.1f} -> {r.get('compiled_first_step_s', float('nan')):5.1f}"
+            steps = f"{r['warmup_s']:6.1f} -> {r.get('compiled_warmup_s', float('nan')):5.1f}"
             print(f"{name:<16} {r['first_step_max_rel_diff']:9.1e} {str(r['resume_ok']):>6} {r['images_s']:8.0f} "
                   f"{r['data_wait_pct']:6.0f} {r['peak_gb']:7.2f} {comp} {steps:>15}")
     for k in ("mfu_eager", "mfu_compiled"):
