@@ -748,8 +748,10 @@ def compile_models(args, *models):
     block of a shape. Hooks are guarded: taps opened or closed later recompile instead of being silently skipped."""
     if not args.compile:
         return
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # (widths x tap layouts)
+    cfg = torch._dynamo.config
+    cfg.skip_nnmodule_hook_guards = False
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # the name before torch 2.6
+    setattr(cfg, limit, max(getattr(cfg, limit), 64))  # one code object for all blocks: (widths x tap layouts)
     for model in {id(m): m for m in models if m is not None}.values():
         regions = unwrap(model).blocks if hasattr(unwrap(model), "blocks") else \
             [m for m in unwrap(model).children() if next(m.parameters(), None) is not None]
