@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="gpu_check_out", help="run folders and gpu_check.json (emptied first)")
+    p.add_argument("--out", default=None, help="run folders and gpu_check.json; a new or empty folder "
+                   "(default: gpu_check_out/DATE-TIME)")
     p.add_argument("--tiny", action="store_true", help="CPU-sized: 32 px, 3-block students, small batches")
     p.add_argument("--student", default="deit_tiny")
     p.add_argument("--teacher", default="deit_small")
@@ -161,8 +161,9 @@ def mfu_check(args, compile_backend=None):
 
 def main():
     args = get_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    os.makedirs(args.out)
+    args.out = args.out or os.path.join("gpu_check_out", time.strftime("%Y%m%d-%H%M%S"))
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        sys.exit(f"error: --out {args.out} exists and is not an empty folder (nothing was touched); pick another")
     log = os.path.join(args.out, "commands.log")
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     common = ["--dataset", "synthetic", "--input_size", str(args.input_size), "--batch_size", str(args.batch_size),
@@ -172,12 +173,15 @@ def main():
     unknown = [n for n in names if n not in all_cases]
     if unknown:
         sys.exit(f"error: unknown case(s) {unknown}; choose from {list(all_cases)}")
+    chained = [n for i, n in enumerate(names) if "{prev}" in " ".join(all_cases[n][1])
+               and (i == 0 or not names[i - 1].startswith("sskd"))]
+    if chained:
+        sys.exit(f"error: {chained} need(s) the SSKD stage before it in --only (the stages run chained)")
+    os.makedirs(args.out, exist_ok=True)
     results, prev = {}, None
     for name in names:
         script, flags = all_cases[name]
         flags = [f.replace("{prev}", prev or "") for f in flags]
-        if "{prev}" in " ".join(all_cases[name][1]) and prev is None:
-            sys.exit(f"error: {name} needs the case before it (run the SSKD stages in order)")
         epochs = ["--ss_epochs"] if "teacher_ss" in flags else ["--epochs"]
         if script == "sskd.py":
             flags += ["--decay_epochs", "--ss_decay_epochs"]  # no step decay inside 2 epochs
