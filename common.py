@@ -885,25 +885,24 @@ def accuracy(logits, target, topk=(1, 5)):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp="bf16"):
-    """Top-1 / top-5 (%) and mean CE over the whole evaluation set, exact at any world size. A model may return
-    {"logits": ..., NAME: logits, ...}: the top-1 of every NAME is added as acc1_NAME, in the same pass."""
+def evaluate(model, loader, device, amp="bf16", heads=()):
+    """Top-1 / top-5 (%) and mean CE over the whole evaluation set, exact at any world size. With `heads` the model
+    returns {"logits": ..., NAME: logits for NAME in heads}: each NAME's top-1 is added as acc1_NAME, in the same pass."""
     model.eval()
-    stats, names = None, []
+    stats = torch.zeros(4 + len(heads), device=device, dtype=torch.float64)
     for images, target in progress(loader, "eval"):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(images)
-        out = {k: v.float() for k, v in (out if isinstance(out, dict) else {"logits": out}).items()}
-        names = [k for k in out if k != "logits"]
+        out = {k: v.float() for k, v in (out if heads else {"logits": out}).items()}
         logits = out["logits"]
-        s = torch.tensor([*accuracy(logits, target), F.cross_entropy(logits, target, reduction="sum").item(),
-                          len(target), *(accuracy(out[k], target, (1,))[0] for k in names)], device=device, dtype=torch.float64)
-        stats = s if stats is None else stats + s
+        stats += torch.tensor([*accuracy(logits, target), F.cross_entropy(logits, target, reduction="sum").item(),
+                               len(target), *(accuracy(out[k], target, (1,))[0] for k in heads)], device=device,
+                              dtype=torch.float64)
     all_reduce_sum(stats)
     n = max(stats[3].item(), 1)
     return {"acc1": 100 * stats[0].item() / n, "acc5": 100 * stats[1].item() / n, "loss": stats[2].item() / n,
-            **{f"acc1_{k}": 100 * v.item() / n for k, v in zip(names, stats[4:])}}
+            **{f"acc1_{k}": 100 * v.item() / n for k, v in zip(heads, stats[4:])}}
 
 
 def atomic_save(obj, path):

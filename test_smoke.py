@@ -1757,7 +1757,8 @@ def test_vitkd_distillation_token_end_to_end_and_resume(tmp_path, supervised_run
     x, y = torch.randn(40, 3, 32, 32), torch.randint(0, 10, (40,))
     out = vitkd.HeadsApart(straight.eval())(x)
     assert torch.allclose(out["logits"], straight(x), atol=1e-6)
-    stats = common.evaluate(vitkd.HeadsApart(straight), [(x[:25], y[:25]), (x[25:], y[25:])], torch.device("cpu"))
+    stats = common.evaluate(vitkd.HeadsApart(straight), [(x[:25], y[:25]), (x[25:], y[25:])], torch.device("cpu"),
+                            heads=vitkd.HeadsApart.heads)
     assert stats["acc1"] == pytest.approx(100 * (out["logits"].argmax(1) == y).float().mean().item())
     for k in ("cls_head", "dist_head"):
         assert stats[f"acc1_{k}"] == pytest.approx(100 * (out[k].argmax(1) == y).float().mean().item())

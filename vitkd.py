@@ -177,7 +177,8 @@ def main(args):
                                       scaler, schedule, epoch, device, args)
         test_stats = {}  # logged only where measured
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            test_stats = common.evaluate(HeadsApart(student) if token else student, val_loader, device, args.amp)
+            test_stats = common.evaluate(HeadsApart(student), val_loader, device, args.amp, HeadsApart.heads) if token \
+                else common.evaluate(student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in test_stats.items() if k != "loss"))
         common.end_epoch(args.output_dir, "vitkd.py", args, epoch, train_stats, test_stats, args.save_every,
                          model=student.state_dict(), **({"vitkd": vitkd.state_dict()} if vitkd is not None else {}),
@@ -272,6 +273,7 @@ kd_loss = common.kd_loss  # Hinton KD: batch-mean KL(teacher || student) at temp
 class HeadsApart(nn.Module):
     """Evaluation of a distilled DeiT: timm's eval output (the mean of the two heads' logits) as "logits", and each
     head alone (cls_head, dist_head), for common.evaluate's one pass."""
+    heads = ("cls_head", "dist_head")
 
     def __init__(self, model):
         super().__init__()
