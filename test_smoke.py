@@ -1872,5 +1872,23 @@ def test_reproduce_cifar10_suite_end_to_end_and_resume(tmp_path):
     assert (tmp_path / "out" / "tiny_synthetic" / "vitkd_alone_s0" / "checkpoint.pth").stat().st_mtime_ns == stamp
 
 
+# ---------------------------------------------------------------------------------------------
+# GPU code paths on the CPU: bf16 autocast with CUDA's op lists, DDP with frozen / absent parameters
+# ---------------------------------------------------------------------------------------------
+# [section: gpu-paths]
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: the feature bank on one rank, CLS rows only
+# ---------------------------------------------------------------------------------------------
+# [section: memory]
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/: every benchmark at a tiny size
+# ---------------------------------------------------------------------------------------------
+# [section: benches]
+
+
 if __name__ == "__main__":
     ddp_worker(sys.argv[1:])
