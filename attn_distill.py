@@ -128,8 +128,8 @@ def main(args):
     pairs = [(depth_s - 1, depth_t - 1)] if args.attn_layers == "last" else \
         [(i, round((i + 1) * depth_t / depth_s) - 1) for i in range(depth_s)]
     attn = args.lambda_attn > 0
-    taps = {"student": common.ViTTaps(backbone, attn=[s for s, _ in pairs] if attn else []),
-            "teacher": common.ViTTaps(teacher, attn=[t for _, t in pairs] if attn else [])}
+    taps = {"student": common.ViTTaps(backbone, attn=[s for s, _ in pairs] if attn else [], attn_rows=1),
+            "teacher": common.ViTTaps(teacher, attn=[t for _, t in pairs] if attn else [], attn_rows=1)}  # CLS rows only
     values = {"student": ValueNorms(backbone, [s for s, _ in pairs]),
               "teacher": ValueNorms(teacher, [t for _, t in pairs])} if attn and args.value_norm else None
     how = "heads by index" if aggregate is None else f"{aggregate} aggregation"
@@ -293,9 +293,9 @@ class ValueNorms:
 # attention rows and the loss
 # ---------------------------------------------------------------------------------------------
 def cls_rows(attn, num_prefix_tokens=1, value_norms=None):
-    """The CLS query's attention row of a B x H x N x N map, fp32, keys = [CLS, patches] (other prefix
-    tokens, e.g. registers or a distillation token, dropped and the row renormalised); optionally weighted
-    by the value norms (B x H x N) and L1-normalised."""
+    """The CLS query's attention row of a B x H x N x N map (or of its first rows, ViTTaps' attn_rows), fp32,
+    keys = [CLS, patches] (other prefix tokens, e.g. registers or a distillation token, dropped and the row
+    renormalised); optionally weighted by the value norms (B x H x N) and L1-normalised."""
     rows = attn[:, :, 0].float()
     if value_norms is not None:
         rows = rows * value_norms

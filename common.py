@@ -120,15 +120,38 @@ def concat_all_gather(x):
     return torch.cat(out, 0)
 
 
+def _gather_parts(x, dst=None):
+    """[rank 0's rows, rank 1's rows, ...] (ranks may hold different numbers) on rank dst, None on the others; dst
+    None: on every rank."""
+    sizes = concat_all_gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    x = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0],) + x.shape[1:])], 0).contiguous()
+    out = [torch.empty_like(x) for _ in sizes] if dst is None or get_rank() == dst else None
+    dist.all_gather(out, x) if dst is None else dist.gather(x, out, dst=dst)
+    return None if out is None else [o[:s] for o, s in zip(out, sizes)]
+
+
 @torch.no_grad()
-def gather_uneven(x):
-    """Like concat_all_gather, but ranks may hold different numbers of rows (evaluation shards)."""
+def gather_uneven(x, dst=None):
+    """Like concat_all_gather, but ranks may hold different numbers of rows; dst: to that rank only (None elsewhere)."""
     if get_world_size() == 1:
         return x
-    sizes = concat_all_gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
-    pad = x.new_zeros((max(sizes) - x.shape[0],) + x.shape[1:])
-    out = concat_all_gather(torch.cat([x, pad], 0)).split(max(sizes), 0)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)], 0)
+    parts = _gather_parts(x, dst)
+    return None if parts is None else torch.cat(parts, 0)
+
+
+@torch.no_grad()
+def gather_shards(x, dst=0):
+    """build_loader's evaluation shards (rank r: rows r, r + W, ...) in dataset order, on rank dst only: one copy of a
+    feature bank (DINO's k-NN), not one per rank; None on the others."""
+    if get_world_size() == 1:
+        return x
+    parts = _gather_parts(x, dst)
+    if parts is None:
+        return None
+    out = x.new_empty((sum(len(p) for p in parts),) + x.shape[1:])
+    for r, p in enumerate(parts):
+        out[r::len(parts)] = p
+    return out
 
 
 def all_reduce_sum(x):
@@ -215,11 +238,18 @@ def renormalize_input(model, data_stats, label="teacher"):
     stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
     if stem is None:
         fail(f"cannot re-normalise the {label}'s input: no 3-channel input convolution found")
-    src_m, src_s, dst_m, dst_s = (torch.tensor(v).view(1, 3, 1, 1) for v in (*data, *own))
+    # x_own = x_data * scale + shift; the constants are made on the input's device and dtype once, not at every
+    # forward (each .to() of a CPU tensor would be a blocking host-to-device copy)
+    scale = torch.tensor([s / d for s, d in zip(data[1], own[1])]).view(1, 3, 1, 1)
+    shift = torch.tensor([(m - o) / d for m, o, d in zip(data[0], own[0], own[1])]).view(1, 3, 1, 1)
+    made = {}
 
     def hook(module, inputs):
         x = inputs[0]
-        return ((x * src_s.to(x) + src_m.to(x) - dst_m.to(x)) / dst_s.to(x),) + tuple(inputs[1:])
+        key = (x.device, x.dtype)
+        if key not in made:
+            made[key] = scale.to(x), shift.to(x)
+        return (x * made[key][0] + made[key][1],) + tuple(inputs[1:])
     stem.register_forward_pre_hook(hook)
     print0(f"| {label} input: {fmt(own)}; re-normalised on the device from the data's {fmt(data)}")
     return model
@@ -424,15 +454,16 @@ class ViTTaps:
     """Hooks on a timm ViT (Attention.forward kept; blocks in `attn` leave fused SDPA). `with ViTTaps(vit, [0, -1],
     [-1]) as taps: vit(x)` fills taps.tokens[i] (B x N x D with prefix tokens; where 'ffn': block output, 'mha': input
     + attention branch; `norm`: True / False / blocks through the final norm) and taps.attn[i] (B x H x N x N softmax,
-    with graph under grad); head_masks {block: (H,) or (B, H)} scale heads before the projection. close() restores."""
+    with graph under grad); head_masks {block: (H,) or (B, H)} scale heads before the projection. close() restores.
+    attn_rows=r keeps a copy of only the first r query rows (B x H x r x N; the CLS row: 1), so no full map stays."""
 
-    def __init__(self, model, blocks=(), attn=(), where="ffn", norm=False, head_masks=None):
+    def __init__(self, model, blocks=(), attn=(), where="ffn", norm=False, head_masks=None, attn_rows=None):
         if not hasattr(model, "blocks") or not all(hasattr(b, "attn") and hasattr(b.attn, "attn_drop")
                                                    for b in model.blocks):
             fail(f"ViT taps need a timm VisionTransformer, got {type(model).__name__}")
         if where not in ("ffn", "mha"):
             fail(f"where must be 'ffn' or 'mha', got {where!r}")
-        self.model, depth = model, len(model.blocks)
+        self.model, depth, self.attn_rows = model, len(model.blocks), attn_rows
         idx = lambda i: i % depth if -depth <= i < depth else fail(f"block {i} out of range for depth {depth}")  # noqa
         self.blocks, self.attn_blocks = sorted({idx(i) for i in blocks}), sorted({idx(i) for i in attn})
         norm_set = set(self.blocks) if norm is True else {idx(i) for i in (norm or ())}
@@ -462,7 +493,8 @@ class ViTTaps:
 
     def _save_attn(self, i):
         def hook(module, inputs, output):
-            self.attn[i] = inputs[0]
+            a = inputs[0]
+            self.attn[i] = a if self.attn_rows is None else a[:, :, :self.attn_rows].clone()  # a view keeps the map
         return hook
 
     def set_head_masks(self, masks):
@@ -737,7 +769,8 @@ def add_run_args(parser):
                    help="load files that hold Python objects beyond tensors (full unpickling runs code from the file)")
     g.add_argument("--compile", action="store_true", help="torch.compile the student's and teachers' blocks")
     g.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: no code generation)")
-    g.add_argument("--compile_mode", default=None, help="torch.compile mode (inductor)",
+    g.add_argument("--compile_mode", default=None, help="torch.compile mode (inductor); the CUDA-graph modes "
+                   "reduce-overhead and max-autotune are refused (the taps keep tensors that a replay overwrites)",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     return g
 
@@ -914,6 +947,8 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs: refused
+
 # flags that may change between a run and its resumption (--num_workers may not: the augmentation stream depends on it)
 RESUME_FREE = ("resume", "output_dir", "data_path", "log_every", "save_every", "download", "trust_checkpoint",
                "compile", "compile_backend", "compile_mode")
@@ -927,6 +962,10 @@ def prepare_output_dir(args, script, free=()):
             fail(f"--{k} must be at least 1, got {getattr(args, k)}")
     if args.compile and args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
         fail(f"--compile_backend {args.compile_backend} is not a torch.compile backend (e.g. inductor, aot_eager)")
+    if args.compile and args.compile_mode in CUDA_GRAPH_MODES:
+        fail(f"--compile_mode {args.compile_mode} replays CUDA graphs, whose outputs are overwritten by the next replay, "
+             "while the distillation taps keep block outputs and attention maps across forwards; use default or "
+             "max-autotune-no-cudagraphs")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         fail(f"--output_dir {args.output_dir} exists and is not a folder")
     own = os.path.join(args.output_dir, "checkpoint.pth")
@@ -1149,7 +1188,8 @@ def knn_classify(train_x, train_y, test_x, test_y, num_classes, ks=(10, 20, 100,
 
 @torch.no_grad()
 def knn_monitor(backbone, args, device):
-    """{'knn_acc1': %} of DINO's k-NN (k 20, T 0.07) on backbone(x) (final-norm CLS), train vs val, ranks sharded."""
+    """{'knn_acc1': %} of DINO's k-NN (k 20, T 0.07) on backbone(x) (final-norm CLS), train vs val: extraction
+    sharded, the bank and the k-NN on rank 0 (DINO's eval_knn), the same value returned on every rank."""
     t, was, feats = build_transform(args, False), backbone.training, {}
     backbone.eval()
     for split in ("train", "val"):
@@ -1159,8 +1199,12 @@ def knn_monitor(backbone, args, device):
             with autocast(device, args.amp):
                 x.append(backbone(images.to(device, non_blocking=True)).float())
             y.append(target.to(device))
-        feats[split] = gather_uneven(torch.cat(x)), gather_uneven(torch.cat(y))
+        feats[split] = gather_shards(torch.cat(x)), gather_shards(torch.cat(y))  # on rank 0 only
     backbone.train(was)
     (xtr, ytr), (xva, yva) = feats["train"], feats["val"]
-    res = knn_classify(xtr, ytr, xva, yva, int(max(ytr.max(), yva.max())) + 1, (20,), 0.07, device)
-    return {"knn_acc1": res[20]["acc1"]}
+    acc = torch.zeros(1, dtype=torch.float64, device=device)
+    if is_main_process():  # the others wait for its result
+        acc[0] = knn_classify(xtr, ytr, xva, yva, int(max(ytr.max(), yva.max())) + 1, (20,), 0.07, device)[20]["acc1"]
+    if is_dist():
+        dist.broadcast(acc, 0)
+    return {"knn_acc1": acc.item()}

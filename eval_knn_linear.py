@@ -226,8 +226,8 @@ def backbone_features(model, x, specs):
 
 @torch.no_grad()
 def extract_features(model, dataset, specs, batch_size, num_workers, device, amp="bf16", desc="features"):
-    """({name: N x F float32 on CPU}, labels N) in dataset order, on every rank. Each process
-    extracts its shard (build_loader); the shards are gathered and put back in order by index."""
+    """({name: N x F float32 on CPU}, labels N) in dataset order on rank 0, (None, None) on the others: each process
+    extracts its shard (build_loader), gathered onto rank 0 alone (one copy of the bank, as DINO's eval_knn)."""
     loader = common.build_loader(dataset, batch_size, train=False, num_workers=num_workers)
     feats, labels = {}, []
     for images, target in common.progress(loader, desc):
@@ -236,14 +236,10 @@ def extract_features(model, dataset, specs, batch_size, num_workers, device, amp
         for k, v in out.items():
             feats.setdefault(k, []).append(v.float())
         labels.append(target.to(device))
-    index = torch.arange(common.get_rank(), len(dataset), common.get_world_size(), device=device)
-    index = common.gather_uneven(index)
-    ordered = {}
-    for k, v in feats.items():
-        v = common.gather_uneven(torch.cat(v))
-        ordered[k] = torch.empty_like(v).index_copy_(0, index, v).cpu()
-    y = common.gather_uneven(torch.cat(labels))
-    return ordered, torch.empty_like(y).index_copy_(0, index, y).cpu()
+    to_cpu = lambda t: None if t is None else t.cpu()  # noqa: E731  (one gathered bank at a time on the device)
+    feats = {k: to_cpu(common.gather_shards(torch.cat(v))) for k, v in feats.items()}
+    y = to_cpu(common.gather_shards(torch.cat(labels)))
+    return (feats, y) if y is not None else (None, None)
 
 
 def train_linear_probes(train_x, train_y, test_x, test_y, num_classes, args, device):

@@ -285,9 +285,11 @@ class SSHead(nn.Module):
 
 
 def similarities(z, normal, transformed):
-    """3B x B cosine similarities: each transformed view against every normal view of the batch."""
-    z = F.normalize(z.float(), dim=1)
-    return z[transformed] @ z[normal].T
+    """3B x B cosine similarities: each transformed view against every normal view of the batch, in fp32 with
+    autocast off (under bf16 autocast the matmul would round them, and ties would change the selective transfer)."""
+    with torch.autocast(z.device.type, enabled=False):
+        z = F.normalize(z.float(), dim=1)
+        return z[transformed] @ z[normal].T
 
 
 def positives(batch, device):

@@ -282,8 +282,8 @@ def cls_and_patches(a, num_prefix_tokens):
     dropped, rows and columns, and the rows renormalised (METHODS 2.3), so that every network's maps compare."""
     if num_prefix_tokens == 1:
         return a
-    keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(num_prefix_tokens, a.shape[-1])]).to(a.device)
-    a = a[:, keep][:, :, keep]
+    a = torch.cat([a[:, :1], a[:, num_prefix_tokens:]], 1)  # slices, no index tensor: no host-to-device copy per step
+    a = torch.cat([a[..., :1], a[..., num_prefix_tokens:]], -1)
     return a / a.sum(-1, keepdim=True)
 
 

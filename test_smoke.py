@@ -564,7 +564,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, torchrun_ranks):
     logs = [json.loads((d / "log.txt").read_text()) for d in (torchrun_ranks, tmp_path / "single")]
     assert logs[0]["test_acc1"] == logs[1]["test_acc1"] and logs[0]["test_loss"] == pytest.approx(logs[1]["test_loss"], rel=1e-4)
     feats, labels = extract_11(single)
-    assert torch.equal(ranks[0]["labels"], labels) and torch.equal(ranks[1]["labels"], labels)
+    assert torch.equal(ranks[0]["labels"], labels) and ranks[1]["labels"] is None and ranks[1]["feats"] is None  # rank 0's
     torch.testing.assert_close(ranks[0]["feats"], feats, atol=1e-4, rtol=1e-4)
 
 
@@ -573,7 +573,7 @@ def extract_11(model):
     args = data_args()
     ds = common.SyntheticShapes(11, transform=common.build_transform(args, False))
     f, y = eval_knn_linear.extract_features(model.eval(), ds, [dict(n_last_blocks=2, avgpool=False)], 4, 0, torch.device("cpu"))
-    return f["last2"], y
+    return None if f is None else f["last2"], y  # None on ranks other than 0
 
 
 def tiny_init():
@@ -599,6 +599,8 @@ def ddp_worker(argv):
     torch.save({"model": model.state_dict(), "gather_ok": bool(ok), "feats": feats, "labels": labels},
                os.path.join(args.output_dir, f"rank{rank}.pth"))
     sdssl_worker(args.output_dir)
+    memory_worker(args.output_dir)
+    gpu_paths_ddp_worker(args.output_dir)
     # last: a refused input on every rank; one error line, from rank 0 only, and every rank exits 2
     import contextlib
     import io
@@ -1876,18 +1878,365 @@ def test_reproduce_cifar10_suite_end_to_end_and_resume(tmp_path):
 # GPU code paths on the CPU: bf16 autocast with CUDA's op lists, DDP with frozen / absent parameters
 # ---------------------------------------------------------------------------------------------
 # [section: gpu-paths]
+# CUDA autocast (bf16 / fp16) on the CPU. CPU autocast casts the same matrix ops (linear, matmul, conv, SDPA) to the
+# low precision as CUDA's, but its fp32 list differs where it matters: on CUDA, LayerNorm, softmax, log_softmax, exp,
+# log, pow, sum, norm, the losses... run in fp32 and return fp32, while CPU autocast leaves them in bf16. The mode
+# below adds CUDA's fp32 list (torch's autocast docs, "CUDA Ops that can autocast to float32") on top of CPU
+# autocast: those ops get fp32 inputs and give fp32 outputs, as they would on a GPU. That is what made
+# `--generator cae` fail on CUDA (a bf16 buffer receiving the fp32 LayerNorm output) while plain CPU autocast passed.
+from contextlib import contextmanager, nullcontext  # noqa: E402
+
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+CUDA_FP32_OPS = {
+    "layer_norm", "group_norm", "softmax", "log_softmax", "softmin", "exp", "expm1", "log", "log1p", "log2", "log10",
+    "pow", "__pow__", "__rpow__", "sum", "prod", "cumsum", "cumprod", "norm", "reciprocal", "rsqrt", "softplus",
+    "acos", "asin", "cosh", "sinh", "tan", "erfinv", "cosine_similarity", "cross_entropy", "nll_loss", "kl_div",
+    "mse_loss", "l1_loss", "smooth_l1_loss", "binary_cross_entropy_with_logits", "cdist", "pdist", "dist", "renorm",
+}
+
+
+class CudaFp32Ops(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in CUDA_FP32_OPS:
+            up = lambda v: v.float() if torch.is_tensor(v) and v.dtype in (torch.bfloat16, torch.float16) else v  # noqa
+            with torch.autocast("cpu", enabled=False):
+                return func(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def cuda_like_autocast(dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype), CudaFp32Ops():
+        yield
+
+
+def emulate_cuda_amp(monkeypatch):
+    """The scripts' common.autocast / grad_scaler as on CUDA (--amp bf16 / fp16; off stays off), on the CPU."""
+    monkeypatch.setattr(common, "autocast", lambda device, amp="bf16": nullcontext() if amp == "off" else
+                        cuda_like_autocast(torch.bfloat16 if amp == "bf16" else torch.float16))
+    monkeypatch.setattr(common, "grad_scaler", lambda device, amp: torch.amp.GradScaler("cpu", enabled=amp == "fp16"))
+
+
+def test_cuda_like_autocast_has_cudas_dtypes():
+    lin, ln = nn.Linear(8, 8), nn.LayerNorm(8)
+    x = torch.randn(2, 8)
+    with cuda_like_autocast():
+        h = lin(x)
+        assert h.dtype == torch.bfloat16 and (x @ x.T).dtype == torch.bfloat16  # matrix ops: low precision
+        assert ln(h).dtype == torch.float32 and h.softmax(-1).dtype == torch.float32  # CUDA's fp32 list
+        assert h.sum().dtype == torch.float32 and F.log_softmax(h, -1).dtype == torch.float32
+        assert (h * 2).dtype == torch.bfloat16  # everything else keeps its input's dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ln(lin(x)).dtype == torch.bfloat16  # what plain CPU autocast does instead
+
+
+def test_vitkd_cae_generator_under_cuda_autocast():
+    """Defect 1: the cae generator's output buffer took the (bf16) input's dtype, the LayerNorm output scattered into
+    it is fp32 on CUDA: scatter() raised. Widths differ (an adapter: bf16 tokens), as by default."""
+    torch.manual_seed(0)
+    loss = vitkd.ViTKDLoss(48, 64, 16, 2, generator="cae", generator_depth=1)
+    s_low, t_low, s_high, t_high = torch.randn(2, 2, 16, 48), torch.randn(2, 2, 16, 64), torch.randn(2, 16, 48), torch.randn(2, 16, 64)
+    mask = loss.random_mask(2, "cpu")
+    ref = loss(s_low, t_low, s_high, t_high, mask)
+    with cuda_like_autocast():
+        low = loss(s_low, t_low, s_high, t_high, mask)
+    for a, b in zip(low, ref):
+        assert torch.isfinite(a) and abs(a.item() - b.item()) <= 0.03 * abs(b.item())
+
+
+def test_sskd_similarities_rank_in_fp32_under_autocast():
+    """Defect 3: under bf16 autocast the similarity matmul rounded, and the error levels of selective transfer
+    changed; now it runs with autocast off, so levels and masks equal fp32's exactly."""
+    torch.manual_seed(0)
+    base = torch.randn(1, 64)
+    z = base + 0.35 * torch.randn(256, 64)  # features of high mutual cosine (~0.9): bf16 rounding creates ties
+    normal, transformed = torch.arange(0, 256, 4), torch.arange(256)[torch.arange(256) % 4 != 0]
+    ref = sskd.similarities(z, normal, transformed)
+    with cuda_like_autocast():
+        sim = sskd.similarities(z, normal, transformed)
+    assert sim.dtype == torch.float32 and torch.equal(sim, ref)
+    pos = sskd.positives(len(normal), "cpu")
+    assert torch.equal(sskd.error_levels(sim, pos), sskd.error_levels(ref, pos))
+
+
+def test_renormalisation_and_token_maps_make_no_tensors_per_step():
+    """Defect 6: the input re-normalisation hook copied 4 CPU constants to the device at every forward, SSTA's
+    map reduction for a distillation token built an index tensor and copied it. Recorded: the tensor-making and
+    .to() calls of a second forward / reduction (none now), and the values (unchanged maths)."""
+    model = tiny_vit(mean=(0.5,) * 3, std=(0.5,) * 3)
+    common.renormalize_input(model, (IMAGENET_MEAN, IMAGENET_STD))
+    x = torch.randn(2, 3, 32, 32)
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+    calls = []
+    model(x)
+    with Record():
+        y = model(x)
+    made = [c for c in calls if c in ("to", "tensor", "as_tensor", "arange", "zeros", "ones", "full")]
+    assert not made, made
+    plain = tiny_vit()
+    plain.load_state_dict(model.state_dict())
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(y, plain((x * std + mean - 0.5) / 0.5), atol=1e-5, rtol=1e-5)
+    a = torch.rand(2, 6, 6).softmax(-1)  # one head's maps: CLS, distillation token, 4 patches
+    calls = []
+    with Record():
+        r = ssta.cls_and_patches(a, 2)
+    assert not [c for c in calls if c in ("to", "tensor", "arange", "zeros")]
+    keep = [0, 2, 3, 4, 5]
+    ref = a[:, keep][:, :, keep]
+    torch.testing.assert_close(r, ref / ref.sum(-1, keepdim=True))
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_cuda_graph_compile_modes_are_refused_before_any_work(tmp_path):
+    """Defect 4: --compile_mode reduce-overhead / max-autotune replay CUDA graphs, whose outputs the next replay
+    overwrites while the taps still hold them: refused with one line, nothing written."""
+    for mode in common.CUDA_GRAPH_MODES:
+        r = subprocess.run([sys.executable, "vitkd.py", "--dataset", "synthetic", "--compile", "--compile_mode", mode,
+                            "--output_dir", str(tmp_path / mode)], cwd=HERE, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "CUDA graphs" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / mode).exists()
+
+
+# One step of every configuration whose numerics change under autocast, in fp32 and with CUDA's bf16 autocast
+# emulated: every logged loss term of the first step finite and within AMP_TOL (relative) of fp32's. Tiny sizes:
+# 32 px, patch 16 (4 patches), students 2 blocks x 48, random 12-block DeiT-Ti teachers; one step of 8 images.
+AMP_TOL = 0.05
+ONE_STEP = ["--dataset", "synthetic", "--input_size", "32", "--num_workers", "0", "--batch_size", "8",
+            "--synthetic_size", "8", "--log_every", "1"]
+SUP_STEP = ONE_STEP + ["--epochs", "1", "--randaug=", "--reprob", "0", "--warmup_epochs", "0"]
+STUDENT = ["--depth", "2", "--embed_dim", "48", "--patch_size", "16"]
+TEACHER = ["--teacher", "deit_tiny", "--teacher_weights", "random"]
+NO_FEAT = ["--alpha_vitkd", "0", "--beta_vitkd", "0"]
+AMP_CASES = {  # name: [(script, flags)], chained ones read {prev}: the previous stage's output folder
+    "vitkd_alone_mixup": [(vitkd, SUP_STEP + STUDENT)],  # Mixup / CutMix on: soft targets under autocast
+    "vitkd_kd": [(vitkd, SUP_STEP + STUDENT + TEACHER + NO_FEAT + ["--kd_weight", "0.5", "--ce_weight", "0.5"])],
+    "vitkd_nkd": [(vitkd, SUP_STEP + STUDENT + TEACHER + NO_FEAT + ["--nkd"])],
+    **{f"vitkd_{g}": [(vitkd, SUP_STEP + STUDENT + TEACHER + ["--generator", g, "--generator_depth", "1", "--nkd"])]
+       for g in ("conv", "mae", "cae")},
+    "vitkd_correlation": [(vitkd, SUP_STEP + STUDENT + TEACHER + ["--mimic_type", "correlation", "--mimic_where", "mha"])],
+    "vitkd_cae_fp16": [(vitkd, SUP_STEP + STUDENT + TEACHER + ["--generator", "cae", "--generator_depth", "1", "--amp", "fp16"])],
+    "vitkd_token_soft": [(vitkd, SUP_STEP + ["--student", "deit_tiny_distilled_patch16_224", *STUDENT, "--teacher",
+                                             "resnet10t", "--teacher_weights", "random", "--distill_token", "soft", *NO_FEAT])],
+    "ssta": [(ssta, SUP_STEP + STUDENT + TEACHER + ["--ta", "deit_tiny", "--ta_weights", "random", "--ta_supervised",
+                                                   "--distill_layers", "-2", "-1", "--selection_images", "8",
+                                                   "--early_stop_epoch", "1"])],
+    "ssta_token_at": [(ssta, SUP_STEP + ["--student", "deit_tiny_distilled_patch16_224", *STUDENT, *TEACHER,
+                                         "--teacher_loss", "at", "--distill_layers", "-1", "--early_stop_epoch", "1",
+                                         "--distill_token", "hard", "--token_teacher", "resnet10t",
+                                         "--token_teacher_weights", "random"])],
+    "sskd_stages": [(sskd, ONE_STEP + ["--student", "deit_tiny", *STUDENT, "--epochs", "1", "--decay_epochs"]),
+                    (sskd, ONE_STEP + ["--stage", "teacher_ss", "--teacher_weights", "{prev}/checkpoint.pth",
+                                       "--ss_epochs", "1", "--ss_decay_epochs"]),
+                    (sskd, ONE_STEP + ["--student", "deit_tiny", *STUDENT, "--teacher_weights", "{prev}/checkpoint.pth",
+                                       "--epochs", "1", "--decay_epochs"])],
+    **{f"sdssl_{f}": [(sdssl, ONE_STEP + ["--framework", f, "--arch", "vit_small", "--depth", "3", "--embed_dim", "48",
+                                          "--num_heads", "3", "--patch_size", "16", "--epochs", "1", "--warmup_epochs", "0",
+                                          "--proj_hidden", "64", "--mid_proj_hidden", "32", "--pred_hidden", "64",
+                                          "--out_dim", "16", "--knn_every", "1"])] for f in ("simclr", "byol", "mocov3")},
+    "attn_distill": [(attn_distill, ONE_STEP + STUDENT + TEACHER + ["--epochs", "1", "--warmup_epochs", "0"])],
+    "attn_distill_all_noproj": [(attn_distill, ONE_STEP + ["--depth", "2", "--patch_size", "16", *TEACHER, "--epochs", "1",
+                                                           "--warmup_epochs", "0", "--attn_layers", "all", "--no-projector"])],
+}
+
+
+def first_step_losses(module, flags, out):
+    common.run_main(module.main, argparse.ArgumentParser(parents=[module.get_args_parser()]), flags + ["--output_dir", str(out)])
+    first = json.loads((out / "log.txt").read_text().splitlines()[0])
+    return {k: v for k, v in first.items() if k.startswith("train_") and k not in ("train_lr", "train_alpha")}
+
+
+@pytest.mark.parametrize("case", list(AMP_CASES))
+def test_one_step_under_cuda_bf16_autocast_is_finite_and_close_to_fp32(tmp_path, case, monkeypatch):
+    losses = {}
+    for amp in ("off", "cuda"):
+        with monkeypatch.context() as m:
+            if amp == "cuda":
+                emulate_cuda_amp(m)
+            prev = None
+            for i, (module, flags) in enumerate(AMP_CASES[case]):
+                out = tmp_path / f"{amp}{i}"
+                flags = [f.replace("{prev}", str(prev)) for f in flags]
+                if amp == "off":  # the same flags with --amp off
+                    flags = [f for i, f in enumerate(flags) if "--amp" not in (f, flags[i - 1] if i else "")] + ["--amp", "off"]
+                losses[amp] = first_step_losses(module, flags, out)
+                prev = out
+    assert losses["off"] and losses["off"].keys() == losses["cuda"].keys()
+    for k, ref in losses["off"].items():
+        low = losses["cuda"][k]
+        assert math.isfinite(low) and abs(low - ref) <= AMP_TOL * abs(ref) + 1e-6, (k, low, ref)
+
+
+# DDP (2 gloo processes, inside the torchrun_ranks run) over every configuration that changes which parameters
+# train: 2 steps each (DDP's unused-parameter error comes at the second), then every rank must hold the same
+# weights (the gradients were all-reduced: each rank saw other images).
+DDP_STEPS = ["--dataset", "synthetic", "--input_size", "32", "--num_workers", "0", "--batch_size", "4",
+             "--synthetic_size", "16", "--log_every", "1", "--epochs", "1"]
+DDP_SUP = DDP_STEPS + ["--warmup_epochs", "0", "--randaug=", "--reprob", "0", "--mixup", "0", "--cutmix", "0"]
+DDP_CASES = {  # name: (script, flags); {out}: this run's parent folder
+    "vitkd_correlation_no_gen": (vitkd, DDP_SUP + STUDENT + TEACHER + ["--mimic_type", "correlation", "--beta_vitkd", "0"]),
+    "vitkd_equal_widths_no_gen": (vitkd, DDP_SUP + ["--depth", "2", "--patch_size", "16", *TEACHER, "--beta_vitkd", "0"]),
+    "vitkd_vitkd": (vitkd, DDP_SUP + STUDENT + TEACHER + ["--generator_depth", "1"]),
+    "vitkd_token": (vitkd, DDP_SUP + ["--student", "deit_tiny_distilled_patch16_224", *STUDENT, "--teacher", "resnet10t",
+                                      "--teacher_weights", "random", "--distill_token", "hard", *NO_FEAT]),
+    "ssta_token": (ssta, DDP_SUP + ["--student", "deit_tiny_distilled_patch16_224", *STUDENT, *TEACHER, "--ta", "deit_tiny",
+                                    "--ta_weights", "random", "--ta_supervised", "--distill_layers", "-1",
+                                    "--selection_images", "8", "--early_stop_epoch", "1", "--distill_token", "soft",
+                                    "--token_teacher", "resnet10t", "--token_teacher_weights", "random"]),
+    "sskd_teacher": (sskd, DDP_STEPS + ["--student", "deit_tiny", *STUDENT, "--decay_epochs"]),
+    "sskd_teacher_ss": (sskd, DDP_STEPS + ["--stage", "teacher_ss", "--teacher_weights", "{out}/sskd_teacher/checkpoint.pth",
+                                           "--ss_epochs", "1", "--ss_decay_epochs"]),
+    "sskd_student": (sskd, DDP_STEPS + ["--student", "deit_tiny", *STUDENT, "--decay_epochs",
+                                        "--teacher_weights", "{out}/sskd_teacher_ss/checkpoint.pth"]),
+    **{f"sdssl_{f}{'_plain' if plain else ''}": (sdssl, DDP_STEPS + [
+        "--framework", f, "--arch", "vit_small", "--depth", "3", "--embed_dim", "48", "--num_heads", "3", "--patch_size",
+        "16", "--warmup_epochs", "0", "--proj_hidden", "32", "--mid_proj_hidden", "32", "--pred_hidden", "32", "--out_dim", "16",
+        *(["--alpha_max", "0", "--no-pred_loss"] if plain else [])]) for f, plain in (("mocov3", False), ("mocov3", True),
+                                                                                     ("simclr", False), ("byol", True))},
+    "attn_distill": (attn_distill, DDP_STEPS + STUDENT + TEACHER + ["--warmup_epochs", "0"]),  # the student's own final norm frozen
+    "attn_distill_no_projector_pa": (attn_distill, DDP_STEPS + ["--depth", "2", "--patch_size", "16", *TEACHER,
+                                                                "--no-projector", "--lambda_attn", "0", "--warmup_epochs", "0"]),
+}
+
+
+def gpu_paths_ddp_worker(out):
+    """Each DDP case on this rank: exit status and the returned model's weights, saved to gpu_ddp{rank}.pth."""
+    res = {}
+    for name, (module, flags) in DDP_CASES.items():
+        flags = [f.replace("{out}", str(out)) for f in flags] + ["--output_dir", os.path.join(out, name)]
+        try:
+            model = module.main(module.get_args_parser().parse_args(flags))[0]
+            res[name] = {"ok": True, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        except (Exception, SystemExit) as e:  # noqa: BLE001 (reported by the test)
+            res[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[-400:]}
+        torch.distributed.barrier()  # the next case may read this one's checkpoint
+    torch.save(res, os.path.join(out, f"gpu_ddp{common.get_rank()}.pth"))
+
+
+def test_ddp_trains_every_configuration_of_frozen_or_absent_parameters(torchrun_ranks):
+    ranks = [torch.load(torchrun_ranks / f"gpu_ddp{r}.pth", weights_only=True) for r in (0, 1)]
+    for name in DDP_CASES:
+        a, b = ranks[0][name], ranks[1][name]
+        assert a["ok"] and b["ok"], (name, a.get("error"), b.get("error"))
+        for k, v in a["weights"].items():
+            assert torch.equal(v, b["weights"][k]), (name, k)
 
 
 # ---------------------------------------------------------------------------------------------
 # memory: the feature bank on one rank, CLS rows only
 # ---------------------------------------------------------------------------------------------
 # [section: memory]
+def mem_args(**kw):  # knn_monitor's flags: 22 synthetic training images, 10 evaluation images
+    args = data_args(dataset="synthetic", synthetic_size=22, num_workers=0)
+    return argparse.Namespace(**{**vars(args), "batch_size": 4, "amp": "off", **kw})
+
+
+def mem_eval(weights, out):  # eval_knn_linear.py's k-NN only, on the same images
+    return eval_knn_linear.main(eval_knn_linear.get_args_parser().parse_args(
+        ["--weights", str(weights), "--dataset", "synthetic", "--synthetic_size", "22", "--input_size", "32",
+         "--num_workers", "0", "--batch_size", "4", "--no-linear", "--output_dir", str(out)]))
+
+
+def mem_backbone(path):
+    model = tiny_init().eval()
+    torch.save({"model": model.state_dict(), "model_config": model.model_config}, path)
+    return model
+
+
+def memory_worker(out):
+    """Inside ddp_worker: gathers onto rank 0 only, the feature bank and the k-NN (knn_monitor, eval_knn_linear.py)."""
+    rank = common.get_rank()
+    model = mem_backbone(os.path.join(out, f"mem_backbone{rank}.pth"))  # the same file on every rank
+    res = {"gather": common.gather_uneven(torch.arange(rank + 1), dst=0),
+           "shards": common.gather_shards(torch.arange(rank, 11, 2.0)[:, None]),  # build_loader's rows r, r + 2, ...
+           "bank": extract_11(model), "knn_monitor": common.knn_monitor(model, mem_args(), torch.device("cpu"))}
+    results = mem_eval(os.path.join(out, f"mem_backbone{rank}.pth"), os.path.join(out, "mem_eval"))
+    res["eval_knn"] = None if results is None else results["knn"]
+    torch.save(res, os.path.join(out, f"mem{rank}.pth"))
+
+
+def test_feature_bank_only_on_rank_0_and_knn_as_one_process(tmp_path, torchrun_ranks):
+    ranks = [torch.load(torchrun_ranks / f"mem{r}.pth", weights_only=True) for r in (0, 1)]
+    assert torch.equal(ranks[0]["gather"], torch.tensor([0, 0, 1])) and ranks[1]["gather"] is None
+    assert torch.equal(ranks[0]["shards"], torch.arange(11.0)[:, None]) and ranks[1]["shards"] is None  # dataset order
+    model = mem_backbone(tmp_path / "backbone.pth")
+    feats, labels = extract_11(model)
+    torch.testing.assert_close(ranks[0]["bank"][0], feats, atol=1e-4, rtol=1e-4)
+    assert torch.equal(ranks[0]["bank"][1], labels) and ranks[1]["bank"] == (None, None)  # no copy on rank 1
+    knn = common.knn_monitor(model, mem_args(), torch.device("cpu"))
+    assert ranks[0]["knn_monitor"] == ranks[1]["knn_monitor"] == knn  # the same value on every rank
+    assert ranks[0]["eval_knn"] == mem_eval(tmp_path / "backbone.pth", tmp_path / "eval")["knn"]
+    assert ranks[1]["eval_knn"] is None  # eval_knn_linear.py's k-NN and probe run on rank 0
+
+
+def test_taps_keep_only_the_first_attention_rows_with_their_gradient():
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    with common.ViTTaps(model, attn=[0, -1]) as full, common.ViTTaps(model, attn=[0, -1], attn_rows=2) as rows:
+        model.forward_features(x)
+    w = torch.randn(2, 3, 2, 17)
+    for i in (0, 2):
+        assert rows.attn[i].shape == (2, 3, 2, 17) and full.attn[i].shape == (2, 3, 17, 17)
+        assert torch.equal(rows.attn[i], full.attn[i][:, :, :2])
+        assert rows.attn[i].untyped_storage().nbytes() == 2 * 3 * 2 * 17 * 4  # a copy: the full map can be freed
+        p = model.blocks[i].attn.qkv.weight
+        g_rows, = torch.autograd.grad((rows.attn[i] * w).sum(), p, retain_graph=True)
+        g_full, = torch.autograd.grad((full.attn[i][:, :, :2] * w).sum(), p, retain_graph=True)
+        assert g_rows.abs().sum() > 0 and torch.equal(g_rows, g_full)
+    assert all(b.attn.fused_attn for b in model.blocks)  # both closed
+
+
+def test_attn_distill_on_cls_rows_trains_as_on_full_maps(tmp_path, monkeypatch):
+    made, Taps = [], common.ViTTaps
+    flags = ["--teacher", "deit_tiny", "--teacher_weights", "random", "--epochs", "1", "--synthetic_size", "64",
+             "--attn_layers", "all", "--value_norm", "--lambda_attn", "1"]  # 2 x 2 teacher grid resized to 4 x 4
+    runs = {}
+    for rows in (1, None):  # None: the full maps, as before the option
+        monkeypatch.setattr(common, "ViTTaps", lambda *a, **kw: made.append(Taps(*a, **{**kw, "attn_rows": rows})) or made[-1])
+        runs[rows] = run_attn_distill(tmp_path / str(rows), *flags)[0]
+        assert {t.attn[i].shape[2] for t in made[-2:] for i in t.attn} == ({1} if rows else {17, 5})
+    for (k, a), b in zip(runs[1].state_dict().items(), runs[None].state_dict().values()):
+        assert torch.equal(a, b), k
+    logs = [(tmp_path / str(r) / "log.txt").read_text() for r in (1, None)]
+    assert json.loads(logs[0])["train_attn"] == json.loads(logs[1])["train_attn"]
 
 
 # ---------------------------------------------------------------------------------------------
 # bench/: every benchmark at a tiny size
 # ---------------------------------------------------------------------------------------------
 # [section: benches]
+def bench_runner():
+    """bench/run_benches.py (standard library only): finds bench/bench_*.py by glob and runs them."""
+    if os.path.join(HERE, "bench") not in sys.path:
+        sys.path.insert(0, os.path.join(HERE, "bench"))
+    import run_benches
+    return run_benches
+
+
+@pytest.fixture(scope="module")
+def tiny_bench_runs(request):
+    """The selected benches at --tiny through run_benches.run_all, two processes at a time (one thread each):
+    a tiny run is mostly its imports, ~4 s."""
+    names = [item.callspec.params["bench"] for item in request.session.items
+             if getattr(item, "originalname", None) == "test_bench_runs_at_tiny_size"]
+    results = bench_runner().run_all(names, "tiny", timeout=60, jobs=2, env={"OMP_NUM_THREADS": "1"}, echo=lambda s: None)
+    return {r["name"]: r for r in results}
+
+
+@pytest.mark.parametrize("bench", bench_runner().benches())
+def test_bench_runs_at_tiny_size(bench, tiny_bench_runs):
+    """Every bench/bench_*.py runs against the current scripts: exit 0 and its ratio rows and targets printed."""
+    r = tiny_bench_runs[bench]
+    assert r["rc"] == 0, f"{r['cmd']}: exit {r['rc']}\n{r['output'][-4000:]}"
+    assert r["ratios"] >= 2 and "target: " in r["output"], r["output"][-4000:]  # harness.report's "  x1.04" rows
+    assert r["ok"]
 
 
 if __name__ == "__main__":

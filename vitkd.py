@@ -141,7 +141,9 @@ def main(args):
     trainable = nn.ModuleDict({"student": student, **({"vitkd": vitkd} if vitkd is not None else {})})  # for the optimizer
     ddp = common.get_world_size() > 1
     student_ddp = DistributedDataParallel(student) if ddp else student
-    vitkd_ddp = DistributedDataParallel(vitkd) if ddp and vitkd is not None else vitkd
+    # DDP refuses a module with nothing to train (--mimic_type correlation or equal widths, with --beta_vitkd 0)
+    vitkd_ddp = DistributedDataParallel(vitkd) if ddp and vitkd is not None and any(
+        p.requires_grad for p in vitkd.parameters()) else vitkd
     common.compile_models(args, student, teacher)
 
     # ---------------- optimizer, schedule, resume ----------------
@@ -372,9 +374,8 @@ class ViTKDLoss(nn.Module):
         visible, queries = x[:, :n_vis], x[:, n_vis:]
         for blk in self.generator:
             queries = blk(queries, torch.cat([visible, queries], 1))
-        out = torch.zeros_like(x)
-        out = out.scatter(1, order[:, n_vis:, None].expand(-1, -1, D), self.gen_norm(queries))
-        return out
+        pred = self.gen_norm(queries)  # fp32 under CUDA autocast (LayerNorm), while x may be bf16: take its dtype
+        return pred.new_zeros(x.shape).scatter(1, order[:, n_vis:, None].expand(-1, -1, D), pred)
 
 
 class CrossBlock(nn.Module):
