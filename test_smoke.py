@@ -1846,11 +1846,68 @@ def test_reproduce_cifar10_suite_end_to_end_and_resume(tmp_path):
     """The reproduction suite at its `tiny` size (synthetic data, 1 epoch, every script and eval run in
     the suite's own process through each script's __main__ and command line): its JSON has a finite
     value per seed in every row of every paper, the teachers' accuracies, the markdown and the figure;
-    run again, it skips every finished run."""
+    run again, it skips every finished run. Before that: teachers get every training image and students the
+    per-class subset (split_root on a few JPEGs), the gpu profile's dry run lists the runs in priority order,
+    and a 2 s --time_budget stops the running subprocess and exits 0 with a partial result."""
+    import pathlib
+    import re
     import time
+    from PIL import Image
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import reproduce_cifar10 as rc
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    src = tmp_path / "src"  # 5 training and 2 test JPEGs per class
+    for split, n in (("train", 5), ("test", 2)):
+        for c in ("a", "b"):
+            (src / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (50 * i, 100 if c == "a" else 0, 0)).save(src / split / c / f"{i}.jpg")
+
+    def linked(root, split):
+        files = sorted(p.relative_to(root / split).as_posix() for p in (root / split).rglob("*.jpg"))
+        assert all(os.path.realpath(root / split / f) == os.path.realpath(src / "train" / f) for f in files if split == "train")
+        return files
+    every = [f"{c}/{i}.jpg" for c in "ab" for i in range(5)]
+    for split, t_count in (("test", 10), ("val", 8)):  # val: every training image minus the 1-per-class carve
+        s_root, s_n, _ = rc.split_root(str(src), str(tmp_path / "split"), split, 2, 1)  # the students' 2 per class
+        t_root, t_n, t_ev = rc.split_root(str(src), str(tmp_path / "split"), split, None, 1)  # the teachers'
+        s_files, t_files = linked(pathlib.Path(s_root), "train"), linked(pathlib.Path(t_root), "train")
+        assert (s_n, len(s_files), t_n, len(t_files)) == (4, 4, t_count, t_count) and set(s_files) < set(t_files)
+        assert sum(f.startswith("a/") for f in s_files) == 2 and set(t_files) <= set(every)
+        if split == "test":
+            assert t_files == every and t_ev == 4
+            assert linked(pathlib.Path(t_root), "test") == ["a/0.jpg", "a/1.jpg", "b/0.jpg", "b/1.jpg"]
+        else:  # the carve is held out of both and is the evaluation split
+            assert t_ev == 2 and not set(linked(pathlib.Path(t_root), "val")) & set(t_files)
+    # the gpu profile's plan: priority order (teachers, seed-0 central rows, other seed-0 rows, seeds 1, 2; every run
+    # after its dependencies) and the teachers' data root (all images) vs the students' (500 per class)
+    dry = subprocess.run([sys.executable, "bench/reproduce_cifar10.py", "--profile", "gpu", "--data", str(src), "--out",
+                          str(tmp_path / "dry"), "--dry_run"], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    names = re.findall(r"^\[run \d+/\d+\] (\S+) \(", dry.stdout, re.M)
+    cmds = re.findall(r"^  (python .*)$", dry.stdout, re.M)
+    assert len(names) == len(cmds) == 72 and len(set(names)) == 72
+    pos = {n: i for i, n in enumerate(names)}
+    central = [n for n in names if n.endswith("_s0") and n[:-3] in rc.CENTRAL]
+    assert all(n.startswith("teacher_") for n in names[:6]) and names[6:6 + len(central)] == central and len(central) == 14
+    assert [int(n.rsplit("_s", 1)[1]) for n in names[6:]] == sorted(int(n.rsplit("_s", 1)[1]) for n in names[6:])
+    deps = re.findall(r"^\[run \d+/\d+\] (\S+) \(to run, after ([^)]*)\)", dry.stdout, re.M)
+    assert len(deps) > 50 and all(pos[d] < pos[n] for n, ds in deps for d in ds.split(", "))
+    for n, c in zip(names, cmds):
+        assert ("cifar10_test_trall_v500 " in c, "cifar10_test_tr500_v500 " in c) == (n.startswith("teacher_"),
+                                                                                      not n.startswith("teacher_")), (n, c)
+    # a time budget: the running subprocess is stopped at 2 s (not finished), nothing else starts, exit status 0
+    budget = subprocess.run([sys.executable, "bench/reproduce_cifar10.py", "--profile", "tiny", "--runner", "subprocess",
+                             "--time_budget", "2", "--out", str(tmp_path / "out"), "--results_dir",
+                             str(tmp_path / "results")], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert budget.returncode == 0, budget.stdout[-4000:] + budget.stderr[-2000:]
+    cut = re.findall(r"\] (\S+): cut at the time budget", budget.stdout)
+    partial = json.loads((tmp_path / "results" / "cifar10_tiny.json").read_text())
+    assert "| time budget of 2 s spent:" in budget.stdout and f"{len(cut)} cut" in budget.stdout
+    assert partial["runs_finished"] + len(cut) >= 1 and partial["runs_finished"] < partial["runs_planned"]
+    assert all(not (tmp_path / "out" / "tiny_synthetic" / n / "student_backbone.pth").exists() for n in cut)
     cmd = [sys.executable, "bench/reproduce_cifar10.py", "--profile", "tiny", "--runner", "inprocess",
            "--out", str(tmp_path / "out"), "--results_dir", str(tmp_path / "results")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "results" / "cifar10_tiny.json").read_text())

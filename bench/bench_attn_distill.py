@@ -5,36 +5,41 @@ One AttnDistill step (attn_distill.train_one_epoch on fixed batches) vs the sum 
 in the same run: a plain student step (its final-norm CLS, a loss on it) + the teacher's forward.
 Target: ratio <= 1.10. A second line with a ViT-S/8 teacher (785 tokens, rows resized 28 -> 14).
 
-  python bench/bench_attn_distill.py                        # CPU: ViT-T/16 <- ViT-S/16, 224 px, batch 8
-  python bench/bench_attn_distill.py --batch_size 128 --steps 10   # GPU (bf16)
+  python bench/bench_attn_distill.py          # CPU: ViT-T/16 <- ViT-S/16 and ViT-S/8, 224 px, batch 8
+  python bench/bench_attn_distill.py --gpu    # a GPU (bf16) = --batch_size 128 --steps 10
+  python bench/bench_attn_distill.py --tiny   # a CPU smoke run in seconds (32 px, 2 blocks, batch 4)
 """
 import argparse
 
 import torch
 
-from harness import compare, device_and_amp, report
+from harness import compare, device_and_amp, parse_args, report
 import attn_distill
 import common
 
+TINY = dict(input_size=32, depth=2, batch_size=4, steps=1, repeats=1)
+GPU = dict(batch_size=128, steps=10)
+
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--student", default="vit_tiny")
     p.add_argument("--teachers", default=["vit_small_patch16_224", "vit_small_patch8_224"], nargs="+")
+    p.add_argument("--depth", default=None, type=int, help="blocks of every network (default: the architecture's)")
     p.add_argument("--input_size", default=224, type=int)
     p.add_argument("--batch_size", default=8, type=int)
     p.add_argument("--steps", default=2, type=int)
     p.add_argument("--repeats", default=3, type=int)
-    opts = p.parse_args()
+    opts = parse_args(p, TINY, GPU)
     device, _ = device_and_amp()
     args = attn_distill.get_args_parser().parse_args(["--log_every", "1000000"])
     x = torch.randn(opts.batch_size, 3, opts.input_size, opts.input_size, device=device)
     batches = [(x, torch.zeros(opts.batch_size, dtype=torch.long))] * opts.steps
     for name in opts.teachers:
         torch.manual_seed(0)
-        backbone = common.create_model(opts.student, num_classes=0, img_size=opts.input_size).to(device)
+        backbone = common.create_model(opts.student, num_classes=0, img_size=opts.input_size, depth=opts.depth).to(device)
         backbone.norm.requires_grad_(False)
-        teacher = common.build_teacher(name, "random", num_classes=0, img_size=opts.input_size).to(device)
+        teacher = common.build_teacher(name, "random", num_classes=0, img_size=opts.input_size, depth=opts.depth).to(device)
         s_grid, t_grid = attn_distill.check_vit(backbone, "student"), attn_distill.check_vit(teacher, "teacher")
         model = attn_distill.StudentWithProjector(backbone, teacher.embed_dim, args.proj_layers).to(device)
         h_s, h_t = backbone.blocks[-1].attn.num_heads, teacher.blocks[-1].attn.num_heads
@@ -42,14 +47,17 @@ def main():
         opt = torch.optim.AdamW(common.param_groups(model, 0.05, skip_listed=False), lr=1e-4, betas=(0.9, 0.95))
         scaler = common.grad_scaler(device, args.amp)
         schedule = common.lr_schedule(1e-4, 0.0, 10 ** 6)
-        pairs = [(len(backbone.blocks) - 1, len(teacher.blocks) - 1)]
+        pairs = [(len(backbone.blocks) - 1, len(teacher.blocks) - 1)]  # the default --attn_layers last
 
-        def distill_step():  # taps exist only inside the method's step
-            taps = {"student": common.ViTTaps(backbone, attn=[-1]), "teacher": common.ViTTaps(teacher, attn=[-1])}
-            attn_distill.train_one_epoch(model, teacher, taps, None, pairs, (s_grid, t_grid), aggregate, batches, opt,
-                                         scaler, schedule, 0, device, args)
-            for t in taps.values():
-                t.close()
+        def distill_step():  # taps exist only inside the method's step; as attn_distill.main: CLS rows only
+            taps = {"student": common.ViTTaps(backbone, attn=[s for s, _ in pairs], attn_rows=1),
+                    "teacher": common.ViTTaps(teacher, attn=[t for _, t in pairs], attn_rows=1)}
+            try:
+                attn_distill.train_one_epoch(model, teacher, taps, None, pairs, (s_grid, t_grid), aggregate, batches,
+                                             opt, scaler, schedule, 0, device, args)
+            finally:
+                for t in taps.values():
+                    t.close()
 
         def student_step():  # the plain student: its final-norm CLS and a loss on it
             for _ in range(opts.steps):
@@ -69,7 +77,7 @@ def main():
                f"{t_grid}x{t_grid}), {opts.input_size}px, batch {opts.batch_size}",
                [("student step + teacher forward (sum of parts)", t["student"] + t["teacher"], n),
                 ("  student step alone", t["student"], n), ("  teacher forward alone", t["teacher"], n),
-                ("AttnDistill step", t["distill"], n)], device)
+                ("AttnDistill step", t["distill"], n)], device, target=(3, "<=", 1.10))
 
 
 if __name__ == "__main__":

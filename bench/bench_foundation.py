@@ -5,33 +5,41 @@
 2. eval_knn_linear.py's 100-epoch linear probe (all learning rates at once, on cached features) vs
    one feature-extraction pass over the same images. Target: probe <= 2x one pass.
 
-  python bench/bench_foundation.py                  # CPU: deit_tiny at 224 px
-  python bench/bench_foundation.py --model deit_small --batch_size 128 --images 8192   # a GPU
+  python bench/bench_foundation.py          # CPU: deit_tiny at 224 px
+  python bench/bench_foundation.py --gpu    # a GPU (bf16) = --model deit_small --batch_size 128 --images 8192 --num_workers 8
+  python bench/bench_foundation.py --tiny   # a CPU smoke run in seconds (32 px, 3 blocks, batch 4, 10-epoch probe)
 """
 import argparse
 
 import torch
 import torch.nn.functional as F
 
-from harness import compare, device_and_amp, report, timeit
+from harness import compare, device_and_amp, parse_args, report, timeit
 import common
 import eval_knn_linear
 
+TINY = dict(input_size=32, depth=3, batch_size=4, images=32, classes=10, repeats=1, num_workers=0, probe_epochs=10)
+GPU = dict(model="deit_small", batch_size=128, images=8192, num_workers=8)
+
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="deit_tiny")
+    p.add_argument("--depth", default=None, type=int, help="blocks (default: the architecture's)")
     p.add_argument("--input_size", default=224, type=int)
     p.add_argument("--batch_size", default=16, type=int, help="training-step batch")
     p.add_argument("--images", default=1024, type=int, help="images in the extraction / probe comparison")
     p.add_argument("--classes", default=1000, type=int)
     p.add_argument("--repeats", default=5, type=int)
-    args = p.parse_args()
+    p.add_argument("--num_workers", default=4, type=int, help="loader workers of the extraction pass")
+    p.add_argument("--probe_epochs", default=None, type=int, help="default: eval_knn_linear.py's")
+    args = parse_args(p, TINY, GPU)
     device, amp = device_and_amp()
     torch.manual_seed(0)
 
     # 1. taps ----------------------------------------------------------------------------------
-    model = common.create_model(args.model, img_size=args.input_size, num_classes=args.classes).to(device).train()
+    model = common.create_model(args.model, img_size=args.input_size, num_classes=args.classes,
+                                depth=args.depth).to(device).train()
     x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     y = torch.randint(0, args.classes, (args.batch_size,), device=device)
     target = torch.softmax(torch.randn(args.batch_size, model.blocks[0].attn.num_heads, 1, 1, device=device), -1)
@@ -52,28 +60,32 @@ def main():
             model.zero_grad(set_to_none=True)
         return step
 
-    fns = {"train step, no taps": plain, "train step, attention of 3/12 blocks captured": with_taps(False),
+    fns = {"train step, no taps": plain, f"train step, attention of 3/{len(model.blocks)} blocks captured": with_taps(False),
            "  ... and a loss on the 3 maps": with_taps(True)}
     rows = [(name, sec, args.batch_size) for name, sec in compare(fns, device, repeats=args.repeats).items()]
-    report(f"ViT taps: {args.model} {args.input_size}px, batch {args.batch_size}", rows, device)
+    report(f"ViT taps: {args.model} ({len(model.blocks)} blocks) {args.input_size}px, batch {args.batch_size}", rows,
+           device, target=(2, "<=", 1.3))
 
     # 2. linear probe on cached features vs one extraction pass -------------------------------
     pa = argparse.ArgumentParser()
     common.add_data_args(pa, args.input_size)
-    data_args = pa.parse_args(["--dataset", "fake", "--synthetic_size", str(args.images), "--num_workers", "4"])
+    data_args = pa.parse_args(["--dataset", "fake", "--synthetic_size", str(args.images),
+                               "--num_workers", str(args.num_workers)])
     ds = common.build_dataset(data_args, "train", common.build_transform(data_args, False))
     ds.num_classes = args.classes
-    backbone = common.freeze(common.create_model(args.model, img_size=args.input_size, num_classes=0).to(device))
+    backbone = common.freeze(common.create_model(args.model, img_size=args.input_size, num_classes=0,
+                                                 depth=args.depth).to(device))
     spec = [dict(n_last_blocks=1, avgpool=False)]
     out = {}
 
     def extract():
-        out["f"] = eval_knn_linear.extract_features(backbone, ds, spec, 128, 4, device, "bf16")
+        out["f"] = eval_knn_linear.extract_features(backbone, ds, spec, 128, args.num_workers, device, "bf16")
 
     t_extract = timeit(extract, device, warmup=1, repeats=1)
     feats = out["f"][0]["cls"]
     labels = torch.randint(0, args.classes, (len(feats),))
-    probe_args = eval_knn_linear.get_args_parser().parse_args([])
+    probe_args = eval_knn_linear.get_args_parser().parse_args(
+        [] if args.probe_epochs is None else ["--probe_epochs", str(args.probe_epochs)])
     probe_args.probe_batch_size = min(probe_args.probe_batch_size, max(128, len(feats) // 8))
 
     def probe():
@@ -83,7 +95,8 @@ def main():
     report(f"linear probe ({probe_args.probe_epochs} epochs, {len(probe_args.probe_lrs)} lrs, batch "
            f"{probe_args.probe_batch_size}, {feats.shape[1]}-d features, {args.classes} classes) vs one extraction "
            f"pass over {len(feats)} images", [("feature extraction, one pass", t_extract, len(feats)),
-                                              ("linear probe on cached features", t_probe, None)], device)
+                                              ("linear probe on cached features", t_probe, None)], device,
+           target=(1, "<=", 2.0))
 
 
 if __name__ == "__main__":

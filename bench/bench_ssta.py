@@ -1,44 +1,52 @@
 """ssta.py: costs of SSTA.
 
-1. A distillation step (two teachers with attention taps on the distilled blocks, student with unfused
-   attention there, two head-level losses) vs the sum of its parts measured in the same run: the
-   student's plain step + the two teachers' plain forwards. Target: <= 1.15.
+1. A distillation step (the supervised teacher and the assistant with attention taps on the distilled blocks,
+   student with unfused attention there, two head-level losses) vs the sum of its parts measured in the same
+   run: the student's plain step + the two teachers' plain forwards. Target: <= 1.15.
 2. A step after the early stop vs the plain supervised step of vitkd.py without teacher. Target: <= 1.02.
 3. Head selection: the tree over the distilled layers vs naive full forwards per combination, on a
    12-block, 6-head teacher; the selected heads must be identical. Target: >= 8x.
 
-  python bench/bench_ssta.py                      # CPU
-  python bench/bench_ssta.py --batch_size 128     # a GPU (bf16)
+  python bench/bench_ssta.py            # CPU: DeiT-Ti <- 2 x DeiT-S, 224 px, batch 16; selection 32 images at 64 px
+  python bench/bench_ssta.py --gpu      # a GPU (bf16) = --batch_size 128 --steps 10 --selection_size 224 --selection_images 128
+  python bench/bench_ssta.py --tiny     # a CPU smoke run in seconds (32 px, 3 blocks, batch 4)
 """
 import argparse
 import itertools
 
 import torch
 
-from harness import compare, device_and_amp, report, timeit
+from harness import compare, device_and_amp, parse_args, report, timeit
 import common
 import ssta
 import vitkd
 
+TINY = dict(input_size=32, depth=3, batch_size=4, steps=1, repeats=1, selection_size=32, selection_images=4,
+            selection_layers=2)
+GPU = dict(batch_size=128, steps=10, selection_size=224, selection_images=128)
+
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--student", default="deit_tiny")
-    p.add_argument("--teacher", default="deit_small")
+    p.add_argument("--teacher", default="deit_small", help="the supervised teacher and the assistant (random weights)")
+    p.add_argument("--depth", default=None, type=int, help="blocks of every network (default: the architecture's)")
     p.add_argument("--input_size", default=224, type=int)
     p.add_argument("--batch_size", default=16, type=int)
     p.add_argument("--steps", default=2, type=int)
     p.add_argument("--repeats", default=3, type=int)
     p.add_argument("--selection_size", default=64, type=int, help="input size of the head-selection benchmark")
     p.add_argument("--selection_images", default=32, type=int)
-    opts = p.parse_args()
+    p.add_argument("--selection_layers", default=3, type=int, help="the selection's distilled layers: the last N blocks")
+    opts = parse_args(p, TINY, GPU)
     device, _ = device_and_amp()
     args = ssta.get_args_parser().parse_args(["--log_every", "1000000"])
     torch.manual_seed(0)
-    student = common.create_model(opts.student, num_classes=1000, img_size=opts.input_size).to(device)
-    teachers = {n: common.build_teacher(opts.teacher, "random", num_classes=0, img_size=opts.input_size).to(device)
-                for n in ("sl", "ssl")}
-    layers = [9, 10, 11]
+    student = common.create_model(opts.student, num_classes=1000, img_size=opts.input_size, depth=opts.depth).to(device)
+    # as ssta.main: the supervised teacher with its classifier, the assistant a backbone
+    teachers = {n: common.build_teacher(opts.teacher, "random", num_classes=c, img_size=opts.input_size,
+                                        depth=opts.depth).to(device) for n, c in (("teacher", 1000), ("ta", 0))}
+    layers = {n: ssta.resolve_layers(args.distill_layers, m, n) for n, m in (("student", student), *teachers.items())}
     x = torch.randn(opts.batch_size, 3, opts.input_size, opts.input_size, device=device)
     y = torch.randint(0, 1000, (opts.batch_size,), device=device)
     batches = [(x, y)] * opts.steps
@@ -46,24 +54,27 @@ def main():
     schedule = common.lr_schedule(1e-4, 1e-5, 10 ** 6)
     opt = torch.optim.AdamW(common.param_groups(student, 0.05), lr=1e-4)
     scaler = common.grad_scaler(device, args.amp)
-    plan = dict(layers={n: layers for n in ("student", "sl", "ssl")}, heads={"sl": [0, 1, 2], "ssl": [3, 4, 5]},
-                student_heads={"sl": 0, "ssl": 1}, weights={"sl": 1.0, "ssl": 1.0})
+    H = teachers["teacher"].blocks[0].attn.num_heads
+    plan = dict(layers=layers, heads={"teacher": [i % H for i in range(len(layers["teacher"]))],  # 0, 1, 2
+                                      "ta": [(i + 3) % H for i in range(len(layers["ta"]))]},  # 3, 4, 5
+                student_heads={"teacher": 0, "ta": 1}, weights={"teacher": args.beta, "ta": args.lambda_ta})
 
     def ssta_step(with_teachers):
         def run():
             taps = {}
-            if with_teachers:
-                taps = {n: common.ViTTaps(m, attn=layers) for n, m in (("student", student), *teachers.items())}
+            if with_teachers:  # as ssta.main (default --teacher_loss head): attention maps of the distilled blocks
+                taps = {n: common.ViTTaps(m, attn=layers[n]) for n, m in (("student", student), *teachers.items())}
             try:
-                ssta.train_one_epoch(student, teachers if with_teachers else {}, taps, plan, batches, criterion, None,
-                                     opt, scaler, schedule, 0, device, args)
+                ssta.train_one_epoch(student, teachers if with_teachers else {}, None, taps, plan, batches, criterion,
+                                     None, opt, scaler, schedule, 0, device, args)
             finally:
                 for t in taps.values():
                     t.close()
         return run
 
+    vargs = vitkd.get_args_parser().parse_args(["--log_every", "1000000", "--clip_grad", str(args.clip_grad)])  # as ssta's
+
     def plain_step():
-        vargs = vitkd.get_args_parser().parse_args(["--log_every", "1000000", "--clip_grad", "0"])  # as ssta's default
         vitkd.train_one_epoch(student, None, None, None, batches, criterion, None, opt, scaler, schedule, 0, device, vargs)
 
     def teacher_forwards():
@@ -76,14 +87,18 @@ def main():
                  "after": ssta_step(False)}, device, repeats=opts.repeats)
     t_plain, t_teachers, t_distill, t_after = t["plain"], t["teachers"], t["distill"], t["after"]
     n = opts.batch_size * opts.steps
-    report(f"SSTA step: {opts.student} <- 2 x {opts.teacher}, {opts.input_size}px, batch {opts.batch_size}, layers {layers}",
+    report(f"SSTA step: {opts.student} <- teacher + ta ({opts.teacher}), {opts.input_size}px, batch {opts.batch_size}, "
+           f"layers {layers['student']}",
            [("student step + 2 teacher forwards (sum of parts)", t_plain + t_teachers, n),
-            ("SSTA distillation step", t_distill, n)], device)
+            ("SSTA distillation step", t_distill, n)], device, target=(1, "<=", 1.15))
     report("after the early stop", [("plain supervised step (vitkd.py, no teacher)", t_plain, n),
-                                    ("SSTA step after the early stop", t_after, n)], device)
+                                    ("SSTA step after the early stop", t_after, n)], device, target=(1, "<=", 1.02))
 
     # head selection: tree vs naive ---------------------------------------------------------
-    teacher = common.build_teacher(opts.teacher, "random", num_classes=10, img_size=opts.selection_size).to(device)
+    teacher = common.build_teacher(opts.teacher, "random", num_classes=10, img_size=opts.selection_size,
+                                   depth=opts.depth).to(device)
+    sel_layers = ssta.resolve_layers(list(range(-opts.selection_layers, 0)), teacher, "teacher")
+    H, depth = teacher.blocks[0].attn.num_heads, len(teacher.blocks)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(opts.selection_images, 3, opts.selection_size, opts.selection_size, generator=g).to(device)
     with torch.no_grad():
@@ -94,17 +109,19 @@ def main():
 
     def select(naive):
         def run():
-            out[naive] = ssta.head_importance(teacher, classify, set(), layers, data, device, args.amp, naive=naive)
+            out[naive] = ssta.head_importance(teacher, classify, set(), sel_layers, data, device, args.amp, naive=naive)
         return run
 
     t_tree = timeit(select(False), device, warmup=0, repeats=1)
     t_naive = timeit(select(True), device, warmup=0, repeats=1)
-    combos = list(itertools.product(range(6), repeat=3))
+    combos = list(itertools.product(range(H), repeat=len(sel_layers)))
     pick = {k: combos[max(range(len(v[1])), key=lambda i: (v[0] - v[1][i], -i))] for k, v in out.items()}
-    report(f"head selection, {opts.teacher} (12 blocks, 6 heads), layers {layers}, {opts.selection_images} images at "
-           f"{opts.selection_size}px; heads tree {pick[False]} naive {pick[True]} identical: {out[False] == out[True]}",
-           [("naive: 216 full forwards per image", t_naive, opts.selection_images),
-            ("tree: 6 + 36 + 216 block runs per image", t_tree, opts.selection_images)], device)
+    L = len(sel_layers)
+    report(f"head selection, {opts.teacher} ({depth} blocks, {H} heads), layers {sel_layers}, {opts.selection_images} "
+           f"images at {opts.selection_size}px; heads tree {pick[False]} naive {pick[True]} identical: "
+           f"{out[False] == out[True]}",
+           [(f"tree: {' + '.join(str(H ** (i + 1)) for i in range(L))} block runs per image", t_tree, opts.selection_images),
+            (f"naive: {H ** L} full forwards per image", t_naive, opts.selection_images)], device, target=(1, ">=", 8))
 
 
 if __name__ == "__main__":

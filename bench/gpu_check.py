@@ -1,19 +1,18 @@
 """Every training script end to end on one device, through its real command line; then --compile.
 
-  python bench/gpu_check.py                 # a GPU: 224 px, DeiT-Ti students, DeiT-S teachers, bf16
+  python bench/gpu_check.py                 # a GPU: 224 px, DeiT-Ti students, DeiT-S teachers, bf16, ~3 min on an H200
   python bench/gpu_check.py --tiny          # the same checks on a CPU in minutes (32 px, 3-block students, fp32)
   python bench/gpu_check.py --only vitkd_kd ssta --no-compile
 
-Synthetic data, random teachers (`--teacher_weights random`), except SSKD's chain of three stages. Per case:
-  1. first step: one step with --amp bf16 and one with --amp off; the logged training losses (the first step's)
-     must agree within --tol (relative). On a CPU both run in fp32 (the scripts' autocast is CUDA-only).
-  2. resume: 1 epoch, then the same folder resumed to 2 epochs; the log must hold both epochs, finite.
-     Steady-state it/s of the resumed epoch (median step), its warm-up seconds, peak memory, data wait.
-  3. --compile: 1 epoch compiled; steady-state it/s against the eager one, and its warm-up seconds (mostly
-     compilation) against the eager warm-up.
+Synthetic data, random teachers (`--teacher_weights random`), except SSKD's chain of three stages.
+  1. correctness, --jobs cases at a time: one step with --amp bf16 and one with --amp off, whose logged training
+     losses (the first step's) must agree within --tol (relative; on a CPU both run in fp32: the scripts' autocast
+     is CUDA-only); then 1 epoch, and the same folder resumed to 2 epochs: the log must hold both epochs, finite.
+  2. timing, each case alone on the device: 1 eager epoch, its steady-state it/s (median step), warm-up seconds,
+     peak memory, data wait; for --compile_cases also 1 compiled epoch: its speed-up and warm-up (compilation).
 eval_knn_linear.py runs once on the backbone of the first vitkd case. Last, the model FLOP utilisation of a
 DeiT-S student's training step in bf16 (random tensors on the device, no loader; FLOPs counted by torch's
-FlopCounterMode, peak from PEAK_TFLOPS). Output: a table, and OUT/gpu_check.json.
+FlopCounterMode, peak from PEAK_TFLOPS). Output: a table, and OUT/gpu_check.json (rewritten after every stage).
 """
 import argparse
 import json
@@ -43,10 +42,18 @@ def get_args():
     p.add_argument("--tol", default=0.03, type=float, help="relative tolerance, bf16 vs fp32 first-step losses")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile_backend", default="inductor")
+    p.add_argument("--timing_cases", nargs="*", default=["vitkd_alone", "vitkd_vitkd", "vitkd_cae_nkd", "ssta",
+                                                          "sskd_student", "sdssl_mocov3", "attn_distill_all"],
+                   help="cases timed alone after the checks ('all': every case)")
+    p.add_argument("--compile_cases", nargs="*", default=["vitkd_vitkd"],
+                   help="timed cases also timed with --compile (compilation costs tens of seconds per case)")
     p.add_argument("--only", nargs="*", default=None, help="case names (see CASES)")
+    p.add_argument("--jobs", default=4, type=int, help="cases checked at a time (correctness only; timing runs alone)")
+    p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
+                   help="time each case alone afterwards (1 eager epoch; compiled for --compile_cases)")
     args = p.parse_args()
     if args.tiny:
-        args.input_size, args.batch_size, args.steps, args.num_workers = 32, 16, 4, 0
+        args.input_size, args.batch_size, args.steps, args.num_workers, args.jobs = 32, 16, 4, 0, 1
     return args
 
 
@@ -61,6 +68,9 @@ def cases(args):
         "vitkd_kd": ("vitkd.py", size + sup + t + no_feat + ["--kd_weight", "0.5", "--ce_weight", "0.5"]),
         "vitkd_nkd": ("vitkd.py", size + sup + t + no_feat + ["--nkd"]),
         "vitkd_vitkd": ("vitkd.py", size + sup + t),
+        "vitkd_cae_nkd": ("vitkd.py", size + sup + t + ["--generator", "cae", "--nkd"]),
+        "vitkd_token": ("vitkd.py", ["--student", "deit_tiny_distilled_patch16_224"] + size + sup + no_feat +
+                        ["--teacher", "resnet18", "--teacher_weights", "random", "--distill_token", "hard"]),
         "ssta": ("ssta.py", size + sup + t + ["--ta", args.teacher, "--ta_weights", "random", "--ta_supervised",
                                               "--selection_images", str(2 * args.batch_size), "--early_stop_epoch", "2"]),
         "sskd_teacher": ("sskd.py", ["--student", args.teacher]),
@@ -69,6 +79,7 @@ def cases(args):
         **{f"sdssl_{f}": ("sdssl.py", ["--framework", f, "--arch", args.student, "--num_heads", "3"] + size)
            for f in ("simclr", "byol", "mocov3")},
         "attn_distill": ("attn_distill.py", size + t),
+        "attn_distill_all": ("attn_distill.py", size + t + ["--attn_layers", "all"]),
     }
 
 
@@ -159,6 +170,48 @@ def mfu_check(args, compile_backend=None):
             "mfu": achieved / peak if peak else None, "peak_tflops": peak, "compile": compile_backend}
 
 
+def check(name, script, flags, args, common_flags, log, prev=None):
+    """Correctness of one case (a GPU that other cases share: no timing read here): the first step in bf16 against
+    fp32, and 1 epoch then resumed to 2. {prev}: the previous SSKD stage's folder."""
+    flags = [f.replace("{prev}", prev or "") for f in flags]
+    epochs = ["--ss_epochs"] if "teacher_ss" in flags else ["--epochs"]
+    if script == "sskd.py":
+        flags += ["--decay_epochs", "--ss_decay_epochs"]  # no step decay inside 2 epochs
+    one = ["--synthetic_size", str(args.batch_size)]
+    many = ["--synthetic_size", str(args.batch_size * args.steps)]
+    d = lambda k: os.path.join(args.out, f"{name}_{k}")  # noqa: E731
+    r = {"script": script, "flags": flags, "first_step": {}}
+    for amp in ("bf16", "off"):
+        run(script, common_flags + flags + one + epochs + ["1", "--amp", amp], d(f"step_{amp}"), log)
+        r["first_step"][amp] = {k: v for k, v in epochs_of(d(f"step_{amp}"))[0].items()
+                                if k.startswith("train_") and k != "train_lr"}
+    first = r["first_step"]
+    r["first_step_max_rel_diff"] = max(abs(first["bf16"][k] - v) / max(abs(v), 1e-6) for k, v in first["off"].items())
+    run(script, common_flags + flags + many + epochs + ["1"], d("eager"), log)
+    _, out = run(script, common_flags + flags + many + epochs + ["2", "--resume", os.path.join(d("eager"), "checkpoint.pth")],
+                 d("eager"), log)
+    logged = epochs_of(d("eager"))
+    r["resume_ok"] = any("resuming from" in line for _, line in out) and [e["epoch"] for e in logged] == [0, 1] and \
+        all(math.isfinite(v) for e in logged for v in e.values() if isinstance(v, float))
+    r["flags_used"], r["epochs_flag"] = flags, epochs
+    return r
+
+
+def measure(name, r, args, common_flags, log):
+    """Alone on the GPU: 1 eager epoch (steady it/s from the median step, warm-up, peak memory, data wait), and with
+    --compile where asked."""
+    many = ["--synthetic_size", str(args.batch_size * args.steps)]
+    base = common_flags + r["flags_used"] + many + r["epochs_flag"] + ["1"]
+    _, out = run(r["script"], base, os.path.join(args.out, f"{name}_timed"), log)
+    r["warmup_s"], r["eager_it_s"], r["peak_gb"], r["data_wait_pct"] = timing(out, 0)
+    r["images_s"] = r["eager_it_s"] * args.batch_size
+    if args.compile and name in args.compile_cases:
+        _, out = run(r["script"], base + ["--compile", "--compile_backend", args.compile_backend],
+                     os.path.join(args.out, f"{name}_compiled"), log)
+        r["compiled_warmup_s"], r["compiled_it_s"], _, _ = timing(out, 0)
+        r["compile_speedup"] = r["compiled_it_s"] / r["eager_it_s"]
+
+
 def main():
     args = get_args()
     args.out = args.out or os.path.join("gpu_check_out", time.strftime("%Y%m%d-%H%M%S"))
@@ -166,11 +219,13 @@ def main():
         sys.exit(f"error: --out {args.out} exists and is not an empty folder (nothing was touched); pick another")
     log = os.path.join(args.out, "commands.log")
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    common = ["--dataset", "synthetic", "--input_size", str(args.input_size), "--batch_size", str(args.batch_size),
-              "--num_workers", str(args.num_workers), "--log_every", "1"]
+    common_flags = ["--dataset", "synthetic", "--input_size", str(args.input_size), "--batch_size", str(args.batch_size),
+                    "--num_workers", str(args.num_workers), "--log_every", "1"]
     all_cases = cases(args)
     names = args.only or list(all_cases)
-    unknown = [n for n in names if n not in all_cases]
+    if args.timing_cases == ["all"]:
+        args.timing_cases = list(all_cases)
+    unknown = [n for n in names + args.compile_cases + args.timing_cases if n not in all_cases]
     if unknown:
         sys.exit(f"error: unknown case(s) {unknown}; choose from {list(all_cases)}")
     chained = [n for i, n in enumerate(names) if "{prev}" in " ".join(all_cases[n][1])
@@ -178,73 +233,88 @@ def main():
     if chained:
         sys.exit(f"error: {chained} need(s) the SSKD stage before it in --only (the stages run chained)")
     os.makedirs(args.out, exist_ok=True)
-    results, prev = {}, None
-    for name in names:
-        script, flags = all_cases[name]
-        flags = [f.replace("{prev}", prev or "") for f in flags]
-        epochs = ["--ss_epochs"] if "teacher_ss" in flags else ["--epochs"]
-        if script == "sskd.py":
-            flags += ["--decay_epochs", "--ss_decay_epochs"]  # no step decay inside 2 epochs
-        one = ["--synthetic_size", str(args.batch_size)]
-        many = ["--synthetic_size", str(args.batch_size * args.steps)]
-        d = lambda k: os.path.join(args.out, f"{name}_{k}")  # noqa: E731
-        r = {"script": script, "flags": flags}
-        print(f"[{name}] first step bf16 / fp32", flush=True)
-        first = {}
-        for amp in ("bf16", "off"):
-            run(script, common + flags + one + epochs + ["1", "--amp", amp], d(f"step_{amp}"), log)
-            first[amp] = {k: v for k, v in epochs_of(d(f"step_{amp}"))[0].items() if k.startswith("train_") and k != "train_lr"}
-        r["first_step"] = first
-        r["first_step_max_rel_diff"] = max(abs(first["bf16"][k] - v) / max(abs(v), 1e-6) for k, v in first["off"].items())
-        print(f"[{name}] 1 epoch, then resumed to 2", flush=True)
-        run(script, common + flags + many + epochs + ["1"], d("eager"), log)
-        sec, out = run(script, common + flags + many + epochs + ["2", "--resume", os.path.join(d("eager"), "checkpoint.pth")],
-                       d("eager"), log)
-        logged = epochs_of(d("eager"))
-        r["resume_ok"] = any("resuming from" in line for _, line in out) and [e["epoch"] for e in logged] == [0, 1] and \
-            all(math.isfinite(v) for e in logged for v in e.values() if isinstance(v, float))
-        r["warmup_s"], r["eager_it_s"], r["peak_gb"], r["data_wait_pct"] = timing(out, 1)
-        r["images_s"] = r["eager_it_s"] * args.batch_size
-        if args.compile:
-            print(f"[{name}] --compile", flush=True)
-            sec, out = run(script, common + flags + many + epochs + ["1", "--compile", "--compile_backend",
-                                                                     args.compile_backend], d("compiled"), log)
-            r["compiled_warmup_s"], r["compiled_it_s"], _, _ = timing(out, 0)
-            r["compile_speedup"] = r["compiled_it_s"] / r["eager_it_s"]
-        results[name] = r
-        prev = d("eager")
-    eval_src = next((n for n in names if n.startswith("vitkd")), None)
+    report = {"device": dev, "torch": torch.__version__, "command": " ".join(sys.argv), "args": vars(args), "results": {}}
+    results = report["results"]
+
+    def save():  # after every stage: a run cut short still leaves what finished
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+    # 1. correctness, --jobs cases at a time; SSKD's stages are one chain
+    chains, t0 = [], time.time()
+    for n in names:
+        if "{prev}" in " ".join(all_cases[n][1]):
+            chains[-1].append(n)
+        else:
+            chains.append([n])
+
+    def run_chain(chain):
+        prev = None
+        for n in chain:
+            try:
+                results[n] = check(n, *all_cases[n], args, common_flags, os.path.join(args.out, f"{n}.log"), prev)
+            except Exception as e:  # noqa: BLE001 (reported in the table and the JSON)
+                results[n] = {"error": str(e)[-2000:]}
+                print(f"[{n}] FAILED: {str(e)[-600:]}", flush=True)
+                return
+            print(f"[{n}] first step bf16/fp32 {results[n]['first_step_max_rel_diff']:.1e}, resume "
+                  f"{results[n]['resume_ok']} ({time.time() - t0:.0f} s)", flush=True)
+            prev = os.path.join(args.out, f"{n}_eager")
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run_chain, chains))
+    save()
+    # 2. timing, one case at a time
+    if args.timing:
+        for n in names:
+            if "error" in results.get(n, {"error": "not run"}) or n not in args.timing_cases:
+                continue
+            print(f"[{n}] timing" + (" + --compile" if args.compile and n in args.compile_cases else ""), flush=True)
+            try:
+                measure(n, results[n], args, common_flags, log)
+            except Exception as e:  # noqa: BLE001
+                results[n]["timing_error"] = str(e)[-2000:]
+                print(f"[{n}] timing FAILED: {str(e)[-600:]}", flush=True)
+            save()
+    eval_src = next((n for n in names if n.startswith("vitkd") and "error" not in results.get(n, {"error": 1})), None)
     if eval_src:
         print("[eval_knn_linear] k-NN and linear probe of the first vitkd student", flush=True)
-        sec, _ = run("eval_knn_linear.py", ["--weights", os.path.join(args.out, f"{eval_src}_eager", "student_backbone.pth"),
-                                            "--dataset", "synthetic", "--synthetic_size", str(args.batch_size * args.steps),
-                                            "--input_size", str(args.input_size), "--num_workers", str(args.num_workers),
-                                            "--probe_epochs", "5"], os.path.join(args.out, "eval"), log)
-        results["eval_knn_linear"] = {"seconds": sec}
+        try:
+            sec, _ = run("eval_knn_linear.py", ["--weights", os.path.join(args.out, f"{eval_src}_eager", "student_backbone.pth"),
+                                                "--dataset", "synthetic", "--synthetic_size", str(args.batch_size * args.steps),
+                                                "--input_size", str(args.input_size), "--num_workers", str(args.num_workers),
+                                                "--probe_epochs", "5"], os.path.join(args.out, "eval"), log)
+            results["eval_knn_linear"] = {"seconds": sec}
+        except Exception as e:  # noqa: BLE001
+            results["eval_knn_linear"] = {"error": str(e)[-2000:]}
+        save()
     print("[mfu] DeiT-S training step, bf16", flush=True)
     results["mfu_eager"] = mfu_check(args)
+    save()
     if args.compile:
         results["mfu_compiled"] = mfu_check(args, args.compile_backend)
-    report = {"device": dev, "torch": torch.__version__, "command": " ".join(sys.argv), "args": vars(args),
-              "results": results}
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        save()
     print(f"\n{dev}, torch {torch.__version__}, {args.input_size} px, batch {args.batch_size}")
     print(f"{'case':<16} {'bf16/fp32':>9} {'resume':>6} {'img/s':>8} {'data %':>6} {'peak GB':>7} {'compile x':>9} "
           f"{'warm-up s':>15}")
+    nan = float("nan")
     for name, r in results.items():
-        if "first_step" in r:
-            comp = f"{r.get('compile_speedup', float('nan')):9.2f}"
-            steps = f"{r['warmup_s']:6.1f} -> {r.get('compiled_warmup_s', float('nan')):5.1f}"
-            print(f"{name:<16} {r['first_step_max_rel_diff']:9.1e} {str(r['resume_ok']):>6} {r['images_s']:8.0f} "
-                  f"{r['data_wait_pct']:6.0f} {r['peak_gb']:7.2f} {comp} {steps:>15}")
+        if "error" in r and name != "eval_knn_linear":
+            print(f"{name:<16} FAILED")
+        elif "first_step" in r:
+            steps = f"{r.get('warmup_s', nan):6.1f} -> {r.get('compiled_warmup_s', nan):5.1f}"
+            print(f"{name:<16} {r['first_step_max_rel_diff']:9.1e} {str(r['resume_ok']):>6} {r.get('images_s', nan):8.0f} "
+                  f"{r.get('data_wait_pct', nan):6.0f} {r.get('peak_gb', nan):7.2f} {r.get('compile_speedup', nan):9.2f} "
+                  f"{steps:>15}")
     for k in ("mfu_eager", "mfu_compiled"):
         if k in results:
             m = results[k]
             util = f"{100 * m['mfu']:.1f}% of {m['peak_tflops']} TFLOPS" if m["mfu"] else "no peak known for this device"
             print(f"DeiT-S step ({k[4:]}): {m['images_s']:.0f} img/s, {m['tflops']:.2f} TFLOPS achieved "
                   f"({m['gflop_per_image']:.1f} GFLOP per image), {util}")
-    bad = [n for n, r in results.items() if "first_step" in r and (not r["resume_ok"] or r["first_step_max_rel_diff"] > args.tol)]
+    bad = [n for n, r in results.items() if "error" in r or "timing_error" in r
+           or ("first_step" in r and (not r["resume_ok"] or r["first_step_max_rel_diff"] > args.tol))]
     print("all checks passed" if not bad else f"FAILED: {bad}")
     sys.exit(1 if bad else 0)
 

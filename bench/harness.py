@@ -2,6 +2,10 @@
 
 Everything a benchmark compares is measured in one process and one run, with warm-up and
 repeats, and reported as a ratio, so that the machine's speed cancels out.
+
+Every bench_*.py has three sizes: its defaults (a CPU measurement), --gpu (the sizes of a GPU measurement;
+bf16 autocast on CUDA) and --tiny (a CPU smoke run in seconds: 32 px, 2-3 blocks, tiny batches, 1 repeat;
+its ratios mean nothing). bench/run_benches.py runs them all; test_smoke.py runs them all with --tiny.
 """
 import os
 import statistics
@@ -11,6 +15,24 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+
+def parse_args(parser, tiny, gpu, argv=None):
+    """The bench's flags, with --tiny and --gpu as presets of their defaults (dicts: dest -> value); a flag given
+    explicitly wins over the preset. Without either, the defaults are the CPU measurement's."""
+    def show(preset):
+        return " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                        for k, v in preset.items())
+
+    known = {a.dest for a in parser._actions}
+    unknown = sorted((set(tiny) | set(gpu)) - known)
+    assert not unknown, f"presets name unknown flags: {unknown}"
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help=f"CPU smoke size, seconds (= {show(tiny)})")
+    size.add_argument("--gpu", action="store_true", help=f"GPU measurement size (= {show(gpu)})")
+    pre, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**(tiny if pre.tiny else gpu if pre.gpu else {}))
+    return parser.parse_args(argv)
 
 
 def device_and_amp():
@@ -62,10 +84,18 @@ def machine(device):
     return f"CPU, {torch.get_num_threads()} threads"
 
 
-def report(title, rows, device):
-    """rows: (name, seconds, images or None); the first row is the reference of the ratios."""
+def report(title, rows, device, target=None):
+    """rows: (name, seconds, images or None); the first row is the reference of the ratios.
+    target: (row index, "<=" or ">=", bound) on that row's ratio: a line saying whether it is met (never an error:
+    a --tiny run misses targets freely)."""
     print(f"\n{title}  [{machine(device)}, torch {torch.__version__}]")
     ref = rows[0][1]
     for name, sec, images in rows:
         ips = f"{images / sec:10.1f} img/s" if images else " " * 16
         print(f"  {name:<46} {sec * 1000:10.1f} ms  {ips}  x{sec / ref:.2f}")
+    if target is not None:
+        i, op, bound = target
+        r = rows[i][1] / ref
+        met = r <= bound if op == "<=" else r >= bound
+        print(f"  target: {rows[i][0].strip()} x{r:.2f} {op} {bound}: {'met' if met else 'MISSED'}")
+    sys.stdout.flush()

@@ -8,13 +8,20 @@ and seeds, then k-NN / linear-probe evaluation where the paper's metric needs it
   # reduced protocol on real CIFAR-10 (hyperparameters are fixed on a validation split first)
   python bench/reproduce_cifar10.py --profile cpu --data ../shared/data/cifar10-jpg.tar.gz --split val --out output/reproduce
   python bench/reproduce_cifar10.py --profile cpu --data ../shared/data/cifar10-jpg.tar.gz --out output/reproduce
-  # one GPU, several runs at a time on it; --nproc N runs every script under torchrun
-  python bench/reproduce_cifar10.py --profile gpu --data cifar10-jpg.tar.gz --jobs 4 --out output/reproduce
-  # print the commands only; one paper only (plus the teachers it needs)
+  # one H200 (16 CPU cores), 6 runs at a time on it, stopped cleanly after 330 s; --nproc N runs every script
+  # under torchrun
+  python bench/reproduce_cifar10.py --profile gpu --data cifar10-jpg.tar.gz --jobs 6 --time_budget 330 --out output/reproduce
+  # its estimated cost (FLOPs counted on the models, measured loader and start-up costs; no training)
+  python bench/reproduce_cifar10.py --profile gpu --estimate --time_budget 330
+  # print the commands only, in execution order; one paper only (plus the teachers it needs)
   python bench/reproduce_cifar10.py --profile cpu --data DIR --dry_run --only vitkd
 
 Re-running the same command continues: a run whose final artefact exists is skipped, an interrupted
-one is started again with the same arguments and the script resumes from its own checkpoint.pth. A
+one is started again with the same arguments and the script resumes from its own checkpoint.pth.
+Execution order (with --jobs N the highest-priority ready run starts first): teachers; every paper's
+central row with its baseline (and evaluations) for the first seed; its other rows; then the other
+seeds. --time_budget S starts nothing after S seconds, stops the runs still going (SIGTERM, then
+SIGKILL; they resume next time), writes the results of what finished and exits 0. A
 finished run made with other arguments (a profile edited after it ran) is an error before any work:
 pick another --out or remove that run's folder. After every finished run the results are rewritten
 from what is available (missing values are left out): <results_dir>/cifar10_<profile>[_val].json,
@@ -24,7 +31,9 @@ Data discipline: with --split val the runs train on the training split minus a h
 carve (val_per_class images per class, chosen by a fixed seed from sorted file names) and evaluate
 on that carve: use it to fix a profile's hyperparameters. --split test (default) then trains on the
 same training subset (or all 5,000 per class when the profile uses every image) and evaluates on
-the 10,000 test images. Both are folders of symbolic links built once under OUT/data/.
+the 10,000 test images. Both are folders of symbolic links built once under OUT/data/. A profile with
+teacher_data "all" trains its teachers (and the SS stages, the SSL assistant and its probe) on every
+training image of the split (a second linked root), its students on the per-class subset.
 
 Metrics: top-1 on the evaluation split for supervised students (the last test_acc1 of log.txt);
 k-NN@20 and the linear probe of eval_knn_linear.py for self-supervised ones; wall time measured
@@ -120,25 +129,47 @@ PROFILES = {
         ssl_teacher="--epochs 10",
         eval="--batch_size 256 --nb_knn 20 --probe_epochs 50 --probe_holdout 0.1",
     ),
-    # one H100 / H200 in about 25 minutes with --jobs 4 runs sharing the GPU (a guess: not measured)
+    # one H200 with 16 CPU cores in about 5 minutes, 6 runs sharing the GPU. Teachers train on all 50,000 training
+    # images (teacher_data "all"), students on 500 per class: 10x less data, so that the ViT teacher ends well
+    # above the student alone (design target: >= 10 points) and the SSL assistant's k-NN well above the SSL
+    # students'. The previous guess (never run, ~25 min): 2000 per class for teachers and students alike (its ViT
+    # teacher far too close to its students), students 10 epochs at batch 256, teachers 20 epochs, SS stages 5,
+    # SSL teacher 20 epochs, --jobs 4 x 3 workers, 2 threads.
+    # Estimate (python bench/reproduce_cifar10.py --profile gpu --estimate --time_budget 330; see "Cost estimate"):
+    #  (a) FLOPs per training image at 32 px, counted by torch.utils.flop_counter on one step of the models:
+    #      student fwd+bwd 1.04 G (fwd 0.35), ViT teacher fwd+bwd 4.15 G (fwd 1.38), resnet18 0.22 G (fwd 0.07),
+    #      ViTKD modules 1.10 G, sdssl step (2 views, heads, momentum teacher) 2.80 G plain / 2.89 G SD, SSL teacher
+    #      step 11.1 G; per run: KD/NKD 2.42, ViTKD 3.52, SSTA both 3.80, SSKD (4 views) 9.68 G per image.
+    #  (b) start-up per run 4.6 s measured here (subprocess, 1 step; imports 3.6 s) + 2 s assumed for CUDA = 6.6 s.
+    #  (c) loader images/s per core (one worker, real JPEGs): DeiT + RandAugment 3564, SSKD four views 2296, SSL two
+    #      views 1343, AttnDistill one view ~4560, evaluation ~5850.
+    #  72 runs: loader 2,098 core-s / 10 cores (16 minus one per job) = 210 s; GPU 18.4 PFLOP at an ASSUMED 100
+    #  TFLOP/s = 184 s; start-up 72 x 6.6 / 6 jobs = 79 s; critical path (SSL teacher -> probe -> SSTA) 142 s;
+    #  loader-bound: ~300 s with 10 s of unpacking and linking (9 s here). Cumulative in priority order: teachers
+    #  137 s, + seed 0 central rows 152 s, + seed 0 166 s, + seed 1 233 s, + seed 2 299 s. If the assumptions are
+    #  optimistic, --time_budget cuts the last seed first.
     "gpu": dict(
-        data=dict(train_per_class=2000, val_per_class=500), seeds=3, num_workers=3, jobs=4, threads=2,
+        data=dict(train_per_class=500, val_per_class=500), teacher_data="all", seeds=3, num_workers=2,
+        teacher_workers=4, jobs=6, threads=1,
         student=_vit("deit_tiny", 4, 6, 192, 3), teacher=_vit("deit_small", 4, 6, 384, 6), cnn="resnet18",
-        supervised="--epochs 10 --batch_size 256 --blr 2e-3 --warmup_epochs 1 --min_lr 1e-5 --weight_decay 0.05 "
+        supervised="--epochs 12 --batch_size 128 --blr 2e-3 --warmup_epochs 1 --min_lr 1e-5 --weight_decay 0.05 "
                    "--clip_grad 0 --drop_path 0.1 --smoothing 0.1 --randaug rand-m9-mstd0.5-inc1 --reprob 0 --mixup 0 "
                    "--cutmix 0 --eval_every 1000",
-        teacher_supervised="--epochs 20",
-        cnn_teacher="--epochs 20 --batch_size 128 --blr 0.2 --decay_epochs 12 16 --eval_every 1000",
-        teacher_ss="--ss_epochs 5 --ss_decay_epochs 3 4 --batch_size 128",
+        teacher_supervised="--epochs 15 --batch_size 256",
+        cnn_teacher="--epochs 10 --batch_size 256 --blr 0.2 --decay_epochs 6 8 --eval_every 1000",
+        teacher_ss="--ss_epochs 2 --ss_decay_epochs 1 --batch_size 256",
         ssta="--distill_layers -3 -2 -1 --selection_images 2000",
-        sskd="--epochs 10 --batch_size 128 --blr 0.2 --decay_epochs 6 8 --eval_every 1000",
-        attn="--epochs 10 --batch_size 256 --blr 2e-3 --warmup_epochs 1",
-        ssl="--framework mocov3 --epochs 10 --batch_size 256 --blr 2e-3 --warmup_epochs 1 --crop_min_scale 0.2 "
+        sskd="--epochs 12 --batch_size 128 --blr 0.2 --decay_epochs 7 10 --eval_every 1000",
+        attn="--epochs 12 --batch_size 128 --blr 2e-3 --warmup_epochs 1",
+        ssl="--framework mocov3 --epochs 12 --batch_size 256 --blr 2e-3 --warmup_epochs 1 --crop_min_scale 0.2 "
             "--proj_hidden 1024 --mid_proj_hidden 512 --pred_hidden 1024 --out_dim 256",
-        ssl_teacher="--epochs 20",
+        ssl_teacher="--epochs 8",
         eval="--batch_size 512 --nb_knn 20 --probe_epochs 100 --probe_holdout 0.1",
     ),
 }
+# teacher_data: "all" = the teachers train on every training image of the split (minus the validation carve with
+# --split val), the students on train_per_class; teacher_workers: the teachers' --num_workers (default num_workers);
+# time_budget: the default --time_budget (none).
 # threads: OMP_NUM_THREADS of every run. On a shared 2-core CPU one thread is up to 5x faster than two
 # (OpenMP threads spin against other processes' threads); --threads overrides it.
 # Recipe strings that override another recipe: teacher_supervised on top of supervised (the ViT
@@ -362,13 +393,33 @@ def arch_flags(a, flag="--student"):
             "--embed_dim", str(a["embed_dim"]), "--num_heads", str(a["num_heads"])]
 
 
-def build_plan(P, workdir, data_flags, images, seeds):
-    """Every run of the profile in execution order (teachers first, then seed by seed)."""
+# the runs of each paper's central claim (with their baselines and evaluations): started before the other rows
+CENTRAL = {"vitkd_alone", "vitkd_vitkd_nkd", "ssta_ssta", "sskd_sskd", "sskd_kd", "sskd_alone", "attn_ad", "attn_pa",
+           "attn_ad_eval", "attn_pa_eval", "sdssl_sd", "sdssl_plain", "sdssl_sd_eval", "sdssl_plain_eval"}
+
+
+def priority(name):
+    """Execution priority of a run (lower first): 0 teachers; 1 the central rows of the first seed; 2 its other
+    rows; then seed by seed, central rows first. Dependencies always come first anyway."""
+    if name.startswith("teacher_"):
+        return (0, 0, 0)
+    base, _, seed = name.rpartition("_s")
+    central = 0 if base in CENTRAL else 1
+    return (1 + central, 0, 0) if int(seed) == 0 else (3, int(seed), central)
+
+
+def build_plan(P, workdir, data_flags, images, seeds, teacher_data=None):
+    """Every run of the profile in execution order: teachers first (on teacher_data = (flags, images) when the
+    profile trains them on more images than the students), then by priority(): the central rows of the first
+    seed, its other rows, the other seeds."""
     runs = []
+    t_flags, t_images = teacher_data or (data_flags, images)
 
     def add(name, script, args, kind, deps=()):
-        runs.append(Run(name, script, [*args, *data_flags, "--num_workers", str(P["num_workers"])], kind, deps, workdir,
-                        images))
+        teacher = name.startswith("teacher_")
+        workers = P.get("teacher_workers", P["num_workers"]) if teacher else P["num_workers"]
+        runs.append(Run(name, script, [*args, *(t_flags if teacher else data_flags), "--num_workers", str(workers)], kind,
+                        deps, workdir, t_images if teacher else images))
         return runs[-1]
 
     def path(name, f):
@@ -376,7 +427,11 @@ def build_plan(P, workdir, data_flags, images, seeds):
 
     sup = split_flags(P["supervised"])
     student, ssl_student = arch_flags(P["student"]), arch_flags(P["student"], "--arch")
-    # ---------------- teachers (seed 0) ----------------
+    # ---------------- teachers (seed 0); the SSL assistant first: most runs wait on it and its probe ----------------
+    add("teacher_ssl", "sdssl.py", arch_flags(P["teacher"], "--arch") + override(P["ssl"], P["ssl_teacher"]) +
+        ["--alpha_max", "0", "--no-pred_loss", "--seed", "0"], "ssl")
+    add("teacher_ssl_probe", "eval_knn_linear.py", ["--weights", path("teacher_ssl", "student_backbone.pth"),
+                                                    *split_flags(P["eval"])], "eval", ["teacher_ssl"])
     add("teacher_vit", "vitkd.py", arch_flags(P["teacher"]) + override(P["supervised"], P["teacher_supervised"]) +
         ["--seed", "0"], "sup")
     add("teacher_vit_ss", "sskd.py", ["--stage", "teacher_ss", "--teacher_weights", path("teacher_vit", "checkpoint.pth"),
@@ -384,10 +439,6 @@ def build_plan(P, workdir, data_flags, images, seeds):
     add("teacher_cnn", "sskd.py", ["--student", P["cnn"], *split_flags(P["cnn_teacher"]), "--seed", "0"], "sup")
     add("teacher_cnn_ss", "sskd.py", ["--stage", "teacher_ss", "--teacher_weights", path("teacher_cnn", "checkpoint.pth"),
                                       *split_flags(P["teacher_ss"]), "--seed", "0"], "ss", ["teacher_cnn"])
-    add("teacher_ssl", "sdssl.py", arch_flags(P["teacher"], "--arch") + override(P["ssl"], P["ssl_teacher"]) +
-        ["--alpha_max", "0", "--no-pred_loss", "--seed", "0"], "ssl")
-    add("teacher_ssl_probe", "eval_knn_linear.py", ["--weights", path("teacher_ssl", "student_backbone.pth"),
-                                                    *split_flags(P["eval"])], "eval", ["teacher_ssl"])
     T = ["--teacher_weights", path("teacher_vit", "checkpoint.pth")]
     TA = ["--ta_weights", path("teacher_ssl", "student_backbone.pth"), "--ta_probe", path("teacher_ssl_probe", "linear_probe.pth")]
     A = ["--teacher_weights", path("teacher_ssl", "student_backbone.pth")]
@@ -436,7 +487,8 @@ def build_plan(P, workdir, data_flags, images, seeds):
         for name, extra in (("sdssl_plain", ["--alpha_max", "0", "--no-pred_loss"]), ("sdssl_sd", [])):
             student_run(name, "sdssl.py", ssl_student + split_flags(P["ssl"]) + extra, "ssl")
             evaluation(name, "--layers", *layers)
-    return runs
+    order = {r.name: i for i, r in enumerate(runs)}
+    return sorted(runs, key=lambda r: (priority(r.name), order[r.name]))
 
 
 def restrict(runs, papers):
@@ -453,6 +505,197 @@ def restrict(runs, papers):
                 want.add(d)
                 stack.append(d)
     return [r for r in runs if r.name in want]
+
+
+# =============================================================================================
+# Cost estimate (--estimate): FLOPs counted on the profile's models, loader and start-up costs measured
+# =============================================================================================
+# Measured on the development machine (AMD EPYC, one core, real CIFAR-10 JPEGs at 32 px, torch 2.14 CPU): images
+# per second that one DataLoader worker delivers (decode + the training transform + collate), per recipe. sup:
+# timm's DeiT transform with RandAugment m9 (3951 img/s for the transform alone; without RandAugment 3789: the
+# colour jitter costs as much); four_view: sskd.py's 4 crops of an image (2757 alone); two_view: sdssl.py's
+# BYOL/MoCo v3 pair (1466 alone); one_view: attn_distill.py's crop + flip and eval: resize + centre crop, both
+# transform-alone rates (5064, 6504) x 0.9, the DataLoader's share measured on the others.
+LOADER_RATE = {"sup": 3564, "four_view": 2296, "two_view": 1343, "one_view": 4560, "eval": 5850}
+RECIPE = {"vitkd.py": "sup", "ssta.py": "sup", "sskd.py": "four_view", "sdssl.py": "two_view",
+          "attn_distill.py": "one_view", "eval_knn_linear.py": "eval"}
+# Start-up of one run: `python vitkd.py` (this profile's student, synthetic data, 1 step of 32 images, final
+# evaluation) as a subprocess took 4.3-5.0 s here (import torch + timm + torchvision: 3.6 s); on the GPU machine
+# add an assumed 2 s for the CUDA context, loader workers and the first batch.
+STARTUP_S = 4.6 + 2.0
+# Unpacking the tarball and linking both split folders (115,000 links): 9 s here; assumed 10 s on the GPU machine.
+PREP_S = 10.0
+# ASSUMED, not measured: FLOP/s achieved on one H200 by several small bf16 runs at a time (dense bf16 peak ~990
+# TFLOP/s; 192-384-wide matrices on 65 tokens and the kernel-launch gaps of small models reach a small share).
+GPU_FLOPS = 100e12
+# ASSUMED: what one run reaches alone (eager PyTorch: each step is bound by launching its few hundred kernels from
+# one CPU thread, ~10-20 us each, more than by the GPU's arithmetic); used for the critical path.
+RUN_FLOPS = 40e12
+CPU_CORES = 16  # the GPU machine's; each run's main process takes about one (it launches the kernels)
+
+
+def count_flops(P):
+    """FLOPs per training image of each model (and the extra modules of distillation) of profile P at 32 px,
+    counted by torch.utils.flop_counter on one step of a batch of 2 of the scripts' own models: forward only
+    (frozen teachers, evaluation) and forward + backward (what trains). Matrix products and convolutions only."""
+    import argparse as _argparse
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    import common
+    import sdssl
+    import vitkd
+    B, n = 2, 32
+    x = torch.randn(B, 3, n, n)
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as m:
+            fn()
+        return m.get_total_flops() / B
+
+    def vit(a, model=None, num_classes=10):
+        return common.create_model(model or a["model"], num_classes=num_classes, img_size=n, patch_size=a["patch_size"],
+                                   depth=a["depth"], embed_dim=a["embed_dim"], num_heads=a["num_heads"])
+
+    def fwd(m):
+        m.eval()
+        with torch.no_grad():
+            return flops(lambda: m(x))
+
+    def fwd_bwd(m):
+        m.train()
+
+        def step():
+            out = m(x)
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        return flops(step)
+
+    def ssl_step(a, extra):  # one sdssl.py step (both views, heads, momentum teacher) with the profile's flags
+        p = _argparse.ArgumentParser(parents=[sdssl.get_args_parser()])
+        args = sdssl.framework_defaults(p.parse_args(arch_flags(a, "--arch") + override(P["ssl"], extra) +
+                                                     ["--input_size", str(n)]))
+        student, heads, teacher, taps, mid = sdssl.build_models(args, torch.device("cpu"))
+        student.train()
+        heads.train()
+        last = len(student.blocks) - 1
+        return flops(lambda: sum(sdssl.sdssl_losses(student, heads, teacher, taps, mid, last, [x, x.clone()], 0.5,
+                                                    args).values()).backward())
+
+    S, T, C = vit(P["student"]), vit(P["teacher"]), common.create_model(P["cnn"], num_classes=10, img_size=n)
+    token = vit(P["student"], P["student"]["model"] + "_distilled_patch16_224")
+    sd, td, grid = P["student"]["embed_dim"], P["teacher"]["embed_dim"], (n // P["student"]["patch_size"]) ** 2
+    vk = vitkd.ViTKDLoss(sd, td, grid, 2, "linear", "conv", 6, 0.5, 1.0, 1.0)
+    s_low, s_high = torch.randn(B, 2, grid, sd, requires_grad=True), torch.randn(B, grid, sd, requires_grad=True)
+    t_low, t_high = torch.randn(B, 2, grid, td), torch.randn(B, grid, td)
+    return {"student_fb": fwd_bwd(S), "student_f": fwd(vit(P["student"], num_classes=0)), "teacher_fb": fwd_bwd(T),
+            "teacher_f": fwd(T), "cnn_fb": fwd_bwd(C), "cnn_f": fwd(C), "token_fb": fwd_bwd(token),
+            "vitkd_fb": flops(lambda: sum(vk(s_low, t_low, s_high, t_high)).backward()),
+            "ssl_sd": ssl_step(P["student"], ""), "ssl_plain": ssl_step(P["student"], "--alpha_max 0 --no-pred_loss"),
+            "ssl_teacher": ssl_step(P["teacher"], P["ssl_teacher"] + " --alpha_max 0 --no-pred_loss")}
+
+
+def run_flops_per_image(name, F):
+    """FLOPs per training image (all its views) of a run, from count_flops(): what trains (forward + backward),
+    plus the forwards of frozen teachers. SSTA counts both teachers for the whole run (its early stop ignored)."""
+    base = name.rpartition("_s")[0] if not name.startswith("teacher_") else name
+    S, T, C = F["student_fb"], F["teacher_f"], F["cnn_f"]
+    return {"teacher_vit": F["teacher_fb"], "teacher_cnn": F["cnn_fb"], "teacher_vit_ss": 4 * T, "teacher_cnn_ss": 4 * C,
+            "teacher_ssl": F["ssl_teacher"], "teacher_ssl_probe": T,
+            "vitkd_alone": S, "vitkd_kd": S + T, "vitkd_nkd": S + T, "vitkd_vitkd": S + T + F["vitkd_fb"],
+            "vitkd_vitkd_nkd": S + T + F["vitkd_fb"], "vitkd_token": F["token_fb"] + C,
+            "ssta_sl": S + T, "ssta_ta": S + T, "ssta_ssta": S + 2 * T, "ssta_noes": S + 2 * T,
+            "sskd_alone": S, "sskd_kd": S + T, "sskd_sskd": 4 * (S + T), "sskd_sskd_cnn": 4 * (S + C),
+            "attn_pa": S + T, "attn_ad": S + T, "sdssl_plain": F["ssl_plain"], "sdssl_sd": F["ssl_sd"],
+            }.get(base, F["student_f"])  # *_eval: the student backbone's forward
+
+
+def run_cost(run, F):
+    """(loader core-seconds, FLOPs) of one run: its training images x epochs through its recipe's loader and
+    model step, plus the final evaluation pass (supervised and SS runs) or the feature extraction (evaluations)."""
+    rate, ev = LOADER_RATE[RECIPE[run.script]], LOADER_RATE["eval"]
+    per_img = run_flops_per_image(run.name, F)
+    if run.kind == "eval":
+        n = run.train_images + run.eval_images
+        return n / ev, n * per_img
+    n = run.train_images * run.epochs
+    final = run.eval_images if run.kind in ("sup", "ss") else 0
+    eval_flops = F["teacher_f"] if run.name.startswith("teacher_vit") else F["cnn_f"] if run.name.startswith(
+        "teacher_cnn") else F["student_f"]
+    return n / rate + final / ev, n * per_img + final * eval_flops
+
+
+def estimate(P, runs, F, jobs):
+    """Bounds of the wall time of `runs` (in execution order): loader (all loader core-seconds over the cores the
+    runs' main processes leave), GPU (all FLOPs at GPU_FLOPS), start-up (runs x STARTUP_S / jobs) and the
+    critical path (the longest dependency chain, each run at its own workers' loader speed or RUN_FLOPS)."""
+    cores = max(1, CPU_CORES - jobs)
+    loader = gpu = 0.0
+    finish = {}
+    for r in runs:
+        core_s, fl = run_cost(r, F)
+        loader, gpu = loader + core_s, gpu + fl
+        workers = int(last_value(r.args, "--num_workers")) or 1
+        own = STARTUP_S + max(core_s / workers, fl / RUN_FLOPS)
+        finish[r.name] = own + max((finish.get(d, 0.0) for d in r.deps), default=0.0)
+    b = {"loader": loader / cores, "gpu": gpu / GPU_FLOPS, "start-up": len(runs) * STARTUP_S / jobs,
+         "critical path": max(finish.values(), default=0.0)}
+    wall = PREP_S + max(b["loader"] + b["start-up"], b["gpu"] + b["start-up"], b["critical path"])
+    return b, wall, loader, gpu
+
+
+def print_estimate(args, P, seeds):
+    """--estimate: the cost of the profile's plan on the GPU machine (CIFAR-10 sizes), printed, nothing trained."""
+    jobs = args.jobs
+    synthetic = "synthetic_size" in P["data"]
+    if synthetic:
+        n = P["data"]["synthetic_size"]
+        images = teacher = (n, max(n // 4, 10))
+    else:  # CIFAR-10: 5,000 training images per class, 1,000 test; --split val evaluates on the carve
+        v, tpc = P["data"]["val_per_class"], P["data"].get("train_per_class")
+        ev = 10 * v if args.split == "val" else 10000
+        all_train = 10 * (5000 - v) if args.split == "val" else 50000
+        images = (10 * tpc if tpc else all_train, ev)
+        teacher = (all_train, ev) if P.get("teacher_data") == "all" else images
+    plan = build_plan(P, "/estimate", [], images, seeds, ([], teacher))
+    runs = restrict(plan, set(args.only)) if args.only else plan
+    print(f"| estimate of profile {args.profile} on one GPU and {CPU_CORES} CPU cores, split {args.split}, seeds {seeds}: "
+          f"{len(runs)} runs, --jobs {jobs}; students on {images[0]} images, teachers on {teacher[0]}; counting FLOPs ...",
+          flush=True)
+    F = count_flops(P)
+    print("(a) FLOPs per training image (counted on one step of the models at 32 px):")
+    print("    " + ", ".join(f"{k} {v / 1e9:.3f} G" for k, v in F.items()))
+    print("(b) start-up per run: %.1f s (measured 4.6 s here + an assumed 2 s of CUDA context and first batch)" % STARTUP_S)
+    print("(c) loader images/s per core (measured here): " + ", ".join(f"{k} {v}" for k, v in LOADER_RATE.items()))
+    print(f"    assumed: {GPU_FLOPS / 1e12:.0f} TFLOP/s achieved on the GPU by all runs together, {RUN_FLOPS / 1e12:.0f} by "
+          f"one run alone; {CPU_CORES} cores minus one per running job "
+          f"for the loaders; {PREP_S:.0f} s to unpack and link the data")
+    print(f"{'run':24s} {'images x epochs':>16s} {'loader core-s':>14s} {'GFLOP/img':>10s} {'GPU s':>7s}")
+    for r in runs:
+        core_s, fl = run_cost(r, F)
+        n = r.train_images + r.eval_images if r.kind == "eval" else r.train_images * r.epochs
+        print(f"{r.name:24s} {n:16,d} {core_s:14.1f} {run_flops_per_image(r.name, F) / 1e9:10.3f} {fl / GPU_FLOPS:7.1f}")
+    b, wall, loader, gpu = estimate(P, runs, F, jobs)
+    top = max(("loader", "gpu", "critical path"), key=lambda k: b[k] + (b["start-up"] if k != "critical path" else 0))
+    print(f"| total: loader {loader:,.0f} core-s -> {b['loader']:.0f} s on {max(1, CPU_CORES - jobs)} cores; GPU "
+          f"{gpu / 1e15:.1f} PFLOP -> {b['gpu']:.0f} s; start-up {len(runs)} x {STARTUP_S:.1f} s / {jobs} jobs = "
+          f"{b['start-up']:.0f} s; critical path {b['critical path']:.0f} s")
+    print(f"| the {top} bound dominates: estimated wall time {wall:.0f} s ({wall / 60:.1f} min, with {PREP_S:.0f} s of data "
+          f"preparation)")
+    # what fits, in priority order (the suite runs it in this order; --time_budget stops it at the budget)
+    budget = args.time_budget
+    stages = [("teachers", lambda r: r.name.startswith("teacher_"))]
+    stages += [(f"seed {seeds[0]} central rows", lambda r: priority(r.name)[0] <= 1),
+               (f"seed {seeds[0]} all rows", lambda r: priority(r.name)[0] <= 2)]
+    stages += [(f"seeds {seeds[0]}-{s}", lambda r, s=s: priority(r.name)[:2] <= (3, s)) for s in seeds[1:]]
+    walls = [(label, estimate(P, [r for r in runs if keep(r)], F, jobs)[1]) for label, keep in stages]
+    print("| cumulative, in priority order: " + "; ".join(f"{label}: {w:.0f} s" for label, w in walls))
+    if budget:
+        fits = [label for label, w in walls if w <= budget]
+        print(f"| within --time_budget {budget:g} s: " + (fits[-1] if fits else "not even the teachers") +
+              (" (the whole plan)" if wall <= budget else "; the full table does NOT fit: the priority order and the "
+               "budget deliver what does (run the same command again to continue)"))
+    return 0
 
 
 # =============================================================================================
@@ -535,7 +778,23 @@ def start_subprocess(cmd, log_path, threads):
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    # in this process group: whatever stops the suite's group stops the runs too
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+def stop_subprocesses(procs, grace=5.0):
+    """SIGTERM to every run, SIGKILL to those still there `grace` seconds later (their data-loader workers exit when
+    they see their parent gone; torchrun passes the signal to its ranks); a script resumes from its last
+    checkpoint.pth (written atomically at the end of each epoch) when it is started again."""
+    for p in procs:
+        p.terminate()
+    deadline = time.time() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def run_inprocess(cmd, log_path, threads):
@@ -600,7 +859,12 @@ class Suite:
         self.args, self.P, self.runs, self.plan, self.out, self.workdir = args, P, runs, plan, out, workdir
         self.results_base, self.meta = results_base, meta
         self.index = {r.name: i + 1 for i, r in enumerate(runs)}
-        self.t0 = time.time()
+        self.t0 = getattr(args, "t0", None) or time.time()
+        self.budget = args.time_budget  # seconds from the start of the command, or None
+        self.cut = []  # runs stopped at the budget (not finished: they resume next time)
+
+    def over_budget(self):
+        return self.budget is not None and time.time() - self.t0 >= self.budget
 
     def stored(self, run):
         return load_json(os.path.join(run.dir, "metrics.json"))
@@ -658,25 +922,35 @@ class Suite:
         try:
             executed += self._loop(pending, running, done, failed)
         except KeyboardInterrupt:
-            for r, p, log, t in running.values():
-                if log is not None:  # subprocesses: the scripts resume from their last checkpoint next time
-                    p.terminate()
-                    p.wait()
-                    log.close()
-                    self.add_time(r, time.time() - t)
+            self.stop_all(running)
             self.write_results()
             print(f"| interrupted after {fmt_time(time.time() - self.t0)}; run the same command again to continue", flush=True)
             raise SystemExit(130)
         self.write_results()
-        print(f"| {executed} run(s) executed, {skipped} skipped (finished before), {len(failed)} failed or blocked; "
-              f"wall time {fmt_time(time.time() - self.t0)}", flush=True)
+        if self.budget is not None and (self.cut or pending):
+            print(f"| time budget of {self.budget:g} s spent: {executed} run(s) finished in this call, {skipped} before, "
+                  f"{len(self.cut)} cut ({', '.join(self.cut) or 'none'}), {len(pending)} not started, "
+                  f"{len(failed)} failed or blocked; results written for the {len(done)} finished of {len(self.runs)}; "
+                  f"run the same command again to continue", flush=True)
+        else:
+            print(f"| {executed} run(s) executed, {skipped} skipped (finished before), {len(failed)} failed or blocked; "
+                  f"wall time {fmt_time(time.time() - self.t0)}", flush=True)
         return not failed
+
+    def stop_all(self, running):
+        """Stop every run still going (subprocesses; an in-process run has already returned) and keep its time."""
+        subs = [(r, p, log, t) for r, p, log, t in running.values() if log is not None]
+        stop_subprocesses([p for r, p, log, t in subs])
+        for r, p, log, t in subs:
+            log.close()
+            self.add_time(r, time.time() - t)
+        running.clear()
 
     def _loop(self, pending, running, done, failed):
         executed = 0
         while pending or running:
-            for r in list(pending):
-                if len(running) >= self.args.jobs or (failed and not self.args.keep_going):
+            for r in list(pending):  # in priority order: the highest-priority ready run first
+                if len(running) >= self.args.jobs or (failed and not self.args.keep_going) or self.over_budget():
                     break
                 if any(d in failed for d in r.deps):
                     pending.remove(r)
@@ -703,15 +977,22 @@ class Suite:
                     proc, log = start_subprocess(cmd, log_path, self.args.threads)
                     running[r.name] = (r, proc, log, t)
             if not running:
-                if pending and not (failed and not self.args.keep_going):
+                if pending and not (failed and not self.args.keep_going) and not self.over_budget():
                     sys.exit(f"error: cannot start {[r.name for r in pending]}: dependencies never finished")
                 break
-            # wait for one run to end
+            # wait for one run to end, or for the time budget to run out
             while True:
                 ended = [n for n, (r, p, log, t) in running.items() if isinstance(p, int) or p.poll() is not None]
-                if ended:
+                if ended or self.over_budget():
                     break
                 time.sleep(0.5)
+            if not ended:  # the budget is spent: stop what is still running (it resumes from its checkpoint next time)
+                self.cut += sorted(running)
+                for n in sorted(running):
+                    print(f"[run {self.index[n]}/{len(self.runs)}] {n}: cut at the time budget "
+                          f"({fmt_time(time.time() - self.t0)}); not finished", flush=True)
+                self.stop_all(running)
+                break
             for n in ended:
                 r, p, log, t = running.pop(n)
                 rc = p if isinstance(p, int) else p.returncode
@@ -1043,13 +1324,24 @@ def get_args_parser():
     p.add_argument("--threads", default=None, type=int,
                    help="OMP_NUM_THREADS of every run (default: the profile's; 0: leave the environment alone)")
     p.add_argument("--keep_going", action="store_true", help="after a failed run, go on with the runs that do not need it")
-    p.add_argument("--dry_run", action="store_true", help="print the commands and exit")
+    p.add_argument("--time_budget", default=None, type=float, metavar="SECONDS",
+                   help="wall-clock budget from the start of this command (default: the profile's, none; 0: none): no "
+                        "run starts after it, runs still going are stopped at it (they resume from their checkpoint "
+                        "next time), results are written for what finished and the exit status is 0")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the profile's estimated cost (FLOPs counted on its models, measured loader rates and "
+                        "start-up; no training) and exit")
+    p.add_argument("--dry_run", action="store_true", help="print the commands in execution (priority) order and exit")
     return p
 
 
 def main(argv=None):
+    t0 = time.time()
     args = get_args_parser().parse_args(argv)
+    args.t0 = t0
     P = PROFILES[args.profile]
+    args.time_budget = P.get("time_budget") if args.time_budget is None else args.time_budget
+    args.time_budget = args.time_budget or None  # 0: none
     args.jobs = args.jobs or P.get("jobs", 1)
     args.runner = args.runner or P.get("runner", "subprocess")
     args.threads = P.get("threads", 0) if args.threads is None else args.threads
@@ -1061,6 +1353,9 @@ def main(argv=None):
         sys.exit("error: --seeds must be at least 1")
     synthetic = "synthetic_size" in P["data"]
     split = "synthetic" if synthetic else args.split
+    teacher_data = None  # (flags, images) of the teachers' data when it differs from the students'
+    if args.estimate:
+        return print_estimate(args, P, seeds)
     if synthetic:  # built-in shapes: the scripts make n training and n // 4 evaluation images themselves
         n = P["data"]["synthetic_size"]
         data_flags, images = ["--dataset", "synthetic", "--synthetic_size", str(n)], (n, max(n // 4, 10))
@@ -1075,15 +1370,20 @@ def main(argv=None):
         data_info = {"dataset": "cifar10", "root": root.replace(out + "/", "$OUT/"), "train_images": ntr, "eval_images": nev,
                      "train_per_class": P["data"].get("train_per_class"), "val_per_class": P["data"]["val_per_class"],
                      "split_seed": SPLIT_SEED}
+        if P.get("teacher_data") == "all":  # teachers: every training image (minus the carve with --split val)
+            troot, tntr, tnev = split_root(src, out, args.split, None, P["data"]["val_per_class"], args.dry_run)
+            teacher_data = (["--dataset", "imagefolder", "--data_path", troot, "--input_size", "32"], (tntr, tnev))
+            data_info.update(teacher_root=troot.replace(out + "/", "$OUT/"), teacher_train_images=tntr)
     data_flags += ["--input_size", "32"]
     workdir = os.path.join(out, f"{args.profile}_{split}")
-    plan = build_plan(P, workdir, data_flags, images, seeds)
+    plan = build_plan(P, workdir, data_flags, images, seeds, teacher_data)
     runs = restrict(plan, set(args.only)) if args.only else plan
     results_base = os.path.join(os.path.abspath(args.results_dir), f"cifar10_{args.profile}" + ("_val" if split == "val" else ""))
     if args.dry_run:
         for i, r in enumerate(runs):
             state = "finished" if r.finished() else "to run"
-            print(f"[run {i + 1}/{len(runs)}] {r.name} ({state})\n  {normalize(command_line(r, args.nproc), out)}")
+            after = f", after {', '.join(r.deps)}" if r.deps else ""
+            print(f"[run {i + 1}/{len(runs)}] {r.name} ({state}{after})\n  {normalize(command_line(r, args.nproc), out)}")
         print(f"| {len(runs)} runs; results would go to {results_base}.json/.md/.png; $OUT = {out}")
         return 0
     command = ["python", "bench/reproduce_cifar10.py"] + list(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One prepared call on one GPU machine (H100 / H200): every GPU check of this repository in at most BUDGET seconds
+# of wall time (default 480), each stage time-boxed and its results written as it finishes, so that a call cut
+# short still returns what finished. Results (at most 8 files) in $OUT (default gpu_all_out/DATE-TIME):
+#   summary.txt      versions, each stage's status and seconds, the tables printed by the stages
+#   gpu_check.json   bench/gpu_check.py: every script on CUDA, bf16 vs fp32, resume, memory, compile, MFU
+#   benches.txt      bench/run_benches.py: every bench's ratios at its GPU size
+#   cifar10_gpu.{json,md,png}   bench/reproduce_cifar10.py --profile gpu, as far as its time budget reaches
+#   logs.tgz         every command's log and the runs' metrics (no checkpoints)
+#
+#   bash bench/gpu_all.sh                       # data: .device/cifar10-jpg.tar.gz (git-ignored, carried)
+#   BUDGET=300 DATA=/path/cifar10-jpg.tar.gz bash bench/gpu_all.sh
+#   TINY=1 bash bench/gpu_all.sh                # the same stages at CPU sizes (a rehearsal: gpu_check --tiny,
+#                                               # benches --tiny, the reproduction's tiny profile), no CUDA needed
+#
+# A carried timm wheel (.whl/timm-*.whl, git-ignored) is installed first so that the GPU runs the timm the CPU
+# suite tested (the device machine's own timm version is unknown).
+set -u
+cd "$(dirname "$0")/.."
+T0=$(date +%s)
+BUDGET=${BUDGET:-480}
+OUT=${OUT:-gpu_all_out/$(date +%Y%m%d-%H%M%S)}
+DATA=${DATA:-.device/cifar10-jpg.tar.gz}
+WORK=${WORK:-/tmp/gpu_all_work}
+mkdir -p "$OUT" "$WORK"
+SUMMARY="$OUT/summary.txt"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+# stage NAME SECONDS COMMAND...: runs COMMAND with at most SECONDS (and never past the budget, 15 s kept for packing)
+stage() {
+  local name=$1 limit=$2; shift 2
+  local avail=$(( $(left) - 15 ))
+  (( limit > avail )) && limit=$avail
+  if (( limit < 10 )); then say "== $name: skipped (limit ${limit} s)"; return; fi
+  say "== $name: up to ${limit} s: $*"
+  local t=$(date +%s)
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  say "== $name: exit $rc after $(( $(date +%s) - t )) s$([ $rc = 124 ] && echo ' (time limit)')"
+  tail -n "${TAIL:-40}" "$WORK/$name.log" >> "$SUMMARY"
+}
+
+# 0. smoke: the carried timm, CUDA visible, versions (seconds)
+if ls .whl/timm-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import os, torch, torchvision, timm
+print(f"torch {torch.__version__} torchvision {torchvision.__version__} timm {timm.__version__} cuda {torch.version.cuda}")
+print(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE'}, {os.cpu_count()} CPU cores")
+assert torch.cuda.is_available() or os.environ.get("TINY") == "1", "no CUDA device"
+EOF
+[ "${PIPESTATUS[0]}" = 0 ] || { say "smoke step failed: stopping"; exit 1; }
+
+# 1. every script on CUDA (correctness 4 cases at a time; then timing alone; compile; MFU)
+TINY=${TINY:-0}; export TINY
+SIZE=(); [ "$TINY" = 1 ] && SIZE=(--tiny)
+TAIL=60 stage gpu_check "${GPU_CHECK_S:-170}" python3 bench/gpu_check.py --out "$WORK/gpu_check" --jobs 4 --num_workers 3 \
+  "${SIZE[@]}" ${GPU_CHECK_FLAGS:-}
+cp "$WORK/gpu_check/gpu_check.json" "$OUT/" 2>/dev/null
+
+# 2. the benches' ratios at their GPU sizes
+stage benches "${BENCHES_S:-70}" python3 bench/run_benches.py --out "$OUT/benches.txt" --timeout 30 "${SIZE[@]}"
+
+# 3. the CIFAR-10 reproduction's gpu profile: teachers, then every paper's central row at seed 0, then the rest
+REPRO_S=$(( $(left) - 30 ))
+PROFILE=(--profile gpu --data "$DATA"); [ "$TINY" = 1 ] && PROFILE=(--profile tiny)
+stage reproduce $((REPRO_S + 10)) python3 bench/reproduce_cifar10.py "${PROFILE[@]}" \
+  --out "$WORK/repro" --results_dir "$OUT" --time_budget "$REPRO_S" --keep_going
+
+# 4. pack: logs and metrics, never checkpoints
+tar czf "$OUT/logs.tgz" -C "$WORK" --exclude='*.pth' --exclude='data' --exclude='*.tmp*' . 2>/dev/null
+say "== total $(( $(date +%s) - T0 )) s; files: $(ls "$OUT" | tr '\n' ' ')"
