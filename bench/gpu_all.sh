@@ -58,7 +58,7 @@ EOF
 # 1. every script on CUDA (correctness 4 cases at a time; then timing alone; compile; MFU)
 TINY=${TINY:-0}; export TINY
 SIZE=(); [ "$TINY" = 1 ] && SIZE=(--tiny)
-TAIL=60 stage gpu_check "${GPU_CHECK_S:-170}" python3 bench/gpu_check.py --out "$WORK/gpu_check" --jobs 4 --num_workers 3 \
+TAIL=60 stage gpu_check "${GPU_CHECK_S:-170}" python3 bench/gpu_check.py --out "$WORK/gpu_check" --jobs 6 --num_workers 2 \
   "${SIZE[@]}" ${GPU_CHECK_FLAGS:-}
 cp "$WORK/gpu_check/gpu_check.json" "$OUT/" 2>/dev/null
 
