@@ -37,7 +37,8 @@ def get_args():
     p.add_argument("--teacher", default="deit_small")
     p.add_argument("--input_size", default=224, type=int)
     p.add_argument("--batch_size", default=128, type=int)
-    p.add_argument("--steps", default=20, type=int, help="training steps per epoch")
+    p.add_argument("--steps", default=20, type=int, help="training steps per epoch of the timed runs")
+    p.add_argument("--check_steps", default=4, type=int, help="training steps per epoch of the resume check")
     p.add_argument("--num_workers", default=10, type=int)
     p.add_argument("--tol", default=0.03, type=float, help="relative tolerance, bf16 vs fp32 first-step losses")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
@@ -53,7 +54,7 @@ def get_args():
                    help="time each case alone afterwards (1 eager epoch; compiled for --compile_cases)")
     args = p.parse_args()
     if args.tiny:
-        args.input_size, args.batch_size, args.steps, args.num_workers, args.jobs = 32, 16, 4, 0, 1
+        args.input_size, args.batch_size, args.steps, args.check_steps, args.num_workers, args.jobs = 32, 16, 4, 2, 0, 1
     return args
 
 
@@ -71,8 +72,14 @@ def cases(args):
         "vitkd_cae_nkd": ("vitkd.py", size + sup + t + ["--generator", "cae", "--nkd"]),
         "vitkd_token": ("vitkd.py", ["--student", "deit_tiny_distilled_patch16_224"] + size + sup + no_feat +
                         ["--teacher", "resnet18", "--teacher_weights", "random", "--distill_token", "hard"]),
+        # heads given: with random teachers the selection is a near-tie of a few images, which bf16 and fp32 break
+        # differently (seen on an H200), and the first-step comparison would then compare other heads' maps
         "ssta": ("ssta.py", size + sup + t + ["--ta", args.teacher, "--ta_weights", "random", "--ta_supervised",
-                                              "--selection_images", str(2 * args.batch_size), "--early_stop_epoch", "2"]),
+                                              "--heads_teacher", "0", "1", "2", "--heads_ta", "2", "1", "0",
+                                              "--early_stop_epoch", "2"]),
+        "ssta_selection": ("ssta.py", size + sup + t + ["--ta", args.teacher, "--ta_weights", "random", "--ta_supervised",
+                                                        "--selection_images", str(2 * args.batch_size),
+                                                        "--early_stop_epoch", "2"]),
         "sskd_teacher": ("sskd.py", ["--student", args.teacher]),
         "sskd_teacher_ss": ("sskd.py", ["--stage", "teacher_ss", "--teacher_weights", "{prev}/checkpoint.pth"]),
         "sskd_student": ("sskd.py", size + ["--teacher_weights", "{prev}/checkpoint.pth"]),
@@ -81,6 +88,9 @@ def cases(args):
         "attn_distill": ("attn_distill.py", size + t),
         "attn_distill_all": ("attn_distill.py", size + t + ["--attn_layers", "all"]),
     }
+
+
+SELECTION_CASES = {"ssta_selection"}  # its bf16 / fp32 losses may differ by choosing other heads: reported, not judged
 
 
 def run(script, flags, out, log):
@@ -178,7 +188,7 @@ def check(name, script, flags, args, common_flags, log, prev=None):
     if script == "sskd.py":
         flags += ["--decay_epochs", "--ss_decay_epochs"]  # no step decay inside 2 epochs
     one = ["--synthetic_size", str(args.batch_size)]
-    many = ["--synthetic_size", str(args.batch_size * args.steps)]
+    many = ["--synthetic_size", str(args.batch_size * args.check_steps)]
     d = lambda k: os.path.join(args.out, f"{name}_{k}")  # noqa: E731
     r = {"script": script, "flags": flags, "first_step": {}}
     for amp in ("bf16", "off"):
@@ -236,9 +246,14 @@ def main():
     report = {"device": dev, "torch": torch.__version__, "command": " ".join(sys.argv), "args": vars(args), "results": {}}
     results = report["results"]
 
-    def save():  # after every stage: a run cut short still leaves what finished
-        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-            json.dump(report, f, indent=1)
+    import threading
+    lock = threading.Lock()
+
+    def save():  # after every case and stage: a run cut short still leaves what finished
+        with lock:
+            with open(os.path.join(args.out, "gpu_check.json.tmp"), "w") as f:
+                json.dump(report, f, indent=1)
+            os.replace(os.path.join(args.out, "gpu_check.json.tmp"), os.path.join(args.out, "gpu_check.json"))
 
     # 1. correctness, --jobs cases at a time; SSKD's stages are one chain
     chains, t0 = [], time.time()
@@ -257,6 +272,8 @@ def main():
                 results[n] = {"error": str(e)[-2000:]}
                 print(f"[{n}] FAILED: {str(e)[-600:]}", flush=True)
                 return
+            finally:
+                save()
             print(f"[{n}] first step bf16/fp32 {results[n]['first_step_max_rel_diff']:.1e}, resume "
                   f"{results[n]['resume_ok']} ({time.time() - t0:.0f} s)", flush=True)
             prev = os.path.join(args.out, f"{n}_eager")
@@ -314,7 +331,8 @@ def main():
             print(f"DeiT-S step ({k[4:]}): {m['images_s']:.0f} img/s, {m['tflops']:.2f} TFLOPS achieved "
                   f"({m['gflop_per_image']:.1f} GFLOP per image), {util}")
     bad = [n for n, r in results.items() if "error" in r or "timing_error" in r
-           or ("first_step" in r and (not r["resume_ok"] or r["first_step_max_rel_diff"] > args.tol))]
+           or ("first_step" in r and (not r["resume_ok"] or (r["first_step_max_rel_diff"] > args.tol
+                                                              and n not in SELECTION_CASES)))]
     print("all checks passed" if not bad else f"FAILED: {bad}")
     sys.exit(1 if bad else 0)
 
