@@ -43,6 +43,7 @@ def get_args_parser():
     g.add_argument("--teacher_mean", default=None, type=float, nargs=3,
                    help="the teacher's input normalisation (default: its file's, timm's config for hub / tagged names, else ImageNet's)")
     g.add_argument("--teacher_std", default=None, type=float, nargs=3)
+    common.add_shape_args(g, "teacher_", "the teacher")
     g = p.add_argument_group("AttnDistill (METHODS 3.2)")
     g.add_argument("--proj_layers", default=4, type=int, help="Linear layers of the projector P (Table 10: 1, 2, 4, 8)")
     g.add_argument("--projector", action=argparse.BooleanOptionalAction, default=True,
@@ -92,7 +93,8 @@ def main(args):
                                    depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads,
                                    drop_path_rate=args.drop_path, mean=stats[0], std=stats[1]).to(device)
     teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
-                                   args.teacher_std, num_classes=0, img_size=args.input_size).to(device)
+                                   args.teacher_std, num_classes=0, img_size=args.input_size,
+                                   **common.shape_args(args, "teacher_")).to(device)
     if not args.projector and backbone.embed_dim != teacher.embed_dim:
         common.fail(f"--no-projector aligns the CLS tokens directly: the student's width {backbone.embed_dim} must equal "
                     f"the teacher's {teacher.embed_dim}")
@@ -107,14 +109,12 @@ def main(args):
     common.seed_everything(args.seed)
 
     # ---------------- data: one view, the same for student and teacher; no labels ----------------
-    transform = transforms.Compose([
-        transforms.RandomResizedCrop(args.input_size, scale=(args.crop_min_scale, 1.0),
-                                     interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(*stats)])
-    train_set = common.build_dataset(args, "train", transform)
-    loader = common.build_loader(train_set, args.batch_size, True, args.num_workers, args.seed)
+    crop = transforms.RandomResizedCrop(args.input_size, scale=(args.crop_min_scale, 1.0),
+                                        interpolation=transforms.InterpolationMode.BICUBIC)
+    flip = transforms.RandomHorizontalFlip()
+    transform = transforms.Compose([crop, flip, transforms.ToTensor(), transforms.Normalize(*stats)])
+    train_set, loader = common.build_train_data(args, transform, common.CropFlip.like(crop, flip),
+                                                [common.Normalise(*stats)])  # the fast pipelines' two halves
 
     # ---------------- student with P, taps ----------------
     # The student's own final LayerNorm gets no gradient here (L_c goes through P and a new LayerNorm): it

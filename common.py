@@ -1,6 +1,7 @@
 """What two or more scripts share: errors, distributed, models, ViT taps, data, training utilities, frozen features."""
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import nullcontext, suppress
 
 import torch
@@ -173,6 +175,13 @@ def reduce_metrics(metrics, device):
 # ---- 3. models ------------------------------------------------------------------------------
 ALIASES = {f"{a}_{s}": f"{a}_{s}_patch16_224" for a in ("deit", "vit") for s in ("tiny", "small", "base")}
 CHECKPOINT_KEYS = ("teacher", "student", "model", "state_dict", "state_dict_ema", "model_ema")
+# MoCo v3's ViTs (its vits.py; a checkpoint's 'arch') as timm architectures: its ViT-S has 12 heads, timm's / DeiT's /
+# DINO's 6, with tensors of the same shapes (a silent mix-up without this table)
+MOCOV3_ARCHS = {"vit_small": dict(name="vit_small_patch16_224", num_heads=12),
+                "vit_base": dict(name="vit_base_patch16_224", num_heads=12),
+                "vit_large": dict(name="vit_large_patch16_224", num_heads=16),
+                "vit_huge": dict(name="vit_huge_patch14_224", patch_size=16, num_heads=16)}
+SHAPE_FLAGS = ("patch_size", "depth", "embed_dim", "num_heads")  # a pretrained network's shape overrides
 
 
 def create_model(name, num_classes=None, mean=None, std=None, **overrides):
@@ -308,7 +317,7 @@ def pick_state_dict(ckpt, key, source):
     fail(f"{source}: no state dict found (looked for a plain state dict and the keys {list(CHECKPOINT_KEYS)})")
 
 
-def adapt_state_dict(sd, model):
+def adapt_state_dict(sd, model, source="the file"):
     """Map a foreign state dict onto `model` (prefixes, DINO / MoCo v3 backbone part, MAE decoder, differing classifier,
     pos_embed resampled). Returns (state_dict, notes, is_head), is_head(key) telling classifier keys."""
     model_sd, notes = model.state_dict(), []
@@ -324,12 +333,18 @@ def adapt_state_dict(sd, model):
     if foreign:
         notes.append(f"dropped {len(foreign)} MAE decoder tensors")
         sd = {k: v for k, v in sd.items() if k not in foreign}
+    if ("dist_token" in sd) != ("dist_token" in model_sd):  # DeiT's distillation token: one more prefix token
+        has = lambda sd_: "a distillation token (DeiT distilled)" if "dist_token" in sd_ else "none"  # noqa: E731
+        fail(f"{source} holds {has(sd)} and the model {has(model_sd)}: pick the matching architecture "
+             f"({'deit_*_distilled_patch16_224' if 'dist_token' in sd else 'deit_* / vit_* without _distilled'})")
     heads = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     is_head = lambda k: any(k == h or k.startswith(h + ".") for h in heads)  # noqa: E731
     dropped = [k for k in sd if is_head(k) and (k not in model_sd or model_sd[k].shape != sd[k].shape)]
     if dropped:
-        notes.append(f"dropped classifier {dropped} (shape or presence differs)")
+        classes = sorted({sd[k].shape[0] for k in dropped if k.endswith(".weight") and sd[k].dim() == 2})
+        notes.append(f"dropped classifier {dropped} (shape or presence differs"
+                     + (f": {'/'.join(map(str, classes))} classes in the file)" if classes else ")"))
         sd = {k: v for k, v in sd.items() if k not in dropped}
     if ("pos_embed" in sd and "pos_embed" in model_sd and sd["pos_embed"].shape != model_sd["pos_embed"].shape
             and sd["pos_embed"].shape[-1] == model_sd["pos_embed"].shape[-1]):  # other widths: a plain mismatch
@@ -337,10 +352,11 @@ def adapt_state_dict(sd, model):
         src, n = sd["pos_embed"], sd["pos_embed"].shape[1] - npt
         side = int(round(math.sqrt(n)))
         if side * side != n:
-            fail(f"cannot resample pos_embed {tuple(src.shape)} to {tuple(model_sd['pos_embed'].shape)}")
-        from timm.layers import resample_abs_pos_embed
+            fail(f"{source}: cannot resample pos_embed {tuple(src.shape)} to {tuple(model_sd['pos_embed'].shape)} (the "
+                 f"model has {npt} prefix token(s) and a {'x'.join(map(str, model.patch_embed.grid_size))} patch grid)")
+        from timm.layers import resample_abs_pos_embed  # plain bicubic, as MAE's interpolate_pos_embed and DeiT's main.py
         sd["pos_embed"] = resample_abs_pos_embed(src, list(model.patch_embed.grid_size), old_size=[side, side],
-                                                 num_prefix_tokens=npt)
+                                                 num_prefix_tokens=npt, antialias=False)
         notes.append(f"resampled pos_embed {side}x{side} -> {'x'.join(map(str, model.patch_embed.grid_size))}")
     return sd, notes, is_head
 
@@ -356,13 +372,15 @@ def load_weights(model, source, key=None, ckpt=None, require_head=False):
     else:
         ckpt = read_checkpoint(os.path.expanduser(source)) if ckpt is None else ckpt
         sd, used_key = pick_state_dict(ckpt, key, source)
-    sd, notes, is_head = adapt_state_dict(sd, model)
+    sd, notes, is_head = adapt_state_dict(sd, model, source)
     check_state_dict(sd, model, source, optional=is_head)
     model.load_state_dict(sd, strict=False)
     head_missing = [k for k in model.state_dict() if k not in sd]
     if head_missing and require_head:
+        other = any(n.startswith("dropped classifier") for n in notes)
         fail(f"{source} holds no classifier for this model ({', '.join(notes) or 'none in the file'}); "
-             f"a teacher needs its own: give it the file's number of classes")
+             + (f"the data has {model.num_classes} classes: a teacher's classifier must be trained on the data's classes"
+                if other else "a teacher needs its own: give it the file's number of classes"))
     if head_missing:
         notes.append(f"classifier left at init: {head_missing}")
     print0(f"| loaded {len(sd)} tensors from {source}" + (f" [{used_key}]" if used_key else "")
@@ -396,36 +414,76 @@ def _hub_state_dict(name):
              f"cache (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); otherwise pass a local file")
 
 
-def saved_model_config(source):
-    """(its 'model_config' or the .json beside an export, else None; content, None for hub: / random) of a file."""
+def saved_model_config(source, key=None):
+    """(what a file says about its network, its content): this repository's 'model_config' (or the .json beside an
+    export); else MoCo v3's 'arch' (MOCOV3_ARCHS) or timm train.py's; and global_pool 'avg' for a state dict with
+    fc_norm and no final norm (MAE's finetunes). A dict without 'name' when only that is known; None when nothing is
+    said (the content stays None for hub: / random)."""
     if not source or source == "random" or source.startswith("hub:"):
         return None, None
-    ckpt, config = read_checkpoint(os.path.expanduser(source)), None
+    ckpt, config = read_checkpoint(os.path.expanduser(source)), {}
     sidecar = os.path.splitext(os.path.expanduser(source))[0] + ".json"
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
         config = dict(ckpt["model_config"])
     elif os.path.isfile(sidecar):
         with open(sidecar) as f:
             config = json.load(f)
+    elif isinstance(ckpt, dict):
+        arch = ckpt.get("arch")
+        if isinstance(arch, str) and arch.startswith("vit_conv_"):
+            fail(f"{source} is MoCo v3's {arch} (a convolutional stem): no timm architecture holds it")
+        if isinstance(arch, str) and arch in MOCOV3_ARCHS:
+            config = dict(MOCOV3_ARCHS[arch])
+            print0(f"| {source}: MoCo v3's {arch} = {config}")
+        elif isinstance(arch, str) and timm.is_model(arch.partition(".")[0]):  # timm train.py's 'arch'
+            config = {"name": arch}
+        keys = set(timm.models.clean_state_dict(pick_state_dict(ckpt, key, source)[0]))
+        if "fc_norm.weight" in keys and "norm.weight" not in keys:  # MAE finetune's global pool (main_finetune.py)
+            config["global_pool"] = "avg"
     for legacy in ("sincos_pos_embed", "frozen_patch_embed"):  # older sdssl.py files: the weights hold them
-        (config or {}).pop(legacy, None)
+        config.pop(legacy, None)
+    return config or None, ckpt
+
+
+def pretrained_config(name, weights, key=None, flag="--arch", prefix="", **overrides):
+    """(create_model kwargs, file content) of a network loaded from `weights`: what the file says (saved_model_config),
+    `name` (the flag `flag`) in place of its name, then the overrides (None: ignored). A ViT-S name that the file does
+    not settle gets a note: 6 heads are assumed (timm, DeiT, DINO) where MoCo v3's and SDSSL's have 12."""
+    said, ckpt = saved_model_config(weights, key)
+    name = name or (weights[4:] if weights and weights.startswith("hub:") else None)
+    config = dict(said or {}, **({"name": name} if name else {}))
+    if "name" not in config:
+        fail(f"cannot tell the architecture of {weights or 'the model'}: pass {flag}")
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    arch, _, tag = ALIASES.get(config["name"], config["name"]).partition(".")  # a tag (.dino, .augreg...): timm's 6
+    if (arch.startswith("vit_small_") and not tag and "num_heads" not in config and "name" not in (said or {})
+            and weights and weights != "random" and not weights.startswith("hub:")):
+        print0(f"| {name}: {weights} does not say its head count; 6 heads assumed (timm's, DeiT's and DINO's ViT-S). "
+               f"MoCo v3's and SDSSL's ViT-S have 12 (same tensor shapes): pass --{prefix}num_heads 12 for theirs")
     return config, ckpt
+
+
+def add_shape_args(group, prefix, who):
+    """--{prefix}patch_size / depth / embed_dim / num_heads: shape overrides of a pretrained network `who`."""
+    for k in SHAPE_FLAGS:
+        group.add_argument(f"--{prefix}{k}", default=None, type=int, help=f"{who}: {k.replace('_', ' ')} (default: its "
+                           "file's, else its name's)" + ("; MoCo v3 / SDSSL ViT-S: 12" if k == "num_heads" else ""))
+
+
+def shape_args(args, prefix=""):
+    """{patch_size, depth, embed_dim, num_heads} of add_shape_args' flags (None: not given)."""
+    return {k: getattr(args, prefix + k) for k in SHAPE_FLAGS}
 
 
 def build_teacher(name, weights, key=None, data_stats=None, mean=None, std=None, label="teacher", **overrides):
     """Frozen teacher; `weights` (file, hub:NAME, 'random') and its classifier required; data_stats: renormalize_input.
-    `name` None: the file's; overrides (None ignored) on top; stats: mean / std, else the file's, else input_stats."""
+    Its config: pretrained_config (the file's, `name` on top, then overrides: None ignored); stats: mean / std, else
+    the file's, else input_stats."""
     if not weights:
         fail(f"{label} '{name}' needs weights: a local file, hub:<timm name>, or 'random' (smoke tests only)")
-    config, ckpt = saved_model_config(weights)
-    saved = {k: config[k] for k in ("mean", "std") if config and k in config}
-    if name:
-        config = {"name": name}
-    elif config is None:
-        fail(f"cannot tell the {label}'s architecture from {weights}: pass --{label.replace(' ', '_')}")
-    config.update({k: v for k, v in overrides.items() if v is not None})
-    config["mean"], config["std"] = input_stats(config["name"], weights, mean or saved.get("mean"),
-                                                std or saved.get("std"))
+    config, ckpt = pretrained_config(name, weights, key, f"--{label}", f"{label}_", **overrides)
+    config["mean"], config["std"] = input_stats(config["name"], weights, mean or config.get("mean"),
+                                                std or config.get("std"))
     model = create_model(**config)
     load_weights(model, weights, key, ckpt=ckpt, require_head=model.num_classes > 0)
     if data_stats is not None:
@@ -594,8 +652,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
-def build_dataset(args, split, transform):
-    """split: 'train' or 'val'. Fails with one line on a missing or empty path before any work."""
+def build_dataset(args, split, transform, uint8=False):
+    """split: 'train' or 'val'. Fails with one line on a missing or empty path before any work. uint8: image folders
+    decode to uint8 tensors (load_uint8: the fast pipelines), not PIL images."""
     name, root, is_train = args.dataset, os.path.expanduser(args.data_path or ""), split == "train"
     if name in ("synthetic", "fake"):
         n = args.synthetic_size if is_train else max(args.synthetic_size // 4, 10)
@@ -620,9 +679,29 @@ def build_dataset(args, split, transform):
     if folder is None:
         fail(f"{root} has no {' or '.join(s + '/' for s in sub)} folder (ImageNet layout: train/ and val/)")
     try:
-        return datasets.ImageFolder(folder, transform=transform, loader=load_rgb)
+        ds = datasets.ImageFolder(folder, transform=transform, loader=load_uint8 if uint8 else load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"no images in {folder}: {e}")
+    train = os.path.join(root, "train")
+    return ds if is_train or not os.path.isdir(train) else train_labels(ds, folder, train)
+
+
+def train_labels(ds, folder, train):
+    """An evaluation ImageFolder labelled with the training folder's class indices (ImageFolder numbers each folder's
+    own sorted class list: val/ a, c would score c as train/'s b). A class the training folder lacks: an error."""
+    classes = datasets.folder.find_classes(train)[0]
+    if ds.classes == classes:
+        return ds
+    extra = sorted(set(ds.classes) - set(classes))
+    if extra:
+        fail(f"{folder} has classes that {train} lacks: {extra[:5]}{' ...' if len(extra) > 5 else ''}; an evaluation "
+             "folder must use the training folder's class names (each split is numbered by its own sorted list)")
+    idx = {c: i for i, c in enumerate(classes)}
+    ds.samples = ds.imgs = [(path, idx[ds.classes[y]]) for path, y in ds.samples]
+    ds.targets = [y for _, y in ds.samples]
+    print0(f"| {folder}: {len(ds.classes)} of the {len(classes)} training classes, labelled as in {train}")
+    ds.classes, ds.class_to_idx = classes, idx
+    return ds
 
 
 def load_rgb(path):
@@ -668,7 +747,8 @@ def _posterize(img, bits_to_keep, **_):
     return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
 
 
-def add_supervised_args(parser, epochs=300, batch_size=128, blr=2.5e-4, min_lr=1e-5, warmup_epochs=5, clip_grad=0.0):
+def add_supervised_args(parser, epochs=300, batch_size=128, blr=2.5e-4, min_lr=1e-5, warmup_epochs=5, clip_grad=0.0,
+                        repeated_aug=False):
     """The DeiT training recipe as flags (vitkd.py, ssta.py); scripts pass their paper's defaults."""
     g = parser.add_argument_group("optimisation (DeiT recipe)")
     g.add_argument("--epochs", default=epochs, type=int)
@@ -688,17 +768,19 @@ def add_supervised_args(parser, epochs=300, batch_size=128, blr=2.5e-4, min_lr=1
     g.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0 = off)")
     g.add_argument("--mixup_prob", default=1.0, type=float)
     g.add_argument("--mixup_switch_prob", default=0.5, type=float)
-    g.add_argument("--repeated_aug", action=argparse.BooleanOptionalAction, default=False,
-                   help="DeiT's repeated augmentation")
+    g.add_argument("--repeated_aug", action=argparse.BooleanOptionalAction, default=repeated_aug,
+                   help="DeiT's repeated augmentation (3 augmented copies of each image per epoch; DeiT's main.py: on)")
     g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and at the end)")
     return g
 
 
 def build_supervised_data(args):
     """(train_set, train_loader, val_loader, mixup_fn or None, criterion) of the DeiT recipe (Mixup: soft-target CE)."""
-    train_set = build_dataset(args, "train", build_transform(args, True, args.randaug, args.reprob))
+    reference = build_transform(args, True, args.randaug, args.reprob)
+    crop, flip, *rest = reference.transforms  # the fast pipelines: crop + flip in the workers, the rest on the device
+    train_set, loader = build_train_data(args, reference, CropFlip.like(crop, flip), device_steps(rest),
+                                         repeated_aug=args.repeated_aug)
     val_set = build_dataset(args, "val", build_transform(args, False))
-    loader = build_loader(train_set, args.batch_size, True, args.num_workers, args.seed, args.repeated_aug)
     val_loader = build_loader(val_set, args.batch_size, False, args.num_workers)
     if args.mixup <= 0 and args.cutmix <= 0:
         return train_set, loader, val_loader, None, nn.CrossEntropyLoss(label_smoothing=args.smoothing)
@@ -712,9 +794,10 @@ def build_supervised_data(args):
     return train_set, loader, val_loader, mixup, SoftTargetCrossEntropy()
 
 
-def build_loader(dataset, batch_size, train, num_workers=8, seed=0, repeated_aug=False):
+def build_loader(dataset, batch_size, train, num_workers=8, seed=0, repeated_aug=False, on_device=None):
     """Training: DistributedSampler even in one process (batch W*b = W processes of b), no partial batch, repeated aug.
-    on request. Evaluation: rank r takes r, r + W, ... (no padding: exact at any W). Workers restart: exact resume."""
+    on request. Evaluation: rank r takes r, r + W, ... (no padding: exact at any W). Workers restart: exact resume.
+    on_device: what train_batches runs on each batch once on the device (the fast pipelines' OnDevice)."""
     world, rank = get_world_size(), get_rank()
     if batch_size < 1:
         fail(f"--batch_size is per process and must be at least 1 (global batch = batch_size x {world} processes)")
@@ -730,8 +813,10 @@ def build_loader(dataset, batch_size, train, num_workers=8, seed=0, repeated_aug
         sampler = range(rank, len(dataset), world)
     if train and len(sampler) < batch_size:
         fail(f"{len(dataset)} training images give no full batch of {batch_size} per process on {world} process(es)")
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                                       pin_memory=torch.cuda.is_available(), drop_last=train)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                         pin_memory=torch.cuda.is_available(), drop_last=train)
+    loader.on_device = on_device
+    return loader
 
 
 class SeededRepeatAugSampler(RepeatAugSampler):
@@ -752,6 +837,366 @@ def class_subset(labels, fraction, generator):
                       for i in idx]).sort().values
 
 
+# ---- 5b. the fast input pipelines (--pipeline fast / memory) ---------------------------------
+# pil, the reference: workers decode with PIL and run the torchvision / timm transforms to normalised float images.
+# fast: workers decode with libjpeg-turbo (torchvision.io) and do only the crop and flip, on uint8 tensors
+# (torchvision's uint8 resampling kernels, ~4x PIL's); train_batches hands the uint8 batch to the loader's OnDevice,
+# which runs the rest batched on the device with per-sample parameters (RandAugment, colour jitter, normalisation,
+# erasing, the SSL views' colour ops). memory: a split stored at the training size (CIFAR) is decoded once into one
+# uint8 tensor on the device and the crop and flip run there too: no loader workers. Every parameter is drawn by the
+# reference's own sampler (timm / torchvision get_params, timm's RandAugment object) or from torch's global CPU
+# generator, all seeded per (seed, epoch, rank) by seed_everything: resume stays exact, and the draws are the same
+# on a CPU and a GPU.
+def pipeline(args, memory=True):
+    """The pipeline in force: --pipeline, where auto = memory on CUDA for a split stored at --input_size (CIFAR,
+    synthetic, fake, an image folder whose first image is input_size square) when the recipe has a batched crop
+    (`memory`), fast on CUDA otherwise, pil on the CPU (CPU runs keep their numbers, and there the device part shares
+    the cores with the model: bench/bench_data.py measures it slower than PIL at 224 px, faster at 32 px)."""
+    mode = getattr(args, "pipeline", "auto")
+    if mode == "auto" and not torch.cuda.is_available():
+        mode = "pil"
+    elif mode == "auto":
+        mode = "memory" if memory and _stored_at_input_size(args) else "fast"
+    if mode == "memory" and not memory:
+        fail("--pipeline memory: this recipe has no batched crop on the device (use --pipeline fast)")
+    if mode == "memory" and not _stored_at_input_size(args):
+        fail(f"--pipeline memory needs a training split stored at --input_size {args.input_size} (CIFAR at 32, "
+             f"synthetic at 32, fake, or an image folder of {args.input_size}-pixel squares); use --pipeline fast")
+    return mode
+
+
+def _stored_at_input_size(args):
+    s = args.input_size
+    if args.dataset in ("cifar10", "cifar100", "synthetic"):
+        return s == 32
+    if args.dataset == "fake":
+        return True
+    from PIL import Image
+    root = os.path.join(os.path.expanduser(args.data_path or ""), "train")
+    try:
+        first = sorted(e.path for e in os.scandir(root) if e.is_dir())[0]
+        with Image.open(sorted(e.path for e in os.scandir(first) if e.is_file())[0]) as img:
+            return img.size == (s, s)
+    except (OSError, IndexError):
+        return False  # build_dataset reports what is missing
+
+
+def load_uint8(path):
+    """load_rgb of the fast pipelines: a uint8 (3, H, W) tensor. JPEG / PNG / WebP decoded by torchvision.io
+    (libjpeg-turbo; a 500 x 375 JPEG 20-25% faster than PIL's decode + convert), other formats by PIL."""
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec: PIL if they go
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+    except (RuntimeError, AttributeError):  # BMP, TIFF, ... (or no decoder); an unreadable file fails in load_rgb
+        return to_uint8(load_rgb(path))
+
+
+def to_uint8(img):
+    """A PIL image (as RGB) or a uint8 tensor -> uint8 (3, H, W) tensor."""
+    if isinstance(img, torch.Tensor):
+        return img
+    return transforms.functional.pil_to_tensor(img if img.mode == "RGB" else img.convert("RGB"))
+
+
+class CropFlip:
+    """RandomResizedCrop + horizontal flip of uint8 images with the reference's own parameter draws (`get_params`:
+    timm's uses Python's random, torchvision's torch's). Called on an image: in a worker, with torchvision's
+    antialiased uint8 kernels (within 2 levels of PIL's). batch(x): equal-size images on the device (the memory
+    pipeline, crops never larger than the output: upsampling), by grid_sample (PyTorch's bicubic, a = -0.75; PIL's
+    resize uses a = -0.5), one flip draw per image."""
+
+    def __init__(self, size, scale, ratio, interpolation, get_params, flip=0.5):
+        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+        self.interpolation, self.get_params = interpolation, get_params
+
+    @classmethod
+    def like(cls, crop, flip):
+        """From the reference's RandomResizedCrop (torchvision's or timm's) and RandomHorizontalFlip."""
+        size = crop.size if isinstance(crop.size, (list, tuple)) else (crop.size, crop.size)
+        return cls(tuple(size), crop.scale, crop.ratio, crop.interpolation, crop.get_params, flip.p)
+
+    def __call__(self, img):
+        img = to_uint8(img)
+        i, j, h, w = self.get_params(img, self.scale, self.ratio)
+        mode = self.interpolation.value  # uint8 in, uint8 out on the CPU (bilinear / bicubic)
+        img = F.interpolate(img[None, :, i:i + h, j:j + w], self.size, mode=mode, antialias=mode != "nearest")[0]
+        return img.flip(-1) if torch.rand(1) < self.flip else img
+
+    def batch(self, x):
+        B, _, H, W = x.shape
+        box = torch.tensor([self.get_params(x[0], self.scale, self.ratio) for _ in range(B)], dtype=torch.float32)
+        flip = torch.rand(B) < self.flip
+        (i, j, h, w), flip = box.to(x.device, non_blocking=True).unbind(1), flip.to(x.device, non_blocking=True)
+        ty, tx = ((torch.arange(n, device=x.device) + 0.5) / n for n in self.size)  # output pixel centres in (0, 1)
+        tx = torch.where(flip[:, None], 1 - tx, tx)
+        gx, gy = (j[:, None] + tx * w[:, None]) / W * 2 - 1, (i[:, None] + ty * h[:, None]) / H * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
+        out = F.grid_sample(x.float(), grid, mode=self.interpolation.value, padding_mode="border", align_corners=False)
+        return out.round().clamp(0, 255)
+
+
+class MemoryImages(torch.utils.data.Dataset):
+    """The memory pipeline's split: decoded once (by the loader's workers) into one uint8 tensor (N, 3, H, W), 150 MB
+    for CIFAR's 50,000 images, moved to the device at the first batch. Items are (index, target): the loader batches
+    indices (the same sampler, so the same order as the other pipelines) and OnDevice gathers the images."""
+
+    def __init__(self, dataset, num_workers=0):
+        parts = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers)
+        try:
+            images, targets = zip(*parts)
+        except RuntimeError as e:
+            fail(f"--pipeline memory needs every training image at one size ({str(e).splitlines()[0]}); "
+                 f"use --pipeline fast")
+        self.images, self.targets = torch.cat(images), torch.cat(targets).tolist()
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return i, self.targets[i]
+
+    def gather(self, index):
+        self.images = self.images.to(index.device)
+        return self.images[index]
+
+
+class OnDevice:
+    """The device end of the fast / memory pipelines, run by train_batches on each batch: (memory) gather the images,
+    crop.batch; then each of `steps` (uint8 -> normalised float, per-sample augmentation)."""
+
+    def __init__(self, steps, crop=None, memory=None):
+        self.steps, self.crop, self.memory = list(steps), crop, memory
+
+    def __call__(self, batch):
+        if self.memory is not None:
+            batch = self.crop.batch(self.memory.gather(batch))
+        for step in self.steps:
+            batch = step(batch)
+        return batch
+
+
+def build_train_data(args, reference, crop, steps, wrap=None, repeated_aug=False):
+    """(train_set, loader) of the --pipeline in force. pil: `reference` (image -> normalised tensor) in the workers;
+    fast: `crop` (image -> uint8: the geometric part) in the workers, `steps` on the device; memory: the split decoded
+    once, crop.batch and `steps` on the device. wrap: dataset -> dataset before the loader (subsets, relabelling)."""
+    mode = pipeline(args, memory=getattr(crop, "batch", None) is not None)
+    transform = {"pil": reference, "fast": crop, "memory": to_uint8}[mode]
+    dataset = build_dataset(args, "train", transform, uint8=mode != "pil")
+    dataset = wrap(dataset) if wrap else dataset
+    if mode == "memory":
+        dataset = MemoryImages(dataset, args.num_workers)
+    loader = build_loader(dataset, args.batch_size, True, 0 if mode == "memory" else args.num_workers, args.seed,
+                          repeated_aug, on_device=None if mode == "pil" else
+                          OnDevice(steps, crop, dataset) if mode == "memory" else OnDevice(steps))
+    print0(f"| input pipeline: {mode}")
+    return dataset, loader
+
+
+def params_to(x, *tensors):
+    """CPU-drawn per-sample parameters to x's device (asynchronously: no host sync)."""
+    return [t.to(x.device, non_blocking=True) for t in tensors]
+
+
+class Normalise:
+    """ToTensor + Normalize on the device: (x / 255 - mean) / std, the reference's operations (bit-exact), on
+    (..., 3, H, W)."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = (torch.as_tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std))
+
+    def __call__(self, x):
+        if self.mean.device != x.device:
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return x.float().div(255).sub(self.mean).div(self.std)
+
+
+def luma(x):
+    """PIL's RGB -> L (16-bit fixed point, rounded) of integer-valued float images (n, 3, H, W) -> (n, 1, H, W)."""
+    r, g, b = x.unbind(1)
+    return torch.floor((r * 19595 + g * 38470 + b * 7471 + 32768) / 65536).unsqueeze(1)
+
+
+def blend(degenerate, x, factor):
+    """PIL's ImageEnhance: degenerate + factor (x - degenerate) in float32, truncated, clipped (bit-exact)."""
+    return torch.trunc(degenerate + factor.view(-1, 1, 1, 1) * (x - degenerate)).clamp(0, 255)
+
+
+def enhance(kind, x, factor):
+    """PIL's ImageEnhance.<kind>(img).enhance(factor) on integer-valued float images (n, 3, H, W), a factor each."""
+    if kind == "Brightness":
+        deg = torch.zeros_like(x)
+    elif kind == "Color":
+        deg = luma(x).expand_as(x)
+    elif kind == "Contrast":  # a grey image at the rounded mean of L
+        deg = torch.floor(luma(x).double().mean((1, 2, 3)) + 0.5).float().view(-1, 1, 1, 1).expand_as(x)
+    else:  # Sharpness: ImageFilter.SMOOTH (3 x 3 ones, centre 5, / 13; never a tie when rounded), border pixels kept
+        deg = x.clone()
+        deg[..., 1:-1, 1:-1] = torch.floor((F.avg_pool2d(x, 3, 1) * 9 + 4 * x[..., 1:-1, 1:-1]) / 13 + 0.5)
+    return blend(deg, x, factor)
+
+
+def adjust_hue(x, hue):
+    """Hue rotation by `hue` turns (per sample) in float HSV, rounded back to integers (PIL: in 8-bit HSV)."""
+    x = x / 255
+    maxc, minc = x.amax(1), x.amin(1)
+    cr = maxc - minc
+    s = cr / torch.where(maxc > 0, maxc, 1)
+    rc, gc, bc = ((maxc - c) / torch.where(cr > 0, cr, 1) for c in x.unbind(1))
+    r, g = x[:, 0], x[:, 1]
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
+    h = (h / 6 + 1 + hue.view(-1, 1, 1)) % 1.0 * 6
+    i = torch.floor(h)
+    f, i = h - i, i.long() % 6
+    p, q, t = maxc * (1 - s), maxc * (1 - s * f), maxc * (1 - s * (1 - f))
+    pick = lambda *c: torch.stack(c, 1).gather(1, i[:, None]).squeeze(1)  # noqa: E731
+    rgb = torch.stack([pick(maxc, q, p, p, t, maxc), pick(t, maxc, maxc, q, p, p), pick(p, p, t, maxc, maxc, q)], 1)
+    return (rgb * 255).round().clamp(0, 255)
+
+
+class ColorJitter:
+    """torchvision's ColorJitter (applied with probability p, as RandomApply) on a batch: per-sample factors and a
+    per-sample random order; brightness, contrast and saturation as PIL computes them (bit-exact), hue in float HSV."""
+
+    def __init__(self, brightness=None, contrast=None, saturation=None, hue=None, p=1.0):
+        self.ranges, self.p = [brightness, contrast, saturation, hue], p
+
+    @classmethod
+    def like(cls, t, p=1.0):
+        return cls(t.brightness, t.contrast, t.saturation, t.hue, p)
+
+    def __call__(self, x):
+        x, n = x.float(), len(x)
+        on, order = torch.rand(n) < self.p, torch.rand(n, 4).argsort(1)
+        factors = [None if r is None else r[0] + (r[1] - r[0]) * torch.rand(n) for r in self.ranges]
+        for k in range(4):
+            for op, f in enumerate(factors):
+                idx = (on & (order[:, k] == op)).nonzero().squeeze(1)
+                if f is None or len(idx) == 0:
+                    continue
+                i, fi = params_to(x, idx, f[idx])
+                x[i] = adjust_hue(x[i], fi) if op == 3 else enhance(("Brightness", "Contrast", "Color")[op], x[i], fi)
+        return x
+
+
+class DeviceRandAugment:
+    """timm's RandAugment on a batch of integer-valued float images (0-255) on the device. timm's own RandAugment
+    object draws every sample's ops and arguments (op set, per-op probability, magnitude noise, signs: its
+    distribution by construction) with its ops swapped for recorders; the ops then run batched, grouped by (position,
+    op). Colour ops equal PIL's bit for bit; rotate / shear / translate resample with grid_sample's bicubic (a = -0.75;
+    PIL's affine bicubic: a = -1), filling with the same colour."""
+    GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
+    COLOUR = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
+              "Brightness", "Sharpness")
+
+    def __init__(self, randaugment):
+        import copy
+        self.ra = copy.deepcopy(randaugment)
+        for op in self.ra.ops:
+            if self.kind(op.name) not in self.GEOMETRIC + self.COLOUR:
+                fail(f"RandAugment op {op.name} has no device version: use --pipeline pil")
+            op.aug_fn = functools.partial(self.record, op.name)
+
+    @staticmethod
+    def record(name, log, *args, **kwargs):
+        """An op's stand-in: note what timm drew (a random resampling filter as timm's geometric ops choose it)."""
+        if isinstance(kwargs.get("resample"), (list, tuple)):
+            kwargs = {**kwargs, "resample": random.choice(kwargs["resample"])}
+        return log + [(name, args, kwargs)]
+
+    @staticmethod
+    def kind(name):
+        return name.replace("Increasing", "").replace("Original", "")
+
+    def __call__(self, x):
+        x = x.float()
+        draws = [self.ra([]) for _ in range(len(x))]  # per image: [(op name, args, kwargs), ...] of the ops applied
+        for k in range(max(map(len, draws), default=0)):
+            groups = {}
+            for b, d in enumerate(draws):
+                if k < len(d):
+                    groups.setdefault(d[k][0], []).append((b, d[k]))
+            for name, items in groups.items():
+                idx = torch.tensor([b for b, _ in items])
+                args = torch.tensor([a[0] if a else 0.0 for _, (_, a, _) in items], dtype=torch.float64)
+                i, a = params_to(x, idx, args)
+                x[i] = self.apply(self.kind(name), x[i], a, items[0][1][2])
+        return x
+
+    @staticmethod
+    def apply(kind, x, a, kwargs):
+        if kind == "Invert":
+            return 255 - x
+        if kind == "Posterize":  # timm's levels reach 0 bits: black, as common._posterize
+            mask = torch.where(a >= 8, 255, 256 - 2 ** (8 - a.clamp(0, 8))).long()
+            return (x.long() & mask.view(-1, 1, 1, 1)).float()
+        if kind == "Solarize":
+            return torch.where(x >= a.view(-1, 1, 1, 1), 255 - x, x)
+        if kind == "SolarizeAdd":
+            return torch.where(x < kwargs.get("thresh", 128), (x + a.float().view(-1, 1, 1, 1)).clamp(max=255), x)
+        if kind in ("Color", "Contrast", "Brightness", "Sharpness"):
+            return enhance(kind, x, a.float())
+        if kind == "AutoContrast":  # per channel: [lo, hi] -> [0, 255], int() of the float64 line as PIL's table
+            lo, hi = x.amin((2, 3), keepdim=True).double(), x.amax((2, 3), keepdim=True).double()
+            scale = torch.full_like(hi, 255) / torch.where(hi > lo, hi - lo, 1)  # (255 / t is 255 x (1 / t) in torch)
+            out = torch.trunc(x.double() * scale - lo * scale).clamp(0, 255).float()
+            return torch.where(hi > lo, out, x)
+        if kind == "Equalize":  # PIL's table: (step // 2 + pixels below) // step, step = (pixels - top bin) // 255
+            v = x.long().flatten(2)
+            hist = torch.zeros(*v.shape[:2], 256, dtype=torch.long, device=x.device)
+            hist.scatter_add_(2, v, torch.ones_like(v))
+            step = (v.shape[2] - hist.gather(2, v.amax(2, keepdim=True))) // 255
+            lut = ((step // 2 + hist.cumsum(2) - hist) // step.clamp(min=1)).clamp(max=255)
+            return torch.where(step > 0, lut.gather(2, v), v).view_as(x).float()
+        # geometric: PIL's affine maps each output pixel centre to an input point; outside the image: the fill colour
+        n, _, H, W = x.shape
+        m = torch.zeros(n, 2, 3, dtype=torch.float64, device=x.device)
+        m[:, 0, 0] = m[:, 1, 1] = 1
+        if kind == "Rotate":  # Image.rotate(degrees) about the centre
+            t = -torch.deg2rad(a)
+            c, s = torch.cos(t), torch.sin(t)
+            m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = c, s, -s, c
+            m[:, 0, 2], m[:, 1, 2] = W / 2 - c * W / 2 - s * H / 2, H / 2 + s * W / 2 - c * H / 2
+        else:
+            at = {"ShearX": (0, 1), "ShearY": (1, 0), "TranslateX": (0, 2), "TranslateY": (1, 2),
+                  "TranslateXRel": (0, 2), "TranslateYRel": (1, 2)}[kind]
+            m[:, at[0], at[1]] = a * (W if kind == "TranslateXRel" else H if kind == "TranslateYRel" else 1)
+        ys, xs = torch.meshgrid(*(torch.arange(k, device=x.device) + 0.5 for k in (H, W)), indexing="ij")
+        src = torch.einsum("nij,hwj->nhwi", m, torch.stack([xs, ys, torch.ones_like(xs)], -1).double())
+        inside = ((src >= 0) & (src < torch.tensor([W, H], device=x.device))).all(-1, keepdim=True).permute(0, 3, 1, 2)
+        grid = (src / torch.tensor([W, H], device=x.device) * 2 - 1).float()
+        mode = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(kwargs.get("resample", 3)), "bicubic")
+        out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False).round().clamp(0, 255)
+        fill = torch.tensor(kwargs.get("fillcolor", (128, 128, 128)), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return torch.where(inside, out, fill)
+
+
+def device_steps(reference):
+    """The device version of a reference transform's steps after the crop and flip (timm's DeiT transform:
+    RandAugment or ColorJitter, ToTensor, Normalize, RandomErasing), in its order."""
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+    steps = []
+    for t in reference:
+        if isinstance(t, RandAugment):
+            steps.append(DeviceRandAugment(t))
+        elif isinstance(t, transforms.ColorJitter):
+            steps.append(ColorJitter.like(t))
+        elif isinstance(t, transforms.Normalize):
+            steps.append(Normalise(t.mean, t.std))
+        elif isinstance(t, RandomErasing):  # timm's, as its PrefetchLoader runs it: per image, noise on the device
+            steps.append(functools.partial(_erase, t))
+        elif type(t).__name__ not in ("ToTensor", "MaybeToTensor"):
+            fail(f"{type(t).__name__} has no device version: use --pipeline pil")
+    return steps
+
+
+def _erase(erasing, x):
+    erasing.device = x.device  # timm's RandomErasing draws its noise on .device
+    return erasing(x)
+
+
 # ---- 6. training utilities ------------------------------------------------------------------
 def add_run_args(parser):
     """Run-management flags shared by every training script (not hyperparameters)."""
@@ -767,6 +1212,11 @@ def add_run_args(parser):
                    help="also keep checkpoint{epoch:04}.pth every N epochs (0: never)")
     g.add_argument("--trust_checkpoint", action="store_true",
                    help="load files that hold Python objects beyond tensors (full unpickling runs code from the file)")
+    g.add_argument("--pipeline", default="auto", choices=["auto", "fast", "memory", "pil"],
+                   help="training input: pil = PIL transforms in the loader workers (the reference); fast = workers "
+                   "decode (libjpeg-turbo) and crop uint8 images, the device does the rest per sample (RandAugment, "
+                   "colour, erasing, normalisation); memory = the split decoded once onto the device, crops there too "
+                   "(CIFAR); auto = memory or fast on CUDA, pil on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the student's and teachers' blocks")
     g.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: no code generation)")
     g.add_argument("--compile_mode", default=None, help="torch.compile mode (inductor); the CUDA-graph modes "
@@ -819,7 +1269,8 @@ DATA_WAIT = [0.0]  # seconds train_batches spent blocked on the loader; Meter's 
 
 
 def train_batches(loader, optimizer, schedule, epoch, device, mixup=None):
-    """One epoch: set lr = schedule(global step), move the batch to `device`, Mixup / CutMix. Yields (it, lr, x, y)."""
+    """One epoch: set lr = schedule(global step), move the batch to `device`, the loader's on_device (the fast
+    pipelines' device end), Mixup / CutMix. Yields (it, lr, x, y)."""
     batches = iter(loader)
     for it in range(len(loader)):
         t = time.perf_counter()
@@ -831,6 +1282,8 @@ def train_batches(loader, optimizer, schedule, epoch, device, mixup=None):
         images = ([v.to(device, non_blocking=True) for v in images] if isinstance(images, (list, tuple))  # views
                   else images.to(device, non_blocking=True))
         target = target.to(device, non_blocking=True)
+        if getattr(loader, "on_device", None) is not None:
+            images = loader.on_device(images)
         if mixup is not None:
             images, target = mixup(images, target)
         yield it, lr, images, target
@@ -939,12 +1392,26 @@ def evaluate(model, loader, device, amp="bf16", heads=()):
 
 
 def atomic_save(obj, path):
-    """Rank 0: torch.save to a temporary file, then rename, so a job killed while saving leaves no truncated file."""
+    """Rank 0: torch.save to a temporary file, then rename, so a job killed while saving leaves no truncated file. A
+    failed write (a full disk: torch's RuntimeError or an OSError) removes the temporary file, leaves `path` as it
+    was and is a UserError."""
     if not is_main_process():
         return
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with suppress(OSError):
+            os.remove(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1][:120]
+        free = "?"
+        with suppress(OSError):
+            import shutil
+            free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20:.0f} MB"
+        fail(f"could not write {path} ({type(e).__name__}: {why}; {free} free there): the partial file was removed and "
+             f"{'the previous ' + os.path.basename(path) + ' is unchanged' if os.path.exists(path) else 'nothing was saved'}"
+             "; free some space or pick another folder")
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs: refused
@@ -1036,19 +1503,36 @@ def end_epoch(output_dir, script, args, epoch, train=None, test=None, save_every
         fail(f"non-finite values after epoch {epoch} ({', '.join(bad[:4])}); nothing saved, the last good checkpoint "
              "is untouched in output_dir; try a lower lr, --amp off or gradient clipping")
     ckpt = {"script": script, "args": vars(args), "epoch": epoch + 1, **state}
-    atomic_save(ckpt, os.path.join(output_dir, "checkpoint.pth"))
-    if save_every and (epoch + 1) % save_every == 0:
-        atomic_save(ckpt, os.path.join(output_dir, f"checkpoint{epoch + 1:04d}.pth"))
-    if is_main_process():
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump({"script": script, "args": vars(args), "versions": versions(),
-                       "saved": datetime.datetime.now().isoformat(timespec="seconds")}, f, indent=1, default=str)
-        path = os.path.join(output_dir, "log.txt")
-        lines = open(path).read().splitlines() if os.path.exists(path) else []
-        lines = [l for l in lines if l.strip() and json.loads(l).get("epoch", -1) < epoch]  # a resumed epoch: once
-        with open(path + ".tmp", "w") as f:
-            f.write("".join(l + "\n" for l in lines + [json.dumps(stats)]))
-        os.replace(path + ".tmp", path)
+    error = None
+    try:  # rank 0 writes; a failed write (full disk) stops every rank together, the previous files kept
+        atomic_save(ckpt, os.path.join(output_dir, "checkpoint.pth"))
+        if save_every and (epoch + 1) % save_every == 0:
+            atomic_save(ckpt, os.path.join(output_dir, f"checkpoint{epoch + 1:04d}.pth"))
+        if is_main_process():
+            path = os.path.join(output_dir, "log.txt")
+            lines = open(path).read().splitlines() if os.path.exists(path) else []
+            lines = [l for l in lines if l.strip() and json.loads(l).get("epoch", -1) < epoch]  # a resumed epoch: once
+            info = {"script": script, "args": vars(args), "versions": versions(),
+                    "saved": datetime.datetime.now().isoformat(timespec="seconds")}
+            for name, text in (("args.json", json.dumps(info, indent=1, default=str)),
+                               ("log.txt", "".join(l + "\n" for l in lines + [json.dumps(stats)]))):
+                try:
+                    with open(os.path.join(output_dir, name + ".tmp"), "w") as f:
+                        f.write(text)
+                    os.replace(os.path.join(output_dir, name + ".tmp"), os.path.join(output_dir, name))
+                except OSError as e:
+                    with suppress(OSError):
+                        os.remove(os.path.join(output_dir, name + ".tmp"))
+                    fail(f"could not write {os.path.join(output_dir, name)} ({e.strerror or e}): the previous one is "
+                         f"unchanged, checkpoint.pth holds epoch {epoch}; free some space and resume")
+    except UserError as e:
+        error = str(e)
+    if is_dist():  # the other ranks learn rank 0's outcome: all stop together, none waits in the next collective
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        fail(error)
 
 
 def versions():
@@ -1097,8 +1581,11 @@ class Meter:
 
 # ---- 7. frozen features: specs, linear-probe files, k-NN ------------------------------------
 # Feature specs: {'n_last_blocks': n, 'avgpool': bool} (final-norm CLS of the last n blocks; with avgpool DINO's CLS +
-# mean patch) or {'layer': l} (CLS of block l).
+# mean patch), {'layer': l} (CLS of block l) or {'pool': True} (the network's own pooled pre-logits: a global-pool
+# ViT's fc_norm of the mean patch token, as MAE evaluates its finetunes).
 def spec_name(spec):
+    if spec.get("pool"):
+        return "pool"
     if "layer" in spec:
         return f"block{spec['layer']}"
     if spec["n_last_blocks"] == 1:
@@ -1109,13 +1596,15 @@ def spec_name(spec):
 def feature_blocks(model, specs):
     """The blocks whose outputs the feature specs read."""
     depth = len(model.blocks)
-    return sorted(set().union(*({s["layer"] % depth} if "layer" in s else range(depth - s["n_last_blocks"], depth)
-                                for s in specs)))
+    return sorted(set().union(*({s["layer"] % depth} if "layer" in s else {depth - 1} if s.get("pool") else
+                                range(depth - s["n_last_blocks"], depth) for s in specs)))
 
 
 def features_from_tokens(model, tokens, spec):
     """B x F feature of one spec from {block: B x N x D outputs after the final norm}."""
     depth, npt = len(model.blocks), model.num_prefix_tokens
+    if spec.get("pool"):  # timm's pooling and fc_norm (a global-pool ViT's final norm is the identity)
+        return model.forward_head(tokens[depth - 1], pre_logits=True)
     if "layer" in spec:
         return tokens[spec["layer"] % depth][:, 0]
     f = torch.cat([tokens[b][:, 0] for b in range(depth - spec["n_last_blocks"], depth)], -1)

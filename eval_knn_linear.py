@@ -1,8 +1,10 @@
 """k-NN and linear-probe evaluation of a frozen backbone (DINO's protocol, with cached features).
 
 The backbone can be a checkpoint or exported backbone of any script here, a DINO / MAE / MoCo v3 /
-DeiT / timm file, or a timm name (hub:NAME when online). Features are extracted once (evaluation
-transform: resize + centre crop, no augmentation), then
+DeiT / timm file, or a timm name (hub:NAME when online). Its architecture is what the file says (this
+repository's config, MoCo v3's 'arch': its vit_small has 12 heads; an MAE global-pool finetune: its
+pooled fc_norm feature), --arch in place of the name, then --patch_size / --depth / --embed_dim /
+--num_heads. Features are extracted once (evaluation transform: resize + centre crop, no augmentation), then
   - k-NN: L2-normalised features, the k nearest training features vote with weight exp(sim / T),
     T = 0.07, k in 10 20 100 200 (DINO eval_knn.py);
   - linear probe: several learning rates trained together in one pass over the cached features
@@ -48,8 +50,12 @@ def get_args_parser():
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="load files that hold Python objects beyond tensors (full unpickling runs code from the file)")
     p.add_argument("--arch", default=None, type=str,
-                   help="timm name or alias; optional for checkpoints and exported backbones of this repository")
+                   help="timm name or alias; optional where the file says (this repository's files, MoCo v3's and timm "
+                        "train.py's checkpoints: their 'arch'); with a file that says, it replaces the name only")
     p.add_argument("--patch_size", default=None, type=int, help="override the architecture's patch size")
+    for k in ("depth", "embed_dim", "num_heads"):
+        p.add_argument(f"--{k}", default=None, type=int, help=f"override the architecture's {k.replace('_', ' ')} (default: "
+                       "the file's, else the name's)" + ("; ViT-S: MoCo v3 / SDSSL 12, timm / DeiT / DINO 6" if k[0] == "n" else ""))
     p.add_argument("--batch_size", default=128, type=int, help="extraction batch per process")
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast for extraction on CUDA")
     # features
@@ -94,6 +100,7 @@ def get_args_parser():
     g.add_argument("--compare_with", default="", type=str,
                    help="a second backbone (file, hub:NAME, random), e.g. the teacher: CKA of all block pairs, attention KL")
     g.add_argument("--compare_arch", default=None, type=str, help="its architecture, when its file does not say (as --arch)")
+    common.add_shape_args(g, "compare_", "the --compare_with network")
     common.add_data_args(p)
     return p
 
@@ -129,6 +136,12 @@ def main(args):
         model = model if model is not None else build_backbone(args).to(device).eval()
         if not hasattr(model, "blocks") and specs != [dict(n_last_blocks=1, avgpool=False)]:
             common.fail("--n_last_blocks / --avgpool_patchtokens / --layers need a ViT backbone")
+        if hasattr(model, "blocks") and getattr(model, "global_pool", "token") != "token":  # e.g. MAE's finetunes
+            if specs != [dict(n_last_blocks=1, avgpool=False)]:
+                common.fail(f"{args.weights} is a global-pool ViT ({model.global_pool}: no final norm on the CLS token): "
+                            "its feature is its pooled one; --n_last_blocks / --avgpool_patchtokens / --layers do not apply")
+            specs = [dict(pool=True)]
+            common.print0(f"| feature: the network's own pooling ({model.global_pool}) and fc_norm, as MAE evaluates it")
         depth = len(getattr(model, "blocks", [None]))
         if not 1 <= args.n_last_blocks <= depth or any(not -depth <= l < depth for l in args.layers):
             common.fail(f"the backbone has {depth} blocks: --n_last_blocks must be in [1, {depth}] and --layers in "
@@ -184,21 +197,14 @@ def main(args):
     return results
 
 
-def build_backbone(args):
-    """The model to evaluate, without classifier. The architecture comes from --arch, or from a
-    checkpoint of this repository ('model_config'), or from the .json beside an exported backbone."""
-    config, ckpt = common.saved_model_config(args.weights)
+def build_backbone(args, flag="--arch", prefix=""):
+    """The model to evaluate, without classifier. The architecture is what the file says (this repository's
+    'model_config' or the .json beside an exported backbone, MoCo v3's 'arch', MAE's global pool), --arch in place
+    of its name, then --patch_size / --depth / --embed_dim / --num_heads."""
     if not args.weights:
         common.fail("--weights is required: a file, hub:<timm name>, or 'random' (smoke tests)")
-    if args.arch:
-        config = {"name": args.arch}
-    elif args.weights.startswith("hub:"):
-        config = {"name": args.weights[4:]}
-    if config is None:
-        common.fail(f"cannot tell the architecture of {args.weights or 'the model'}: pass --arch")
-    config["num_classes"] = 0
-    if args.patch_size:
-        config["patch_size"] = args.patch_size
+    config, ckpt = common.pretrained_config(args.arch, args.weights, args.checkpoint_key, flag, prefix, num_classes=0,
+                                            **common.shape_args(args))
     config["mean"], config["std"] = common.input_stats(config["name"], args.weights, args.mean or config.get("mean"),
                                                        args.std or config.get("std"))
     model = common.create_model(**config)
@@ -346,9 +352,10 @@ def prepare_look_inside(args, device):
     if args.compare_with:
         try:
             other = build_backbone(argparse.Namespace(**{**vars(args), "weights": args.compare_with, "arch": args.compare_arch,
-                                                         "checkpoint_key": None, "patch_size": None, "mean": None, "std": None}))
+                                                         "checkpoint_key": None, "mean": None, "std": None,
+                                                         **common.shape_args(args, "compare_")}), "--compare_arch", "compare_")
         except common.UserError as e:
-            common.fail(f"--compare_with {args.compare_with}: {str(e).replace('--arch', '--compare_arch')}")
+            common.fail(f"--compare_with {args.compare_with}: {e}")
         if not vit(other):
             common.fail(f"--compare_with {args.compare_with}: a {type(other).__name__}, whose blocks / CLS token cannot be read")
         other = other.to(device).eval()

@@ -93,8 +93,7 @@ def main(args):
 
     # ---------------- data ----------------
     views = TwoViews(args.input_size, (args.crop_min_scale, 1.0), args.color_jitter, common.data_stats(args))
-    train_set = common.build_dataset(args, "train", views)
-    loader = common.build_loader(train_set, args.batch_size, True, args.num_workers, args.seed)
+    train_set, loader = common.build_train_data(args, views, views.crops, [views.on_device])
     ddp = common.get_world_size() > 1
     student_ddp = DistributedDataParallel(student) if ddp else student
     heads_ddp = DistributedDataParallel(heads) if ddp else heads
@@ -103,8 +102,9 @@ def main(args):
     # ---------------- optimizer, schedules, resume ----------------
     lr = common.resolve_lr(args)
     trainable = nn.ModuleDict({"student": student, "heads": heads})
-    # fused: one pass per tensor, no temporaries (the stacked heads hold ~5x the backbone's parameters)
-    optimizer = torch.optim.AdamW(common.param_groups(trainable, args.weight_decay), lr=lr, fused=True)
+    # fused: one pass per tensor, no temporaries (the stacked heads hold ~5x the backbone's parameters). The official
+    # groups (DINO's get_params_groups): no decay on biases and 1-D parameters only, so cls_token is decayed
+    optimizer = torch.optim.AdamW(common.param_groups(trainable, args.weight_decay, skip_listed=False), lr=lr, fused=True)
     scaler = common.grad_scaler(device, args.amp)
     total = args.epochs * len(loader)
     schedule = common.lr_schedule(lr, args.min_lr, total, args.warmup_epochs * len(loader))
@@ -440,25 +440,83 @@ def mocov3_vit(model, sincos_pos_embed=True, frozen_patch_embed=True):
 class TwoViews:
     """The asymmetric two-view augmentation of BYOL, used by MoCo v3 (and SDSSL): random resized crop
     (scale 0.08-1), flip, colour jitter (brightness, contrast, saturation, hue: 0.4, 0.4, 0.2, 0.1) with
-    p 0.8, grayscale p 0.2, Gaussian blur p 1.0 / 0.1, solarisation p 0 / 0.2. Returns [view1, view2]."""
+    p 0.8, grayscale p 0.2, Gaussian blur p 1.0 / 0.1, solarisation p 0 / 0.2. Returns [view1, view2].
+    The fast pipelines (common.build_train_data): `crops` (the same crop and flip, uint8) in the workers or
+    batched, `on_device` (the rest, per sample) on the device."""
 
     def __init__(self, input_size=224, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), stats=None):
         mean, std = stats or common.input_stats("")
+        crop = transforms.RandomResizedCrop(input_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC)
+        flip, colour = transforms.RandomHorizontalFlip(), transforms.ColorJitter(*jitter)
+        blur = PILGaussianBlur(0.1, 2.0, input_size)
         def view(blur_p, solarize_p):
             return transforms.Compose([
-                transforms.RandomResizedCrop(input_size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.RandomHorizontalFlip(),
-                transforms.RandomApply([transforms.ColorJitter(*jitter)], p=0.8),
+                crop, flip,
+                transforms.RandomApply([colour], p=0.8),
                 transforms.RandomGrayscale(p=0.2),
-                transforms.RandomApply([PILGaussianBlur(0.1, 2.0, input_size)], p=blur_p),
+                transforms.RandomApply([blur], p=blur_p),
                 transforms.RandomSolarize(128, p=solarize_p),
                 transforms.ToTensor(),
                 transforms.Normalize(mean, std),
             ])
         self.t1, self.t2 = view(1.0, 0.0), view(0.1, 0.2)
+        self.crops = TwoCrops(common.CropFlip.like(crop, flip))
+        self.colours = [ViewColours(colour, blur, blur_p, solarize_p, (mean, std))
+                        for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2))]
 
     def __call__(self, img):
         return [self.t1(img), self.t2(img)]
+
+    def on_device(self, views):
+        return [colours(v) for colours, v in zip(self.colours, views)]
+
+
+class TwoCrops:
+    """TwoViews' crop and flip of uint8 images, twice: an image in a worker, or batch(x) on the device."""
+
+    def __init__(self, crop):
+        self.crop = crop
+
+    def __call__(self, img):
+        img = common.to_uint8(img)
+        return [self.crop(img), self.crop(img)]
+
+    def batch(self, x):
+        return [self.crop.batch(x), self.crop.batch(x)]
+
+
+class ViewColours:
+    """The rest of one TwoViews view on a batch, on the device, drawn per image: colour jitter (p 0.8, random
+    order), grayscale (p 0.2), Gaussian blur (p; an exact Gaussian by one grouped convolution per direction;
+    PIL: three box blurs of the same variance), solarisation (p), normalisation."""
+
+    def __init__(self, jitter, blur, blur_p, solarize_p, stats):
+        self.jitter, self.normalise = common.ColorJitter.like(jitter, p=0.8), common.Normalise(*stats)
+        self.blur, self.blur_p, self.solarize_p = blur, blur_p, solarize_p
+
+    def __call__(self, x):
+        x, n = self.jitter(x.float()), len(x)
+        gray, blur, solarize = torch.rand(n) < 0.2, torch.rand(n) < self.blur_p, torch.rand(n) < self.solarize_p
+        sigma = (self.blur.lo + (self.blur.hi - self.blur.lo) * torch.rand(n)[blur]) * self.blur.scale
+        g, b, s, sigma_b = common.params_to(x, *(m.nonzero()[:, 0] for m in (gray, blur, solarize)), sigma)
+        x[g] = common.luma(x[g]).expand(-1, 3, -1, -1)
+        if len(sigma):
+            x[b] = gaussian_blur(x[b], sigma_b, radius=math.ceil(3 * sigma.max().item()))
+        x[s] = torch.where(x[s] >= 128, 255 - x[s], x[s])
+        return self.normalise(x)
+
+
+def gaussian_blur(x, sigma, radius):
+    """Per-image Gaussian blur of integer-valued (n, 3, H, W) images with standard deviations `sigma` (n,): a
+    (2 radius + 1)-tap kernel per image, one grouped convolution per direction, edges replicated (as PIL's)."""
+    n, c, H, W = x.shape
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-t ** 2 / (2 * sigma.view(-1, 1).float() ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)
+    y = F.pad(x.reshape(1, n * c, H, W), (radius, radius, 0, 0), mode="replicate")
+    y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)  # along rows, then along columns
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, H, W).round().clamp(0, 255)
 
 
 class PILGaussianBlur:

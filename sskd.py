@@ -46,6 +46,7 @@ def get_args_parser():
     g.add_argument("--teacher_mean", default=None, type=float, nargs=3,
                    help="the teacher's input normalisation (default: its file's, timm's config for hub / tagged names, else ImageNet's)")
     g.add_argument("--teacher_std", default=None, type=float, nargs=3)
+    common.add_shape_args(g, "teacher_", "the teacher")
     g = p.add_argument_group("optimisation (official CIFAR code: SGD, step decay)")
     g.add_argument("--epochs", default=240, type=int, help="student epochs (stage teacher_ss: --ss_epochs)")
     g.add_argument("--batch_size", default=64, type=int, help="images per process; each gives 4 views")
@@ -75,6 +76,9 @@ def get_args_parser():
     g.add_argument("--train_fraction", default=1.0, type=float, help="keep this share of each class (seeded)")
     g.add_argument("--label_noise", default=0.0, type=float, help="replace this share of labels by another class (seeded)")
     common.add_data_args(p, input_size=32)
+    # evaluation at the training scale: the views resize to input_size and crop it (padded), the official test
+    # transform is ToTensor + Normalize at native 32 px; a crop_pct < 1 would enlarge the evaluation images
+    p.set_defaults(crop_pct=1.0)
     common.add_run_args(p)
     return p
 
@@ -96,18 +100,19 @@ def main(args):
     # ---------------- data: 4 views per image ----------------
     stats = common.data_stats(args)  # the student's input normalisation = the data pipeline's
     views = FourViews(args.input_size, args.views, stats)
-    train_set = common.build_dataset(args, "train", views)
+    train_set, loader = common.build_train_data(
+        args, views, FourCrops(views), [common.Normalise(*stats)],
+        wrap=lambda ds: data_regime(ds, args.train_fraction, args.label_noise, len(ds.classes), args.seed))
     num_classes = len(train_set.classes)
-    train_set = data_regime(train_set, args.train_fraction, args.label_noise, num_classes, args.seed)
     val_set = common.build_dataset(args, "val", common.build_transform(args, False))
-    loader = common.build_loader(train_set, args.batch_size, True, args.num_workers, args.seed)
     val_loader = common.build_loader(val_set, 4 * args.batch_size, False, args.num_workers)
 
     # ---------------- models ----------------
     teacher = t_ss = None
     if args.teacher_weights:
         teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
-                                       args.teacher_std, num_classes=num_classes, img_size=args.input_size).to(device)
+                                       args.teacher_std, num_classes=num_classes, img_size=args.input_size,
+                                       **common.shape_args(args, "teacher_")).to(device)
         t_ss = SSHead(teacher.num_features).to(device)
         saved = common.read_checkpoint(args.teacher_weights) if os.path.isfile(args.teacher_weights) else {}
         if "ss_head" in saved:
@@ -134,7 +139,9 @@ def main(args):
 
     # ---------------- optimizer, schedule, resume ----------------
     lr = common.resolve_lr(args)
-    optimizer = torch.optim.SGD(common.param_groups(trainable, args.weight_decay), lr=lr, momentum=args.momentum)
+    # the official student.py decays every parameter (BN / LayerNorm weights and biases included): one group
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     schedule = lambda step: lr * args.decay_rate ** sum(step >= e * len(loader) for e in decay)  # noqa: E731
     scaler = common.grad_scaler(device, args.amp)
     start_epoch = 0
@@ -239,7 +246,7 @@ class FourViews:
     (drawn at random; our reading of the paper), marked for rotate_views by pre-rotating them back."""
 
     def __init__(self, input_size, kind="rotation", stats=None):
-        self.kind = kind
+        self.size, self.kind = input_size, kind
         norm = [transforms.ToTensor(), transforms.Normalize(*(stats or common.input_stats("")))]
         self.crop = transforms.Compose([transforms.Resize(input_size), transforms.RandomCrop(input_size, padding=input_size // 8)] + norm)
         self.others = [transforms.Compose([transforms.Resize(input_size), transforms.CenterCrop(input_size), t] + norm) for t in (
@@ -254,6 +261,42 @@ class FourViews:
         views = [self.crop(img)] + [self.others[int(torch.randint(0, 4, ()))](img) for _ in range(3)]
         # rotate_views turns view k by k x 90 degrees: pre-rotate the others back so they arrive as drawn
         return torch.stack([views[0]] + [torch.rot90(v, -k, dims=(-2, -1)) for k, v in enumerate(views[1:], 1)])
+
+
+class FourCrops:
+    """FourViews up to the normalisation (the device's), uint8 views, for the fast pipelines: the same draws, with one
+    resize (torchvision's uint8 kernel) for the four padded crops, where the reference resizes for each; 'paper'
+    views through the reference's torchvision transforms on tensors. batch: the 'rotation' views of a batch stored at
+    the training size, on the device (the memory pipeline)."""
+
+    def __init__(self, views):
+        self.size, self.kind = views.size, views.kind
+        self.others = [transforms.Compose(t.transforms[:-2]) for t in views.others]  # without ToTensor / Normalize
+        self.batch = self.rotation_batch if views.kind == "rotation" else None
+
+    def __call__(self, img):
+        from torchvision.transforms.v2.functional import resize
+        img = common.to_uint8(img)
+        if torch.rand(()) < 0.5:
+            img = img.flip(-1)
+        s, p = self.size, self.size // 8
+        x = F.pad(resize(img, [s], antialias=True), [p] * 4)  # Resize(s), RandomCrop(s, padding=s // 8)'s zero padding
+
+        def crop():
+            i, j, _, _ = transforms.RandomCrop.get_params(x, (s, s))
+            return x[:, i:i + s, j:j + s]
+        if self.kind == "rotation":
+            return torch.stack([crop() for _ in range(4)])
+        views = [crop()] + [self.others[int(torch.randint(0, 4, ()))](img) for _ in range(3)]
+        return torch.stack([views[0]] + [torch.rot90(v, -k, dims=(-2, -1)) for k, v in enumerate(views[1:], 1)])
+
+    def rotation_batch(self, x):
+        B, s, p = len(x), self.size, self.size // 8
+        flip, ij = common.params_to(x, torch.rand(B) < 0.5, torch.randint(0, 2 * p + 1, (B, 4, 2)))
+        x = F.pad(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), [p] * 4)
+        rows, cols = (ij[..., k, None] + torch.arange(s, device=x.device) for k in (0, 1))  # (B, 4, s) each
+        b = torch.arange(B, device=x.device).view(B, 1, 1, 1)
+        return x[b, :, rows[..., :, None], cols[..., None, :]].permute(0, 1, 4, 2, 3)  # (B, 4, 3, s, s)
 
 
 def features_and_logits(model, x):

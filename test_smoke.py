@@ -1932,6 +1932,546 @@ def test_reproduce_cifar10_suite_end_to_end_and_resume(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# loading and evaluating what users hold: MoCo v3 / MAE / DeiT files, pos_embed resampling, recipe defaults,
+# mismatched class lists and a full disk (#22)
+# ---------------------------------------------------------------------------------------------
+def cli(module, argv, capsys):
+    """`python module.py ARGV` in-process (common.run_main): (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        common.run_main(module.main, argparse.ArgumentParser(module.__name__, parents=[module.get_args_parser()]), argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error(code, err):
+    """The one 'error:' line of a refused command (exit 2, no traceback)."""
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, (code, err[-2000:])
+    return errors[0]
+
+
+EVAL_SMALL = ["--dataset", "synthetic", "--synthetic_size", "40", "--input_size", "32", "--num_workers", "0",
+              "--no-knn", "--no-linear"]
+
+
+def val_images(args, stats):
+    """The evaluation images eval_knn_linear.py reads for these flags, normalised with `stats`."""
+    ds = common.build_dataset(args, "val", common.build_transform(args, False, stats=stats))
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def test_mocov3_vit_small_loads_with_its_12_heads_from_the_command_line(tmp_path, capsys):
+    """MoCo v3's 'vit_small' has 12 heads where timm's has 6, with tensors of the same shapes: its file's 'arch' says
+    so. Through eval_knn_linear.py the feature is the 12-head model's own forward (6 heads: far from it)."""
+    torch.manual_seed(0)
+    shape = dict(img_size=32, patch_size=8, depth=2, embed_dim=96, num_classes=0)
+    vit12 = common.create_model("vit_small", num_heads=12, **shape).eval()
+    for b in vit12.blocks:  # peaked attention, so that the head split matters as in trained networks
+        nn.init.normal_(b.attn.qkv.weight, std=0.3)
+    sd = vit12.state_dict()
+    moco = {"epoch": 300, "arch": "vit_small", "optimizer": {"state": {}, "param_groups": []}, "scaler": {},
+            "state_dict": {**{f"module.base_encoder.{k}": v for k, v in sd.items()},
+                           **{f"module.momentum_encoder.{k}": v + 1 for k, v in sd.items()},
+                           "module.base_encoder.head.0.weight": torch.randn(64, 96),
+                           "module.predictor.0.weight": torch.randn(64, 32)}}
+    torch.save(moco, tmp_path / "moco.pth.tar")
+    feats = tmp_path / "feats.pth"
+    code, out, err = cli(eval_knn_linear, ["--weights", str(tmp_path / "moco.pth.tar"), "--patch_size", "8", "--depth", "2",
+                                           "--embed_dim", "96", "--dump_features", str(feats), *EVAL_SMALL,
+                                           "--output_dir", str(tmp_path / "e")], capsys)
+    assert code == 0 and "MoCo v3's vit_small" in out, err[-2000:]
+    args = eval_knn_linear.get_args_parser().parse_args(EVAL_SMALL)
+    x = val_images(args, (common.IMAGENET_DEFAULT_MEAN, common.IMAGENET_DEFAULT_STD))
+    got = common.read_checkpoint(str(feats))["val"][0]["cls"]
+    with torch.no_grad():
+        torch.testing.assert_close(got, vit12.forward_head(vit12.forward_features(x), pre_logits=True), atol=1e-5, rtol=1e-5)
+        vit6 = common.create_model("vit_small", **shape).eval()
+        vit6.load_state_dict(sd)
+        assert vit6.blocks[0].attn.num_heads == 6 and (got - vit6.forward_head(vit6.forward_features(x), pre_logits=True)).abs().max() > 0.1
+    # a converted file (MoCo v3's convert_to_deit.py: {'model': ...}) does not say: the assumption is printed, the flag
+    # sets it; the teachers' flags do the same
+    torch.save({"model": sd}, tmp_path / "converted.pth")
+    build = lambda *extra: eval_knn_linear.build_backbone(eval_knn_linear.get_args_parser().parse_args(  # noqa: E731
+        ["--arch", "vit_small", "--weights", str(tmp_path / "converted.pth"), "--patch_size", "8", "--depth", "2",
+         "--embed_dim", "96", *EVAL_SMALL, *extra]))
+    assert build().blocks[0].attn.num_heads == 6
+    assert "6 heads assumed" in capsys.readouterr().out
+    assert build("--num_heads", "12").blocks[0].attn.num_heads == 12 and "assumed" not in capsys.readouterr().out
+    teacher = common.build_teacher(None, str(tmp_path / "moco.pth.tar"), label="ta", num_classes=0, img_size=32,
+                                   patch_size=8, depth=2, embed_dim=96)
+    assert teacher.blocks[0].attn.num_heads == 12
+    assert ssta.get_args_parser().parse_args(["--ta_num_heads", "12"]).ta_num_heads == 12
+    assert attn_distill.get_args_parser().parse_args(["--teacher_num_heads", "12"]).teacher_num_heads == 12
+
+
+def bicubic_matrix(n_in, n_out, a=-0.75):
+    """(n_out x n_in) weights of a plain bicubic resize (Keys' kernel, a = -0.75, half-pixel centres, indices clamped
+    at the borders, no antialiasing): MAE's interpolate_pos_embed and DeiT's main.py (F.interpolate 'bicubic')."""
+    def k(x):
+        x = abs(x)
+        return ((a + 2) * x - (a + 3)) * x * x + 1 if x <= 1 else ((a * x - 5 * a) * x + 8 * a) * x - 4 * a if x < 2 else 0.0
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5
+        x0 = math.floor(src)
+        for j in range(-1, 3):
+            m[i, min(max(x0 + j, 0), n_in - 1)] += k(src - x0 - j)
+    return m
+
+
+def test_pos_embed_is_resampled_by_plain_bicubic_as_mae_and_deit_do(tmp_path):
+    torch.manual_seed(0)
+    src = common.create_model("deit_tiny", img_size=32, patch_size=8, depth=2, num_classes=0)  # 4 x 4 patches
+    nn.init.normal_(src.pos_embed)
+    torch.save(src.state_dict(), tmp_path / "small_grid.pth")
+    dst = common.create_model("deit_tiny", img_size=48, patch_size=8, depth=2, num_classes=0)  # 6 x 6
+    common.load_weights(dst, str(tmp_path / "small_grid.pth"))
+    m = bicubic_matrix(4, 6)
+    grid = src.pos_embed[0, 1:].detach().double().reshape(4, 4, -1)
+    hand = torch.einsum("ih,hwd,jw->ijd", m, grid, m).reshape(36, -1)
+    torch.testing.assert_close(dst.pos_embed[0, 1:].detach().double(), hand, atol=1e-5, rtol=1e-5)
+    assert torch.equal(dst.pos_embed[0, 0], src.pos_embed[0, 0])  # the CLS entry as it was
+    from timm.layers import resample_abs_pos_embed
+    antialiased = resample_abs_pos_embed(src.pos_embed.detach(), [6, 6], [4, 4], 1, antialias=True)[0, 1:]
+    assert (antialiased.double() - hand).abs().max() > 0.1  # timm's default (antialiased) differs
+
+
+def test_mae_global_pool_finetune_and_deit_distilled_files(tmp_path, capsys):
+    """MAE's finetuned files (global pool: fc_norm, no final norm) load from the command line and give MAE's feature,
+    fc_norm of the mean patch token; a distilled / plain DeiT mix-up names the distillation token."""
+    torch.manual_seed(0)
+    mae = common.create_model("vit_tiny", img_size=32, patch_size=8, depth=2, num_classes=10, global_pool="avg").eval()
+    nn.init.normal_(mae.fc_norm.weight)
+    nn.init.normal_(mae.fc_norm.bias)
+    torch.save({"model": mae.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "epoch": 99, "scaler": {},
+                "args": argparse.Namespace(model="vit_base_patch16", global_pool=True)}, tmp_path / "mae_ft.pth")
+    flags = ["--arch", "vit_tiny", "--weights", str(tmp_path / "mae_ft.pth"), "--patch_size", "8", "--depth", "2", *EVAL_SMALL]
+    code, out, err = cli(eval_knn_linear, flags + ["--dump_features", str(tmp_path / "f.pth"), "--output_dir",
+                                                   str(tmp_path / "e")], capsys)
+    assert code == 0, err[-2000:]
+    got = common.read_checkpoint(str(tmp_path / "f.pth"))["val"][0]["pool"]
+    x = val_images(eval_knn_linear.get_args_parser().parse_args(EVAL_SMALL),
+                   (common.IMAGENET_DEFAULT_MEAN, common.IMAGENET_DEFAULT_STD))
+    with torch.no_grad():
+        tokens = mae.blocks(mae._pos_embed(mae.patch_embed(x)))  # MAE's forward_features, by hand
+        ref = F.layer_norm(tokens[:, 1:].mean(1), (192,), mae.fc_norm.weight, mae.fc_norm.bias, eps=1e-6)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert "no final norm" in one_error(*cli(eval_knn_linear, flags + ["--layers", "0", "--output_dir", str(tmp_path / "l")],
+                                             capsys)[::2])
+    distilled = common.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    torch.save({"model": distilled.state_dict()}, tmp_path / "deit_distilled.pth")
+    with pytest.raises(common.UserError, match="a distillation token .* pick the matching architecture"):
+        common.load_weights(tiny_vit(depth=2), str(tmp_path / "deit_distilled.pth"))
+
+
+def test_sskd_evaluates_at_its_training_scale_and_ssta_has_deits_recipe():
+    """sskd.py trains at native scale (resize to input_size, padded crop) and evaluates there (ToTensor + Normalize on
+    32 px images, as the official test transform); ssta.py's defaults are DeiT's main.py, and the README's Table 2
+    baseline command trains the student alone with exactly that recipe."""
+    from PIL import Image
+    from torchvision import transforms
+    img = Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy())
+    args = sskd.get_args_parser().parse_args([])
+    norm = transforms.Compose([transforms.ToTensor(), transforms.Normalize(*common.data_stats(args))])
+    assert torch.equal(common.build_transform(args, False)(img), norm(img))
+    assert not torch.equal(common.build_transform(vitkd.get_args_parser().parse_args([]), False)(img), norm(img))
+    deit = ssta.get_args_parser().parse_args([])
+    assert (deit.repeated_aug, deit.drop_path, deit.warmup_epochs, deit.clip_grad) == (True, 0.1, 5, 0.0)
+    assert deit.blr * 512 / 256 == 5e-4  # DeiT: lr 5e-4 per 512 images
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme[readme.index("## ssta.py"):readme.index("## sskd.py")]
+    command = next(l for l in section.replace("\\\n", " ").splitlines() if "vitkd.py --student deit_tiny" in l)
+    base = vitkd.get_args_parser().parse_args(command.split("vitkd.py", 1)[1].split("#")[0].split())
+    groups = [g for g in ssta.get_args_parser()._action_groups if g.title and "DeiT recipe" in g.title]
+    recipe = [a.dest for g in groups for a in g._group_actions]
+    assert recipe and {k: getattr(base, k) for k in recipe} == {k: getattr(deit, k) for k in recipe}
+    assert base.drop_path == deit.drop_path
+
+
+def test_weight_decay_groups_follow_the_official_code(tmp_path, monkeypatch):
+    """sskd.py decays every parameter (the official SGD); sdssl.py all but biases and 1-D ones, cls_token included."""
+    made = []
+
+    class Stop(Exception):
+        pass
+
+    for name in ("SGD", "AdamW"):
+        def record(params, *a, **kw):
+            made.append((list(params), kw))
+            raise Stop
+        monkeypatch.setattr(torch.optim, name, record)
+    with pytest.raises(Stop):
+        run_sskd(tmp_path / "s", "--student", "deit_tiny", "--depth", "2", "--patch_size", "8", "--synthetic_size", "64")
+    params, kw = made[-1]
+    assert kw["weight_decay"] == 5e-4 and all(torch.is_tensor(p) for p in params) and len(params) == len(
+        [p for p in common.create_model("deit_tiny", depth=2, patch_size=8, img_size=32, num_classes=10).parameters()])
+    with pytest.raises(Stop):
+        sdssl.main(sd_args("--synthetic_size", "64", "--output_dir", str(tmp_path / "d")))
+    decay, no_decay = made[-1][0]
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert any(p.shape == (1, 1, 96) for p in decay["params"])  # cls_token
+
+
+def test_the_reproduction_writes_its_results_under_out_unless_told(tmp_path, capsys):
+    """The quickstart's command must not rewrite bench/results of the checkout: results go under --out."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import reproduce_cifar10 as rc
+    out = tmp_path / "qs"
+    assert rc.main(["--profile", "tiny", "--dry_run", "--out", str(out)]) == 0
+    assert f"results would go to {out / 'cifar10_tiny'}.json" in capsys.readouterr().out
+    assert rc.main(["--profile", "tiny", "--dry_run", "--out", str(out), "--results_dir", str(tmp_path / "r")]) == 0
+    assert f"results would go to {tmp_path / 'r' / 'cifar10_tiny'}.json" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def image_folder(root, splits):
+    """root/<split>/<class>/<i>.png, two 8 x 8 images per class: {split: [classes]}."""
+    from PIL import Image
+    for split, classes in splits.items():
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (40 * i, 90, 200)).save(root / split / c / f"{i}.png")
+    return str(root)
+
+
+def test_mismatched_class_lists_are_refused_before_any_work(tmp_path, capsys):
+    """val/ with a class train/ lacks (train a, b; val a, c: c would be scored as b) and a teacher whose classifier has
+    another number of classes: one error line, exit 2, the output folder not made. A val/ holding some of the training
+    classes is labelled with the training indices."""
+    bad = image_folder(tmp_path / "bad", {"train": ["a", "b"], "val": ["a", "c"]})
+    fresh = tmp_path / "fresh"
+    line = one_error(*cli(eval_knn_linear, ["--arch", "deit_tiny", "--weights", "random", "--patch_size", "8", "--input_size",
+                                            "32", "--data_path", bad, "--num_workers", "0", "--output_dir", str(fresh)],
+                          capsys)[::2])
+    assert "has classes that" in line and "['c']" in line
+    sup = ["--dataset", "imagefolder", "--input_size", "32", "--num_workers", "0", "--batch_size", "2", "--epochs", "1",
+           "--student", "deit_tiny", "--depth", "2", "--patch_size", "8", "--output_dir", str(fresh)]
+    assert "['c']" in one_error(*cli(vitkd, sup + ["--data_path", bad], capsys)[::2])
+    good = image_folder(tmp_path / "good", {"train": ["a", "b"], "val": ["a", "b"]})
+    torch.save(tiny_vit().state_dict(), tmp_path / "ten_classes.pth")  # a 10-class classifier for 2 classes of data
+    line = one_error(*cli(vitkd, sup + ["--data_path", good, "--nkd", "--teacher", "deit_tiny", "--teacher_patch_size", "8",
+                                        "--teacher_depth", "3", "--teacher_weights", str(tmp_path / "ten_classes.pth")],
+                          capsys)[::2])
+    assert "10 classes in the file" in line and "the data has 2 classes" in line
+    assert not fresh.exists()
+    sub = image_folder(tmp_path / "sub", {"train": ["a", "b", "c"], "val": ["a", "c"]})
+    val = common.build_dataset(data_args(dataset="imagefolder", data_path=sub), "val", None)
+    assert val.classes == ["a", "b", "c"] and val.targets == [0, 0, 2, 2]
+
+
+def test_a_full_disk_during_the_checkpoint_write(tmp_path, capsys, monkeypatch):
+    """The write fails (a partial file, then ENOSPC): one error line, exit 2, the temporary file removed, the previous
+    run byte for byte as it was. With torch's own write to a full device (/dev/full): the same."""
+    import errno
+    run = tmp_path / "run"
+    flags = TINY_RECIPE + ["--synthetic_size", "64", "--output_dir", str(run)]
+    assert cli(vitkd, flags + ["--epochs", "1"], capsys)[0] == 0
+    before = snapshot(run)
+    save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        with open(f, "wb") as fh:
+            fh.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    line = one_error(*cli(vitkd, flags + ["--epochs", "2", "--resume", str(run / "checkpoint.pth")], capsys)[::2])
+    assert "No space left on device" in line and "previous checkpoint.pth is unchanged" in line
+    assert snapshot(run) == before
+    monkeypatch.setattr(torch, "save", save)
+    if os.path.exists("/dev/full"):
+        path = tmp_path / "x.pth"
+        path.write_bytes(b"old")
+        os.symlink("/dev/full", f"{path}.tmp{os.getpid()}")
+        with pytest.raises(common.UserError, match="could not write .*x.pth .*RuntimeError.*previous x.pth is unchanged"):
+            common.atomic_save({"w": torch.zeros(10000)}, str(path))
+        assert path.read_bytes() == b"old" and not any(".tmp" in f for f in os.listdir(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# input pipelines (--pipeline fast / memory): every device-side piece against the PIL reference
+# ---------------------------------------------------------------------------------------------
+# [section: pipelines]
+# Intended differences, each bounded below: resampling kernels (uint8 crops within 2 levels of PIL's; the memory
+# pipeline's and RandAugment's rotate / shear / translate use grid_sample's bicubic), hue in float HSV (PIL: 8-bit
+# HSV), the SSL blur an exact Gaussian (PIL: three box blurs). Everything else equals PIL bit for bit, and every
+# random draw comes from the reference's own sampler or has the reference's distribution (checked by statistics).
+def smooth_images(n, size, seed=0):
+    """n PIL images: smooth random colour fields with grain (natural-ish statistics for the colour ops)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(n, 3, size // 8 + 2, size // 8 + 2, generator=g), size=(size, size), mode="bicubic")
+    x = (x * 255 + 10 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 255).round().byte()
+    return [Image.fromarray(v.permute(1, 2, 0).numpy()) for v in x]
+
+
+def seed_all(s):
+    import random
+    import numpy as np
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s)
+
+
+def levels(a, b, stats=common.input_stats("")):
+    """Largest difference of two normalised images in 0-255 levels."""
+    std = torch.tensor(stats[1]).view(3, 1, 1)
+    return ((a - b) * std * 255).abs().max().item()
+
+
+def z_scores(a, b):
+    """Two-sample z of the means of per-image statistics (rows: images, columns: statistics)."""
+    return ((a.mean(0) - b.mean(0)) / (a.var(0) / len(a) + b.var(0) / len(b) + 1e-12).sqrt()).abs()
+
+
+def image_stats(x, stats=common.input_stats("")):
+    """Per image: channel means, contrast, saturation, grey (all channels equal), horizontal gradient, of normalised x."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in stats)
+    x = x * std + mean
+    sat = x.amax(1) - x.amin(1)
+    return torch.cat([x.mean((2, 3)), x.std((1, 2, 3))[:, None], sat.mean((1, 2))[:, None],
+                      (sat.amax((1, 2)) < 1e-6).float()[:, None], (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))[:, None]], 1)
+
+
+def test_uint8_decode_and_normalisation_equal_the_pil_path(tmp_path):
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+    img = smooth_images(1, 40)[0]
+    for name, im in (("a.jpg", img), ("g.jpg", img.convert("L")), ("a.png", img), ("a.bmp", img)):
+        im.save(tmp_path / name)
+        assert torch.equal(common.load_uint8(str(tmp_path / name)), TF.pil_to_tensor(common.load_rgb(str(tmp_path / name))))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(common.UserError, match="cannot read image .*bad.jpg"):
+        common.load_uint8(str(tmp_path / "bad.jpg"))
+    stats = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    ref = transforms_normalise(stats)(img)
+    assert torch.equal(common.Normalise(*stats)(common.to_uint8(img)[None])[0], ref)  # ToTensor + Normalize, bit-exact
+
+
+def transforms_normalise(stats):
+    from torchvision import transforms
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(*stats)])
+
+
+def test_device_randaugment_draws_as_timm_and_its_colour_ops_equal_pil():
+    from timm.data import auto_augment as aa
+    from torchvision.transforms import functional as TF
+    imgs = smooth_images(48, 32, seed=1)
+    x = torch.stack([common.to_uint8(i) for i in imgs]).float()
+    kw = dict(fillcolor=(124, 116, 104), resample=3)  # DeiT's: the mean colour, bicubic
+    ops = {"AutoContrast": (aa.auto_contrast, None), "Equalize": (aa.equalize, None), "Invert": (aa.invert, None),
+           "Posterize": (common._posterize, [0, 1, 4, 8]), "Solarize": (aa.solarize, [0, 100, 200, 256]),
+           "SolarizeAdd": (aa.solarize_add, [0, 30, 70, 110]), "Color": (aa.color, [0.1, 0.6, 1.0, 1.9]),
+           "Contrast": (aa.contrast, [0.1, 0.6, 1.0, 1.9]), "Brightness": (aa.brightness, [0.1, 0.6, 1.0, 1.9]),
+           "Sharpness": (aa.sharpness, [0.1, 0.6, 1.0, 1.9]), "Rotate": (aa.rotate, [0.0, 9.0, -27.0, 30.0]),
+           "ShearX": (aa.shear_x, [0.0, 0.1, -0.27, 0.3]), "ShearY": (aa.shear_y, [0.0, 0.1, -0.27, 0.3]),
+           "TranslateXRel": (aa.translate_x_rel, [0.0, 0.1, -0.4, 0.45]),
+           "TranslateYRel": (aa.translate_y_rel, [0.0, 0.1, -0.4, 0.45])}
+    for kind, (fn, args) in ops.items():
+        a = [args[i % 4] for i in range(len(imgs))] if args else [0.0] * len(imgs)
+        ref = torch.stack([TF.pil_to_tensor(fn(im, *([v] if args else []), **kw)) for im, v in zip(imgs, a)]).float()
+        out = common.DeviceRandAugment.apply(kind, x.clone(), torch.tensor(a, dtype=torch.float64), kw)
+        if kind in common.DeviceRandAugment.COLOUR:
+            assert torch.equal(out, ref), kind
+        else:  # PIL's affine bicubic (a = -1) vs grid_sample's (a = -0.75); a border pixel may fall in or out
+            d = (out - ref).abs()
+            assert d.mean() < 1.5 and (d <= 3).float().mean() > 0.97, (kind, d.mean(), (d <= 3).float().mean())
+    # the draws are timm's own: the same ops and arguments, image by image, from the same seeds
+    args = argparse.Namespace(input_size=32, mean=None, std=None, crop_pct=0.875)
+    ra = common.build_transform(args, True).transforms[2]
+    log = []
+    for op in ra.ops:
+        op.aug_fn = (lambda f, name: lambda img, *a, **k: log.append((name, a)) or f(img, *a, **k))(op.aug_fn, op.name)
+    device_ra = common.DeviceRandAugment(ra)
+    seed_all(5)
+    ref = torch.stack([TF.pil_to_tensor(ra(im)) for im in imgs]).float()
+    seed_all(5)
+    draws = [[(n, a) for n, a, _ in device_ra.ra([])] for _ in imgs]
+    assert [len(d) for d in draws] != [0] * len(imgs) and sum(draws, []) == log
+    seed_all(5)
+    out = device_ra(x.clone())
+    colour_only = [all(device_ra.kind(n) in device_ra.COLOUR for n, _ in d) for d in draws]
+    assert 10 < sum(colour_only) < len(imgs)
+    for o, r, c in zip(out, ref, colour_only):
+        assert torch.equal(o, r) if c else (o - r).abs().mean() < 2
+    with pytest.raises(common.UserError, match="Desaturate has no device version"):
+        common.DeviceRandAugment(aa.rand_augment_transform("rand-m9", {}, transforms=["Desaturate", "Invert"]))
+
+
+def test_fast_deit_transform_equals_pil_with_fixed_seeds():
+    imgs = smooth_images(24, 48, seed=2)
+    args = argparse.Namespace(input_size=32, mean=None, std=None, crop_pct=0.875)
+    for randaug in ("rand-m9-mstd0.5-inc1", ""):
+        ref = common.build_transform(args, True, randaug, reprob=0)
+        crop, flip, *rest = ref.transforms
+        worker, device = common.CropFlip.like(crop, flip), common.OnDevice(common.device_steps(rest))
+        for i, img in enumerate(imgs):
+            seed_all(i)
+            a = crop(img)
+            b = flip(a)
+            seed_all(i)
+            u = worker(img)  # the same crop boxes (timm's get_params) and flips, resampled within 2 levels
+            assert u.dtype == torch.uint8 and (u.float() - common.to_uint8(b).float()).abs().max() <= 2
+            if randaug:  # RandAugment draws in the same order too: the same images up to the crop's resampling
+                seed_all(i)
+                r = ref(img)
+                seed_all(i)
+                assert (device(worker(img)[None])[0] - r).abs().mean() < 0.05
+    # erasing on the device: timm's RandomErasing, per image, on the normalised batch
+    ref = common.build_transform(args, True, "", reprob=0.25)
+    erase = common.device_steps(ref.transforms[-1:])[0]
+    seed_all(0)
+    x = erase(torch.zeros(400, 3, 32, 32))
+    hit = (x != 0).flatten(1)
+    assert 0.2 < hit.any(1).float().mean() < 0.3
+    assert ((hit.float().mean(1) >= 0.015) | ~hit.any(1)).all() and hit.float().mean(1).max() <= 0.4
+
+
+def test_memory_crops_on_the_device_match_the_workers():
+    from torchvision import transforms
+    imgs = smooth_images(256, 32, seed=3)
+    x = torch.stack([common.to_uint8(i) for i in imgs])
+    whole = common.CropFlip((32, 32), (1.0, 1.0), (1.0, 1.0), transforms.InterpolationMode.BICUBIC,
+                            transforms.RandomResizedCrop.get_params, flip=0.0)
+    assert torch.equal(whole.batch(x), x.float())  # the whole image at its size: exact, flipped exactly
+    whole.flip = 1.0
+    assert torch.equal(whole.batch(x), x.flip(-1).float())
+    crop = transforms.RandomResizedCrop(32, scale=(0.08, 1.0), interpolation=transforms.InterpolationMode.BICUBIC)
+    cf = common.CropFlip.like(crop, transforms.RandomHorizontalFlip())
+    norm = common.Normalise(*common.input_stats(""))
+    seed_all(0)
+    workers = norm(torch.stack([cf(i) for i in imgs]))
+    seed_all(1)
+    device = norm(cf.batch(x))
+    assert device.shape == workers.shape and (z_scores(image_stats(workers), image_stats(device)) < 4).all()
+
+
+def test_ssl_views_on_the_device_match_pil(tmp_path):
+    from PIL import ImageFilter
+    from torchvision.transforms import functional as TF
+    imgs = smooth_images(32, 48, seed=4)
+    x = torch.stack([common.to_uint8(i) for i in imgs]).float()
+    f = torch.linspace(0.6, 1.4, len(imgs))
+    for kind, fn in (("Brightness", TF.adjust_brightness), ("Contrast", TF.adjust_contrast),
+                     ("Color", TF.adjust_saturation)):  # torchvision's PIL colour jitter: ImageEnhance, bit-exact
+        assert torch.equal(common.enhance(kind, x, f), torch.stack([TF.pil_to_tensor(fn(i, v.item())) for i, v in zip(imgs, f)]))
+    h = torch.linspace(-0.1, 0.1, len(imgs))
+    d = common.adjust_hue(x, h) - torch.stack([TF.pil_to_tensor(TF.adjust_hue(i, v.item())) for i, v in zip(imgs, h)])
+    assert d.abs().mean() < 1.5 and d.mean().abs() < 0.5  # PIL's 8-bit HSV round trip alone moves pixels ~0.5
+    assert torch.equal(common.luma(x), torch.stack([TF.pil_to_tensor(i.convert("L")) for i in imgs]).float())
+    for s in (0.3, 1.0, 2.0):
+        d = sdssl.gaussian_blur(x, torch.full((len(x),), s), math.ceil(3 * s)) - torch.stack(
+            [TF.pil_to_tensor(i.filter(ImageFilter.GaussianBlur(s))) for i in imgs])
+        assert d.abs().mean() < 1.0 and d.abs().max() <= 10, s
+    # the whole views: PIL (workers) vs fast (worker crops + device colours) vs memory (all on the device)
+    views = sdssl.TwoViews(32)
+    imgs = smooth_images(768, 32, seed=5)
+    seed_all(0)
+    pil = [torch.stack(v) for v in zip(*[views(i) for i in imgs])]
+    seed_all(1)
+    fast = views.on_device([torch.stack(v) for v in zip(*[views.crops(i) for i in imgs])])
+    seed_all(2)
+    memory = views.on_device(views.crops.batch(torch.stack([common.to_uint8(i) for i in imgs])))
+    for v in (0, 1):
+        ref = image_stats(pil[v])
+        assert 0.15 < ref[:, 5].mean() < 0.25  # grey with p 0.2 (the statistics can tell)
+        for other in (fast, memory):
+            z = z_scores(ref, image_stats(other[v]))
+            assert (z < 4).all(), (v, z)
+
+
+def test_sskd_fast_views_equal_pil_with_fixed_seeds():
+    norm = common.Normalise(*common.input_stats(""))
+    for size in (32, 48):
+        imgs = smooth_images(8, size, seed=6)
+        views = sskd.FourViews(32)
+        crops = sskd.FourCrops(views)
+        for i, img in enumerate(imgs):
+            seed_all(i)
+            a = views(img)
+            seed_all(i)
+            b = norm(crops(img))
+            assert torch.equal(a, b) if size == 32 else levels(a, b) <= 1  # the same flip and offsets
+    paper = sskd.FourCrops(sskd.FourViews(32, "paper"))
+    assert paper.batch is None and paper(imgs[0]).shape == (4, 3, 32, 32) and paper(imgs[0]).dtype == torch.uint8
+    x = torch.stack([common.to_uint8(i) for i in smooth_images(16, 32, seed=7)])
+    out = crops.batch(x)
+    assert out.shape == (16, 4, 3, 32, 32)
+    padded = F.pad(torch.stack([x, x.flip(-1)], 1), [4] * 4)  # (B, flip, 3, 40, 40)
+    for b in range(16):  # each view: a crop of the zero-padded image, one flip shared by the four
+        found = [{(fl, i, j) for fl in (0, 1) for i in range(9) for j in range(9)
+                  if torch.equal(padded[b, fl, :, i:i + 32, j:j + 32], out[b, k])} for k in range(4)]
+        assert all(found) and set.intersection(*({fl for fl, _, _ in f} for f in found))
+
+
+def test_pipeline_choice_errors_and_the_pil_path_unchanged(tmp_path, monkeypatch):
+    from PIL import Image
+    args = data_args(dataset="synthetic", synthetic_size=64, num_workers=0)
+    args.pipeline, args.batch_size, args.seed = "auto", 16, 0
+    assert common.pipeline(args) == "pil"  # the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert common.pipeline(args) == "memory" and common.pipeline(args, memory=False) == "fast"
+    for c in ("a", "b"):
+        os.makedirs(tmp_path / "d" / "train" / c)
+        for k in range(3):
+            smooth_images(1, 40, seed=k)[0].save(tmp_path / "d" / "train" / c / f"{k}.jpg")
+    folder = data_args(data_path=tmp_path / "d", num_workers=0)
+    folder.pipeline = "auto"
+    assert common.pipeline(folder) == "fast"
+    folder.input_size = 40
+    assert common.pipeline(folder) == "memory"
+    Image.new("RGB", (41, 40)).save(tmp_path / "d" / "train" / "b" / "9.jpg")
+    with pytest.raises(common.UserError, match="memory needs every training image at one size"):
+        common.MemoryImages(common.build_dataset(folder, "train", common.to_uint8, uint8=True))
+    folder.pipeline, folder.input_size = "memory", 32
+    with pytest.raises(common.UserError, match="stored at --input_size 32"):
+        common.pipeline(folder)
+    monkeypatch.undo()
+    with pytest.raises(common.UserError, match="no batched crop"):
+        sskd.main(sskd.get_args_parser().parse_args(["--dataset", "synthetic", "--views", "paper", "--pipeline",
+                                                     "memory", "--output_dir", str(tmp_path / "s")]))
+    # --pipeline pil: the reference transform in the workers, batches as before
+    from torchvision import transforms
+    args.pipeline = "pil"
+    reference = transforms.Compose([transforms.RandomResizedCrop(32), transforms.ToTensor()])
+    _, loader = common.build_train_data(args, reference, None, [])
+    before = common.build_loader(common.build_dataset(args, "train", reference), 16, True, 0, 0)
+    seed_all(0)
+    x = next(iter(loader))[0]
+    seed_all(0)
+    assert loader.on_device is None and torch.equal(x, next(iter(before))[0])
+
+
+@pytest.mark.parametrize("pipeline", ["fast", "memory"])
+def test_scripts_train_and_resume_exactly_on_the_fast_pipelines(tmp_path, monkeypatch, pipeline):
+    """vitkd (RandAugment, erasing, Mixup on the device) and sdssl (two views) resume exactly; sskd and attn_distill run."""
+    recipe = ["--pipeline", pipeline, "--synthetic_size", "64", "--epochs", "2", "--randaug", "rand-m9-mstd0.5-inc1",
+              "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0", "--batch_size", "16"]
+    straight, _ = run_vitkd(tmp_path / "a", *recipe)
+    crash_after_first_checkpoint(monkeypatch, lambda: run_vitkd(tmp_path / "b", *recipe))
+    resumed, _ = run_vitkd(tmp_path / "b", *recipe)
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    flags = ["--pipeline", pipeline, "--framework", "mocov3", "--epochs", "2", "--synthetic_size", "32"]
+    straight, _, _ = sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "c")))
+    crash_after_first_checkpoint(monkeypatch, lambda: sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "d"))))
+    resumed, _, _ = sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "d")))
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    run_sskd(tmp_path / "e", "--pipeline", pipeline, "--student", "deit_tiny", "--depth", "2", "--patch_size", "8",
+             "--epochs", "1", "--synthetic_size", "32", "--train_fraction", "0.5")
+    run_attn_distill(tmp_path / "f", "--pipeline", pipeline, "--teacher", "deit_tiny", "--teacher_weights", "random",
+                     "--epochs", "1", "--synthetic_size", "64")
+    for d in "ef":
+        log = json.loads((tmp_path / d / "log.txt").read_text().splitlines()[-1])
+        assert math.isfinite(log["train_loss"])
+
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU code paths on the CPU: bf16 autocast with CUDA's op lists, DDP with frozen / absent parameters
 # ---------------------------------------------------------------------------------------------
 # [section: gpu-paths]

@@ -48,6 +48,7 @@ def get_args_parser():
     g.add_argument("--teacher_mean", default=None, type=float, nargs=3,
                    help="the teacher's input normalisation (default: its file's, timm's config for hub / tagged names, else ImageNet's)")
     g.add_argument("--teacher_std", default=None, type=float, nargs=3)
+    common.add_shape_args(g, "teacher_", "the teacher")
     # the ViTKD paper's recipe (mmcls DeiT config, METHODS 5.4): 20 warm-up epochs, cosine to 1e-2 x lr, clip 5
     common.add_supervised_args(p, warmup_epochs=20, clip_grad=5.0)
     g = p.add_argument_group("ViTKD (METHODS 5.1-5.2)")
@@ -121,8 +122,8 @@ def main(args):
     if args.teacher_weights:
         # the classifier is only needed (and then must match the data) for the logit losses
         teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
-                                       args.teacher_std, img_size=args.input_size,
-                                       num_classes=num_classes if logit_kd else 0).to(device)
+                                       args.teacher_std, img_size=args.input_size, num_classes=num_classes if logit_kd else 0,
+                                       **common.shape_args(args, "teacher_")).to(device)
     if teacher is not None and feature_kd:
         for name, m in (("student", student), ("teacher", teacher)):
             if not hasattr(m, "blocks"):

@@ -71,7 +71,7 @@ def main():
         student, heads, teacher, taps, mid = sdssl.build_models(args, device)
         sdssl.SDHeads = saved
         trainable = nn.ModuleDict({"student": student, "heads": heads})
-        opt = torch.optim.AdamW(common.param_groups(trainable, args.weight_decay), lr=1e-4, fused=True)  # as sdssl.main
+        opt = torch.optim.AdamW(common.param_groups(trainable, args.weight_decay, skip_listed=False), lr=1e-4, fused=True)  # as sdssl.main
         scaler = common.grad_scaler(device, args.amp)
         schedule = common.lr_schedule(1e-4, 0.0, 10 ** 6)
 

@@ -44,7 +44,7 @@ def main():
     batches = [(x, y)] * opts.steps
     y4 = y.repeat_interleave(4)
     mods = torch.nn.ModuleDict({"student": student, "ss": s_ss})
-    opt = torch.optim.SGD(common.param_groups(mods, 5e-4), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(mods.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)  # as sskd.main: every parameter
     scaler = common.grad_scaler(device, args.amp)
     schedule = common.lr_schedule(0.01, 0.01, 10 ** 6)
     wrapped = sskd.WithFeatures(student)

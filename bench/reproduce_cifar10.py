@@ -7,7 +7,8 @@ and seeds, then k-NN / linear-probe evaluation where the paper's metric needs it
   python bench/reproduce_cifar10.py --profile smoke --out output/reproduce
   # reduced protocol on real CIFAR-10 (hyperparameters are fixed on a validation split first)
   python bench/reproduce_cifar10.py --profile cpu --data ../shared/data/cifar10-jpg.tar.gz --split val --out output/reproduce
-  python bench/reproduce_cifar10.py --profile cpu --data ../shared/data/cifar10-jpg.tar.gz --out output/reproduce
+  python bench/reproduce_cifar10.py --profile cpu --data ../shared/data/cifar10-jpg.tar.gz --out output/reproduce \
+      --results_dir bench/results   # the README's table (default: under --out)
   # one H200 (16 CPU cores), 6 runs at a time on it, stopped cleanly after 330 s; --nproc N runs every script
   # under torchrun
   python bench/reproduce_cifar10.py --profile gpu --data cifar10-jpg.tar.gz --jobs 6 --time_budget 330 --out output/reproduce
@@ -25,7 +26,9 @@ SIGKILL; they resume next time), writes the results of what finished and exits 0
 finished run made with other arguments (a profile edited after it ran) is an error before any work:
 pick another --out or remove that run's folder. After every finished run the results are rewritten
 from what is available (missing values are left out): <results_dir>/cifar10_<profile>[_val].json,
-.md and .png. Each run also keeps its metrics, wall time and command in <run dir>/metrics.json.
+.md and .png (--results_dir: default --out, so a checkout is never modified; the README's tables are
+made with --results_dir bench/results). Each run also keeps its metrics, wall time and command in
+<run dir>/metrics.json.
 
 Data discipline: with --split val the runs train on the training split minus a held-out validation
 carve (val_per_class images per class, chosen by a fixed seed from sorted file names) and evaluate
@@ -471,8 +474,9 @@ def build_plan(P, workdir, data_flags, images, seeds, teacher_data=None):
         student_run("vitkd_token", "vitkd.py", token_student + sup + ["--teacher_weights", path("teacher_cnn", "checkpoint.pth"),
                                                                       "--distill_token", "hard", "--alpha_vitkd", "0",
                                                                       "--beta_vitkd", "0"], deps=["teacher_cnn"])
-        # ssta.py: the same recipe; teacher, assistant, both, both without the early stop
-        ssta = student + sup + split_flags(P["ssta"])
+        # ssta.py: the same recipe (its default repeated augmentation, DeiT's, off as in vitkd_alone); teacher,
+        # assistant, both, both without the early stop
+        ssta = student + sup + ["--no-repeated_aug"] + split_flags(P["ssta"])
         student_run("ssta_sl", "ssta.py", ssta + T, deps=["teacher_vit"])
         student_run("ssta_ta", "ssta.py", ssta + TA, deps=["teacher_ssl_probe"])
         student_run("ssta_ssta", "ssta.py", ssta + T + TA, deps=["teacher_vit", "teacher_ssl_probe"])
@@ -1350,8 +1354,9 @@ def get_args_parser():
                         "(hyperparameter selection); test: the test split (the synthetic profiles have their own)")
     p.add_argument("--seeds", default=None, type=int, help="student seeds 0..N-1 (default: the profile's)")
     p.add_argument("--out", default="output/reproduce", help="runs go to OUT/<profile>_<split>/<run>, data to OUT/data")
-    p.add_argument("--results_dir", default=os.path.join(REPO, "bench", "results"),
-                   help="where cifar10_<profile>[_val].json / .md / .png go")
+    p.add_argument("--results_dir", default=None,
+                   help="where cifar10_<profile>[_val].json / .md / .png go (default: --out; the tables of the README: "
+                        "bench/results)")
     p.add_argument("--only", default=[], nargs="+", choices=sorted(PAPERS),
                    help="only these papers' rows (and the teachers they need)")
     p.add_argument("--nproc", default=1, type=int, help="processes per run (torchrun --nproc_per_node) when > 1")
@@ -1416,7 +1421,8 @@ def main(argv=None):
     workdir = os.path.join(out, f"{args.profile}_{split}")
     plan = build_plan(P, workdir, data_flags, images, seeds, teacher_data)
     runs = restrict(plan, set(args.only)) if args.only else plan
-    results_base = os.path.join(os.path.abspath(args.results_dir), f"cifar10_{args.profile}" + ("_val" if split == "val" else ""))
+    results_base = os.path.join(os.path.abspath(args.results_dir or out),  # default: under --out, not the checkout
+                                f"cifar10_{args.profile}" + ("_val" if split == "val" else ""))
     if args.dry_run:
         for i, r in enumerate(runs):
             state = "finished" if r.finished() else "to run"
