@@ -2704,6 +2704,12 @@ DDP_CASES = {  # name: (script, flags); {out}: this run's parent folder
         *(["--alpha_max", "0", "--no-pred_loss"] if plain else [])]) for f, plain in (("mocov3", False), ("mocov3", True),
                                                                                      ("simclr", False), ("byol", True))},
     "attn_distill": (attn_distill, DDP_STEPS + STUDENT + TEACHER + ["--warmup_epochs", "0"]),  # the student's own final norm frozen
+    # the input pipelines that CUDA picks by default (--pipeline auto): the split on the device, or device-side augmentation
+    "vitkd_memory_pipeline": (vitkd, DDP_STEPS + ["--warmup_epochs", "0", *STUDENT, "--pipeline", "memory"]),
+    "sdssl_fast_pipeline": (sdssl, DDP_STEPS + ["--framework", "byol", "--arch", "vit_small", "--depth", "2", "--embed_dim",
+                                                "48", "--num_heads", "3", "--patch_size", "16", "--warmup_epochs", "0",
+                                                "--proj_hidden", "32", "--pred_hidden", "32", "--out_dim", "16",
+                                                "--pipeline", "fast"]),
     "attn_distill_no_projector_pa": (attn_distill, DDP_STEPS + ["--depth", "2", "--patch_size", "16", *TEACHER,
                                                                 "--no-projector", "--lambda_attn", "0", "--warmup_epochs", "0"]),
 }

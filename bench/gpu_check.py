@@ -10,9 +10,10 @@ Synthetic data, random teachers (`--teacher_weights random`), except SSKD's chai
      is CUDA-only); then 1 epoch, and the same folder resumed to 2 epochs: the log must hold both epochs, finite.
   2. timing, each case alone on the device: 1 eager epoch, its steady-state it/s (median step), warm-up seconds,
      peak memory, data wait; for --compile_cases also 1 compiled epoch: its speed-up and warm-up (compilation).
-eval_knn_linear.py runs once on the backbone of the first vitkd case. Last, the model FLOP utilisation of a
-DeiT-S student's training step in bf16 (random tensors on the device, no loader; FLOPs counted by torch's
-FlopCounterMode, peak from PEAK_TFLOPS). Output: a table, and OUT/gpu_check.json (rewritten after every stage).
+eval_knn_linear.py runs once on the backbone of the first vitkd case; then the share of time waiting on the loader
+on real JPEGs (bench_data.py's 500 x 375 files, vitkd.py's DeiT recipe, --pipeline pil and fast). Last, the model
+FLOP utilisation of a DeiT-S student's training step in bf16 (random tensors on the device, no loader; FLOPs
+counted by torch's FlopCounterMode, peak from PEAK_TFLOPS). Output: a table, and OUT/gpu_check.json (rewritten after every stage).
 """
 import argparse
 import json
@@ -48,6 +49,7 @@ def get_args():
                    help="cases timed alone after the checks ('all': every case)")
     p.add_argument("--compile_cases", nargs="*", default=["vitkd_vitkd"],
                    help="timed cases also timed with --compile (compilation costs tens of seconds per case)")
+    p.add_argument("--jpeg_steps", default=8, type=int, help="steps of the real-JPEG loader check (0: skip it)")
     p.add_argument("--only", nargs="*", default=None, help="case names (see CASES)")
     p.add_argument("--jobs", default=4, type=int, help="cases checked at a time (correctness only; timing runs alone)")
     p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
@@ -222,6 +224,27 @@ def measure(name, r, args, common_flags, log):
         r["compile_speedup"] = r["compiled_it_s"] / r["eager_it_s"]
 
 
+def jpeg_wait(args, log):
+    """The loader-wait share on real JPEGs (synthetic tensors cost the workers nothing): bench_data.py's ImageNet-like
+    files (500 x 375, quality 90; --tiny: 120 x 90), one epoch of vitkd.py's DeiT recipe (RandAugment, erasing, Mixup /
+    CutMix) per --pipeline, the student alone. {pipeline: {images_s, data_wait_pct}}."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_data import write_jpegs
+    root, n = os.path.join(args.out, "jpegs"), args.batch_size * args.jpeg_steps
+    if not os.path.isdir(root):
+        write_jpegs(root, n, *((120, 90) if args.tiny else (500, 375)))
+        os.symlink("train", os.path.join(root, "val"))  # evaluated on the same files: only the loader is measured
+    res = {}
+    for pipeline in ("pil", "fast"):
+        flags = ["--dataset", "imagefolder", "--data_path", root, "--input_size", str(args.input_size), "--batch_size",
+                 str(args.batch_size), "--num_workers", str(args.num_workers), "--log_every", "1", "--epochs", "1",
+                 "--pipeline", pipeline] + (["--depth", "3", "--embed_dim", "48"] if args.tiny else [])
+        _, out = run("vitkd.py", flags, os.path.join(args.out, f"jpeg_{pipeline}"), log)
+        _, rate, _, wait = timing(out, 0)
+        res[pipeline] = {"images_s": rate * args.batch_size, "data_wait_pct": wait}
+    return res
+
+
 def main():
     args = get_args()
     args.out = args.out or os.path.join("gpu_check_out", time.strftime("%Y%m%d-%H%M%S"))
@@ -306,6 +329,13 @@ def main():
         except Exception as e:  # noqa: BLE001
             results["eval_knn_linear"] = {"error": str(e)[-2000:]}
         save()
+    if args.jpeg_steps:
+        print("[jpeg] loader wait on real JPEGs, --pipeline pil and fast", flush=True)
+        try:
+            results["jpeg_loader"] = jpeg_wait(args, log)
+        except Exception as e:  # noqa: BLE001
+            results["jpeg_loader"] = {"error": str(e)[-2000:]}
+        save()
     print("[mfu] DeiT-S training step, bf16", flush=True)
     results["mfu_eager"] = mfu_check(args)
     save()
@@ -324,6 +354,10 @@ def main():
             print(f"{name:<16} {r['first_step_max_rel_diff']:9.1e} {str(r['resume_ok']):>6} {r.get('images_s', nan):8.0f} "
                   f"{r.get('data_wait_pct', nan):6.0f} {r.get('peak_gb', nan):7.2f} {r.get('compile_speedup', nan):9.2f} "
                   f"{steps:>15}")
+    for k, v in results.get("jpeg_loader", {}).items():
+        if isinstance(v, dict):
+            print(f"real JPEGs, --pipeline {k}: {v['images_s']:.0f} img/s, {v['data_wait_pct']:.0f}% of the time waiting "
+                  f"on the loader ({args.num_workers} workers)")
     for k in ("mfu_eager", "mfu_compiled"):
         if k in results:
             m = results[k]
