@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared call on one GPU machine (H100 / H200): every GPU check of this repository in at most BUDGET seconds
-# of wall time (default 480), each stage time-boxed and its results written as it finishes, so that a call cut
+# of wall time (default 540), each stage time-boxed and its results written as it finishes, so that a call cut
 # short still returns what finished. Results (at most 8 files) in $OUT (default gpu_all_out/DATE-TIME):
 #   summary.txt      versions, each stage's status and seconds, the tables printed by the stages
 #   gpu_check.json   bench/gpu_check.py: every script on CUDA, bf16 vs fp32, resume, memory, compile, MFU
@@ -18,7 +18,7 @@
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
-BUDGET=${BUDGET:-480}
+BUDGET=${BUDGET:-540}
 OUT=${OUT:-gpu_all_out/$(date +%Y%m%d-%H%M%S)}
 DATA=${DATA:-.device/cifar10-jpg.tar.gz}
 WORK=${WORK:-/tmp/gpu_all_work}
@@ -63,7 +63,7 @@ TAIL=60 stage gpu_check "${GPU_CHECK_S:-170}" python3 bench/gpu_check.py --out "
 cp "$WORK/gpu_check/gpu_check.json" "$OUT/" 2>/dev/null
 
 # 2. the benches' ratios at their GPU sizes
-stage benches "${BENCHES_S:-70}" python3 bench/run_benches.py --out "$OUT/benches.txt" --timeout 30 "${SIZE[@]}"
+stage benches "${BENCHES_S:-120}" python3 bench/run_benches.py --out "$OUT/benches.txt" --timeout 30 "${SIZE[@]}"
 
 # 3. the CIFAR-10 reproduction's gpu profile: teachers, then every paper's central row at seed 0, then the rest
 REPRO_S=$(( $(left) - 30 ))

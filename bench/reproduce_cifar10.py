@@ -548,7 +548,9 @@ CPU_CORES = 16  # the GPU machine's; each run's main process takes about one (it
 # MEASURED on one H200 (16 Xeon cores, gVisor; torch 2.11, bf16), the gpu profile's first call (2026-11-30), 6 runs
 # at a time: seconds per run, start-up and final evaluation included, by run (seed 0; seeds 1-2 where reached were
 # within 10%). The loaders waited 31-78% of the training time (two-view SSL 73-76%, SS stages 75-79%): the CPU
-# side, not the GPU, bounds this profile. Rows not reached in that call take their script's mean.
+# side, not the GPU, bounds this profile. Rows not reached in that call take their script's mean. That call ran the
+# pil pipeline; since #21, --pipeline auto gives these runs the memory pipeline on CUDA (the split decoded once onto
+# the GPU, augmentation there), which removes that bound: a projection from these seconds is an upper bound.
 H200_SECONDS = {"teacher_ssl": 232.4, "teacher_ssl_probe": 29.6, "teacher_vit": 174.6, "teacher_vit_ss": 53.0,
                 "teacher_cnn": 180.2, "teacher_cnn_ss": 56.9, "vitkd_alone": 44.6, "vitkd_kd": 44.2, "vitkd_nkd": 39.8,
                 "vitkd_vitkd": 42.4, "vitkd_vitkd_nkd": 51.0, "sskd_alone": 60.8, "sskd_kd": 54.5, "attn_pa": 33.9,
