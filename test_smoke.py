@@ -2470,6 +2470,78 @@ def test_scripts_train_and_resume_exactly_on_the_fast_pipelines(tmp_path, monkey
         assert math.isfinite(log["train_loss"])
 
 
+# ---------------------------------------------------------------------------------------------
+# mutation gaps: exact checks for the bugs that bench/mutate.py planted and the other tests let through
+# ---------------------------------------------------------------------------------------------
+# [section: mutation-gaps]
+def test_sskd_positive_columns_and_attention_transfer_by_hand():
+    """Two survivors of bench/mutate.py: SSKD's positive column of each transformed view (image-major: rows 3b..3b+2
+    -> image b), and SSTA's attention transfer (L2-normalised spatial maps mean_c F^2 of the patch tokens)."""
+    assert sskd.positives(2, "cpu").tolist() == [0, 0, 0, 1, 1, 1]
+    s = torch.tensor([[[9.0, 9.0], [1.0, 1.0], [0.0, 2.0], [2.0, 2.0]]])  # CLS + 3 patches, 2 channels
+    t = torch.tensor([[[5.0, 5.0], [3.0, 3.0], [0.0, 0.0], [4.0, 0.0]]])
+    a_s = torch.tensor([1.0, 2.0, 4.0]) / math.sqrt(21)  # mean_c F^2 = 1, 2, 4
+    a_t = torch.tensor([9.0, 0.0, 8.0]) / math.sqrt(145)  # 9, 0, 8
+    assert ssta.attention_transfer(s, t, 1).item() == pytest.approx((a_s - a_t).pow(2).sum().item(), rel=1e-6)
+
+
+def test_end_epoch_refuses_a_non_finite_metric_or_weight_and_writes_nothing(tmp_path):
+    """A NaN / inf metric (train or test) or weight stops the run before any file is written; optimizer state is
+    not checked (AdamW's moments may hold anything); finite values write the three files."""
+    args, good = argparse.Namespace(seed=0), {"w": torch.ones(2)}
+    cases = [({"loss": 1.0}, {"acc1": float("nan")}, good), ({"loss": float("inf")}, {"acc1": 50.0}, good),
+             ({"loss": 1.0}, {"acc1": 50.0}, {"w": torch.tensor([1.0, float("nan")])})]
+    for train, test, model in cases:
+        with pytest.raises(common.UserError, match="non-finite values after epoch 3"):
+            common.end_epoch(str(tmp_path), "toy", args, 3, train, test, model=model)
+        assert os.listdir(tmp_path) == []
+    common.end_epoch(str(tmp_path), "toy", args, 3, {"loss": 1.0}, {"acc1": 50.0}, model=good,
+                     optimizer={"state": {0: {"exp_avg": torch.tensor([float("nan")])}}})
+    assert sorted(os.listdir(tmp_path)) == ["args.json", "checkpoint.pth", "log.txt"]
+    assert json.loads((tmp_path / "log.txt").read_text()) == {"epoch": 3, "train_loss": 1.0, "test_acc1": 50.0}
+
+
+def test_every_epoch_draws_its_own_numbers_from_seed_plus_1000_epoch():
+    """seed_everything(seed, epoch) seeds torch and random with seed + 1000 epoch + rank: epochs differ (augmentations,
+    drop path, Mixup are not repeated each epoch) and a resumed epoch draws what the uninterrupted run drew."""
+    import random
+    draws = {}
+    for epoch in (0, 1, 1):
+        common.seed_everything(7, epoch)
+        draws.setdefault(epoch, []).append((torch.rand(4), random.random()))
+    for epoch, seed in ((0, 7), (1, 1007)):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        expected = (torch.rand(4), random.random())
+        for t, r in draws[epoch]:
+            assert torch.equal(t, expected[0]) and r == expected[1]
+    assert not torch.equal(draws[0][0][0], draws[1][0][0])
+
+
+def test_ssta_keeps_the_heads_whose_masking_costs_the_most_accuracy(tmp_path, monkeypatch):
+    """select_heads in imp mode: of the H^L head combinations (2 layers x 3 heads here) the one whose masking drops
+    the accuracy the most, ties to the lowest combination; recorded in heads.json with every drop."""
+    from types import SimpleNamespace
+    accs = [90.0, 99.0, 40.0, 95.0, 40.0, 97.0, 98.0, 96.0, 99.5]  # combos (0, 0), (0, 1), ..., (2, 2)
+    monkeypatch.setattr(ssta, "teacher_classifier", lambda *a, **kw: (None, set()))
+    monkeypatch.setattr(ssta, "head_importance", lambda *a, **kw: (100.0, accs))
+    monkeypatch.setattr(common, "build_dataset", lambda *a, **kw: list(range(8)))
+    monkeypatch.setattr(common, "build_transform", lambda *a, **kw: None)
+    monkeypatch.setattr(common, "build_loader", lambda *a, **kw: None)
+
+    class Train(list):
+        classes = ["a", "b"]
+
+    args = argparse.Namespace(heads_teacher=None, heads_ta=None, output_dir=str(tmp_path), selection_images=4, seed=0,
+                              head_mode="imp", teacher_weights="t.pth", ta_weights="", ta_probe="", amp="off",
+                              num_workers=0, selection_batch_size=4)
+    model = SimpleNamespace(blocks=[SimpleNamespace(attn=SimpleNamespace(num_heads=3))])
+    heads = ssta.select_heads(args, {"teacher": model}, {"teacher": [2, 3]}, Train(range(8)), torch.device("cpu"))
+    assert heads == {"teacher": [0, 2]}  # drop 60 at (0, 2) and (1, 1): the lower one
+    record = json.loads((tmp_path / "heads.json").read_text())["teacher"]
+    assert record["heads"] == [0, 2] and record["importance"]["2,2"] == 0.5 and record["importance"]["1,1"] == 60.0
+
+
 
 # ---------------------------------------------------------------------------------------------
 # GPU code paths on the CPU: bf16 autocast with CUDA's op lists, DDP with frozen / absent parameters

@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Mutation runner (standard library only): do the CPU tests fail when a method is wrong?
+
+Each mutation plants one realistic one-line bug in a temporary copy of the repository's tracked files
+(`git ls-files`; the checkout itself is never touched) and runs only the relevant tests there:
+    python -m pytest -q -x test_smoke.py -k <expr>
+caught = the tests fail, survived = they pass, invalid = the original text is not found exactly once in the
+file (a stale mutation is reported, never skipped silently), timeout = the run took longer than --timeout
+(counted as caught: a hang is a detected change, but it is printed apart so that it can be looked at).
+
+    python bench/mutate.py --list              # the mutations, numbered
+    python bench/mutate.py                     # all of them, one line each, then caught / valid (percent)
+    python bench/mutate.py --only 3 17 --jobs 2 --timeout 300 --out mutation.json
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Last full pass (2026-11-30): 42 / 52 caught; after the tests it led to (end_epoch's guards called directly, the
+# per-epoch seed, SSTA's head choice against fixed importances, SSKD's positive columns and attention transfer by
+# hand) 47 / 52. Survivors, all test gaps (none equivalent), each with the test that would catch it:
+#   26 SSTA ignores --alpha (CE weight; default 1.0): one step with --alpha 0.5, the logged train_ce halved
+#   34 SSKD L_T labels target.repeat(3): the tf term of one step against a hand value
+#   35 SDSSL alpha ramp reversed in train_one_epoch: the logged alpha of step 0 must be 0
+#   37 EMA momentum not scheduled to 1: the momentum passed to ema_update at the last step must be 1.0
+#   41 L_pred a mean over layers instead of a sum: sdssl_losses(...)["pred"] against (L) x sum of BYOL terms
+# (file, exact original text (found exactly once), replacement, pytest -k expression, the bug it plants)
+MUTATIONS = [
+    # ---- common.py: shared losses, schedules, safety checks, resume --------------------------------------------
+    ("common.py", 'return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2',
+     'return F.kl_div(log_t, log_s, reduction="batchmean", log_target=True) * temperature ** 2',
+     "nkd_and_kd_losses", "Hinton KD direction: KL(s||t) instead of KL(t||s)"),
+    ("common.py", 'return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2',
+     'return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)',
+     "nkd_and_kd_losses", "Hinton KD without its T^2 factor"),
+    ("common.py", "return kl * temperature ** 2 / s.numel()", "return kl * temperature ** 2 / len(s)",
+     "token_losses_by_hand", "DeiT soft token loss divided by the batch instead of B x C"),
+    ("common.py", "    if step < warmup_steps:\n        return start", "    if step < 0:\n        return start",
+     "schedule_lr_rule or sdssl_losses_and_alpha_ramp", "cosine schedule: the linear warm-up skipped"),
+    ("common.py", "return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * t))",
+     "return final + (base - final) * (1.0 + math.cos(math.pi * t))",
+     "schedule_lr_rule or sdssl_losses_and_alpha_ramp", "cosine schedule without the 1/2: starts at 2 x base"),
+    ("common.py", "lr = args.blr * global_batch / base_batch", "lr = args.blr",
+     "schedule_lr_rule", "lr scaling rule dropped (blr used as the absolute lr)"),
+    ("common.py", "(no_decay if p.ndim <= 1 or n.endswith", "(no_decay if p.ndim < 1 or n.endswith",
+     "schedule_lr_rule or weight_decay_groups", "weight decay applied to norms' 1-D weights"),
+    ("common.py", "    if bad.item() > 0:\n        fail(f\"non-finite loss", "    if bad.item() > 1:\n        fail(f\"non-finite loss",
+     "schedule_lr_rule", "a non-finite loss stops the run only when two ranks see it"),
+    ("common.py", "bad = [k for k, v in stats.items() if isinstance(v, float) and not math.isfinite(v)]",
+     "bad = []", "end_epoch_refuses", "end_epoch writes a checkpoint despite a non-finite metric"),
+    ("common.py", "w, neighbours = (sim / temperature).exp(), bank_y[idx]", "w, neighbours = sim.exp(), bank_y[idx]",
+     "knn_matches", "k-NN vote weights without the temperature"),
+    ("common.py", "s = seed + 1000 * epoch + get_rank()", "s = seed + get_rank()",
+     "every_epoch_draws", "seeds not advanced per epoch (every epoch draws the same numbers)"),
+    # ---- vitkd.py ---------------------------------------------------------------------------------------------
+    ("vitkd.py", "first = -(t.softmax(1).gather(1, y) * s.log_softmax(1).gather(1, y)).mean()",
+     "first = -(s.log_softmax(1).gather(1, y)).mean()", "nkd_and_kd_losses", "NKD's target term not weighted by T_y"),
+    ("vitkd.py", "return first + gamma * temperature ** 2 * second", "return first + gamma * second",
+     "nkd_and_kd_losses", "NKD's non-target term without tau^2"),
+    ("vitkd.py", 'p_t = (t / temperature).masked_fill(is_target, float("-inf")).softmax(1)',
+     "p_t = (t / temperature).softmax(1)", "nkd_and_kd_losses", "NKD's teacher non-target distribution keeps the target class"),
+    ("vitkd.py", "loss_lr = self.alpha * sum(d.pow(2).sum() for d in diffs) / B",
+     "loss_lr = self.alpha * sum(d.pow(2).sum() for d in diffs)", "vitkd_losses_match", "ViTKD mimic loss not divided by the batch"),
+    ("vitkd.py", "loss_gen = self.beta * (err * mask).sum() / B / self.mask_ratio",
+     "loss_gen = self.beta * (err * mask).sum() / B", "vitkd_losses_match", "ViTKD generation loss not divided by the mask ratio"),
+    ("vitkd.py", "loss_gen = self.beta * (err * mask).sum() / B / self.mask_ratio",
+     "loss_gen = self.beta * err.sum() / B / self.mask_ratio", "vitkd_losses_match",
+     "ViTKD generation loss over all tokens instead of the masked ones"),
+    ("vitkd.py", "x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)",
+     "x = torch.where(~mask[..., None], self.mask_token.to(x.dtype), x)", "vitkd_losses_match",
+     "mask token placed at the visible tokens"),
+    ("vitkd.py", "        return rank < n", "        return rank <= n", "vitkd_losses_match",
+     "ViTKD mask count off by one"),
+    ("vitkd.py", "corr = lambda f: f.float() @ f.float().transpose(-1, -2) / math.sqrt(f.shape[-1])",
+     "corr = lambda f: f.float() @ f.float().transpose(-1, -2)", "vitkd_losses_match",
+     "correlation mimic without the 1/sqrt(D) scale"),
+    ("vitkd.py", "        optimizer.load_state_dict(ckpt[\"optimizer\"])\n        scaler", "        scaler",
+     "vitkd_end_to_end_resume", "resume drops the optimizer state (AdamW moments restart)"),
+    # ---- ssta.py ----------------------------------------------------------------------------------------------
+    ("ssta.py", "p, q = (s, t) if reverse else (t, s)", "p, q = (t, s) if reverse else (s, t)",
+     "attention_kd_loss_matches", "attention KD direction: KL(s||t) by default"),
+    ("ssta.py", "best = max(range(len(accs)), key=lambda i: (acc_all - accs[i], -i))",
+     "best = min(range(len(accs)), key=lambda i: (acc_all - accs[i], -i))",
+     "ssta_keeps_the_heads", "SSTA picks the least important heads"),
+    ("ssta.py", "    return a / a.sum(-1, keepdim=True)\n\n\ndef attention_transfer",
+     "    return a\n\n\ndef attention_transfer", "attention_kd_loss or drops_the_token",
+     "maps without the distillation token not renormalised"),
+    ("ssta.py", "return cls_and_patches(a.mean(1) if head == \"avg\" else a[:, head], taps.num_prefix_tokens)",
+     "return cls_and_patches(a.mean(1) if head == \"avg\" else a[:, 0], taps.num_prefix_tokens)",
+     "attention_kd_loss or ssta_end_to_end", "teacher map always from head 0, not the selected head"),
+    ("ssta.py", "a_s = F.normalize(s_tokens[:, npt:].float().pow(2).mean(-1), dim=1)",
+     "a_s = s_tokens[:, npt:].float().pow(2).mean(-1)", "attention_kd_loss or ssta_ablations or attention_transfer_by_hand",
+     "attention transfer: student map not L2-normalised"),
+    ("ssta.py", "w_ce = args.alpha * (1 - args.token_weight", "w_ce = (1 - args.token_weight",
+     "ssta_end_to_end or compiled_runs", "SSTA's CE weight alpha ignored"),
+    ("ssta.py", "        optimizer.load_state_dict(ckpt[\"optimizer\"])\n", "",
+     "ssta_end_to_end", "SSTA resume drops the optimizer state"),
+    # ---- sskd.py ----------------------------------------------------------------------------------------------
+    ("sskd.py", "return (scores > scores.gather(1, positive[:, None])).sum(1)",
+     "return (scores >= scores.gather(1, positive[:, None])).sum(1)", "sskd_selective",
+     "error level counts ties against the positive (and the positive itself)"),
+    ("sskd.py", "keep[order[int((~wrong).sum()):][:k]] = True", "keep[order[int((~wrong).sum()):][-k:]] = True",
+     "sskd_selective", "selective transfer keeps the worst-ranked wrong rows instead of the best"),
+    ("sskd.py", "k = int(int(wrong.sum()) * ratio)", "k = int(int(wrong.sum()) * (1 - ratio))",
+     "sskd_selective", "selective transfer ratio inverted"),
+    ("sskd.py", "return torch.arange(batch, device=device).repeat_interleave(3)",
+     "return torch.arange(batch, device=device).repeat(3)", "sskd_positive_columns or sskd_selective or rotate_views",
+     "positive column of transformed views in view-major instead of image-major order"),
+    ("sskd.py", "z = F.normalize(z.float(), dim=1)", "z = z.float()", "sskd_selective or sskd_stages",
+     "SS similarities not normalised (dot products, not cosines)"),
+    ("sskd.py", "return common.kd_loss(logits_s[keep], logits_t[keep], temperature)",
+     "return common.kd_loss(logits_s, logits_t, temperature)", "sskd_selective or sskd_stages",
+     "masked KD ignores the selective-transfer mask"),
+    ("sskd.py", "y = target.repeat_interleave(3)", "y = target.repeat(3)", "sskd_stages",
+     "L_T's labels of transformed views in the wrong order"),
+    # ---- sdssl.py ---------------------------------------------------------------------------------------------
+    ("sdssl.py", "common.cosine_schedule(step, total, 0.0, args.alpha_max)",
+     "common.cosine_schedule(step, total, args.alpha_max, 0.0)", "sdssl_losses_and_alpha_ramp or sdssl_learns",
+     "alpha ramp runs down from alpha_max instead of up from 0"),
+    ("sdssl.py", "torch._foreach_add_(tp, sp, alpha=1.0 - momentum)", "torch._foreach_add_(tp, sp, alpha=momentum)",
+     "schedule_lr_rule or sdssl_teacher_moves", "EMA adds momentum x student instead of (1 - momentum)"),
+    ("sdssl.py", "m = common.cosine_schedule(step + 1, total, args.momentum, 1.0)", "m = args.momentum",
+     "sdssl_losses_and_alpha_ramp or sdssl_teacher_moves or sdssl_learns", "EMA momentum not scheduled to 1"),
+    ("sdssl.py", "return F.cross_entropy(q @ keys.T / tau, labels) * 2 * tau",
+     "return F.cross_entropy(q @ keys.T / tau, labels)", "sdssl_losses_and_alpha_ramp or plain_framework",
+     "MoCo v3 loss without its 2 tau factor"),
+    ("sdssl.py", "return (2 - 2 * F.cosine_similarity(p.float(), z.float().detach(), dim=-1)).mean()",
+     "return (1 - F.cosine_similarity(p.float(), z.float().detach(), dim=-1)).mean()",
+     "sdssl_losses_and_alpha_ramp or plain_framework", "BYOL loss 1 - cos instead of 2 - 2 cos"),
+    ("sdssl.py", "own, pos = i + n * common.get_rank(), (i + n // 2) % n + n * common.get_rank()",
+     "own, pos = i + n * common.get_rank(), (i + 1) % n + n * common.get_rank()",
+     "sdssl_losses_and_alpha_ramp or projector_batchnorm or plain_framework", "NT-Xent positive is the next row, not the other view"),
+    ("sdssl.py", "pred = pred + (len(mid) + 1) * loss_fn(o[\"p_all\"], z[1 - v])",
+     "pred = pred + loss_fn(o[\"p_all\"], z[1 - v])", "sdssl_losses_and_alpha_ramp or batched_heads",
+     "L_pred as a mean over layers instead of a sum (x L)"),
+    ("sdssl.py", "        optimizer.load_state_dict(ckpt[\"optimizer\"])\n", "",
+     "sdssl_learns_and_resumes", "SDSSL resume drops the optimizer state"),
+    # ---- attn_distill.py --------------------------------------------------------------------------------------
+    ("attn_distill.py", "d = (t * (t.log() - s.log())) if distance == \"kl\" else (s - t).pow(2)",
+     "d = (s * (s.log() - t.log())) if distance == \"kl\" else (s - t).pow(2)", "attn_distill_functions",
+     "AttnDistill KL direction: KL(s||t)"),
+    ("attn_distill.py", "return (rows.clamp_min(torch.finfo(torch.float32).tiny).log().sum(1) / temperature).softmax(-1)",
+     "return (rows.clamp_min(torch.finfo(torch.float32).tiny).log().sum(1) * temperature).softmax(-1)",
+     "attn_distill_functions", "log-sum head aggregation multiplies by T instead of dividing"),
+    ("attn_distill.py", "patches = patches * (1 - a0) / patches.sum(-1, keepdim=True)",
+     "patches = patches / patches.sum(-1, keepdim=True)", "attn_distill_functions",
+     "resized CLS rows: patch mass not 1 - a_CLS (rows no longer sum to 1)"),
+    ("attn_distill.py", "    return d.sum() / len(s)", "    return d.mean()", "attn_distill_functions",
+     "AttnDistill loss averaged over keys and heads instead of summed, per batch"),
+    ("attn_distill.py", "loss = args.cls_weight * losses[\"cls\"] + args.lambda_attn", "loss = losses[\"cls\"] + args.lambda_attn",
+     "attn_distill_learns or attn_distill_on_cls_rows", "the CLS loss weight ignored"),
+    # ---- eval_knn_linear.py -----------------------------------------------------------------------------------
+    ("eval_knn_linear.py", "2 / (n - 2) * rk @ rl.T) / (n * (n - 3))", "1 / (n - 2) * rk @ rl.T) / (n * (n - 3))",
+     "minibatch_cka", "unbiased HSIC's cross term with factor 1 instead of 2"),
+    ("eval_knn_linear.py", "torch.meshgrid(torch.arange(gh) * ph, torch.arange(gw) * pw",
+     "torch.meshgrid(torch.arange(gh), torch.arange(gw)", "mean_attention_distance",
+     "mean attention distance in patches instead of pixels"),
+    ("eval_knn_linear.py", "(before < share).to(rows)", "(before <= share).to(rows)", "mean_attention_distance",
+     "attention threshold keeps one key too many on a boundary"),
+    ("eval_knn_linear.py", "rows = attn[:, :, 0, num_prefix_tokens:].float()", "rows = attn[:, :, 0, 1:].float()",
+     "mean_attention_distance or look_inside", "CLS rows keep the extra prefix tokens as patches"),
+]
+
+
+def tracked_files():
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
+    return [p for p in out.decode().split("\0") if p]
+
+
+def copy_repo(dest, files):
+    for rel in files:
+        src = os.path.join(ROOT, rel)
+        if not os.path.isfile(src):  # deleted in the work tree, or a submodule
+            continue
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)) or dest, exist_ok=True)
+        shutil.copy2(src, os.path.join(dest, rel))
+
+
+def run_one(index, mutation, files, timeout, python):
+    path, old, new, expr, what = mutation
+    row = {"id": index, "file": path, "tests": expr, "bug": what}
+    with open(os.path.join(ROOT, path)) as f:
+        text = f.read()
+    count = text.count(old)
+    if count != 1:
+        row.update(status="invalid", detail=f"original text found {count} times", seconds=0.0)
+        return row
+    tmp = tempfile.mkdtemp(prefix=f"mutate{index:03d}_")
+    t0 = time.time()
+    try:
+        copy_repo(tmp, files)
+        with open(os.path.join(tmp, path), "w") as f:
+            f.write(text.replace(old, new))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+        cmd = [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_smoke.py", "-k", expr]
+        try:
+            p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+            lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip()]
+            summary = lines[-1] if lines else ""
+            if p.returncode == 0:
+                row.update(status="survived", detail=summary)
+            elif p.returncode == 5:  # no test selected: the -k expression is stale
+                row.update(status="invalid", detail=f"no test selected by -k {expr!r}")
+            elif p.returncode == 1:
+                row.update(status="caught", detail=summary)
+            else:  # 2-4: pytest could not run (import error in the mutant counts as caught only if collection failed)
+                row.update(status="caught", detail=f"pytest exit {p.returncode}: {summary}")
+        except subprocess.TimeoutExpired:
+            row.update(status="timeout", detail=f"over {timeout}s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser("mutate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", type=int, nargs="+", help="run only these mutation numbers (see --list)")
+    ap.add_argument("--list", action="store_true", help="print the mutations and exit")
+    ap.add_argument("--jobs", type=int, default=1, help="mutations run in parallel (default 1)")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per mutation (default 300)")
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--python", default=sys.executable, help="interpreter that runs pytest (default: this one)")
+    args = ap.parse_args(argv)
+    chosen = list(range(len(MUTATIONS))) if not args.only else args.only
+    bad = [i for i in chosen if not 0 <= i < len(MUTATIONS)]
+    if bad:
+        ap.error(f"--only: no mutation {bad} (0..{len(MUTATIONS) - 1})")
+    if args.list:
+        for i in chosen:
+            path, old, new, expr, what = MUTATIONS[i]
+            print(f"{i:3d}  {path:18s} {what}\n     -k {expr}")
+        return 0
+    files = tracked_files()
+    t0 = time.time()
+    results = []
+
+    def report(row):
+        print(f"{row['id']:3d} {row['status']:8s} {row['seconds']:6.1f}s  {row['file']:18s} {row['bug']}"
+              + (f"  [{row['detail']}]" if row["status"] in ("invalid", "timeout") else ""), flush=True)
+        results.append(row)
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_one, i, MUTATIONS[i], files, args.timeout, args.python) for i in chosen]
+        for fut in futures:  # in order
+            report(fut.result())
+    results.sort(key=lambda r: r["id"])
+    counts = {s: sum(r["status"] == s for r in results) for s in ("caught", "timeout", "survived", "invalid")}
+    valid = counts["caught"] + counts["timeout"] + counts["survived"]
+    caught = counts["caught"] + counts["timeout"]
+    pct = 100.0 * caught / valid if valid else 0.0
+    print(f"score {caught} / {valid} ({pct:.1f}%)  caught {counts['caught']}, timeout {counts['timeout']}, "
+          f"survived {counts['survived']}, invalid {counts['invalid']}; {time.time() - t0:.0f}s")
+    for r in results:
+        if r["status"] == "survived":
+            print(f"  survived {r['id']}: {r['file']}: {r['bug']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"score": {"caught": caught, "valid": valid, "percent": round(pct, 1), **counts},
+                       "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
