@@ -2474,6 +2474,29 @@ def test_scripts_train_and_resume_exactly_on_the_fast_pipelines(tmp_path, monkey
 # mutation gaps: exact checks for the bugs that bench/mutate.py planted and the other tests let through
 # ---------------------------------------------------------------------------------------------
 # [section: mutation-gaps]
+def test_ssta_ce_weight_and_sdssl_alpha_ramp_reach_the_logged_step(tmp_path):
+    """Two more survivors: SSTA's --alpha must scale the logged cross-entropy of a step (same seed, same batch: exactly
+    half at 0.5); SD's alpha starts its ramp at 0, so the first step of a run logs alpha 0 and no ISD loss."""
+    module, flags = AMP_CASES["ssta"][0]
+    ce = [first_step_losses(module, flags + ["--alpha", a], tmp_path / f"a{a}")["train_ce"] for a in ("1.0", "0.5")]
+    assert ce[1] == pytest.approx(ce[0] / 2, rel=1e-6)
+    module, flags = AMP_CASES["sdssl_mocov3"][0]  # one step: the ramp's step 0
+    losses = first_step_losses(module, flags, tmp_path / "sd")
+    logged = json.loads((tmp_path / "sd" / "log.txt").read_text().splitlines()[0])
+    assert logged["train_alpha"] == 0.0 and losses["train_isd"] == 0.0 and losses["train_ssl"] > 0
+
+
+def test_sdssl_prediction_loss_is_a_sum_over_layers():
+    """L_pred (METHODS 4.3) reads the predictions of the detached projections of all L layers: their values equal the
+    ISD and SSL predictions', so L_pred = sum over layers = L_ssl + (L - 1) x L_isd / alpha (L_isd being alpha x the
+    mean over the L - 1 intermediate layers), for BYOL and MoCo v3 alike; a mean over layers would be 1/L of it."""
+    for fw in ("byol", "mocov3"):
+        args = sd_args("--framework", fw)
+        out = sd_losses_on(args, sd_batch())  # alpha 0.5
+        n_mid = len(range(args.distill_every - 1, args.depth - 1, args.distill_every))
+        assert n_mid >= 1 and out["pred"] == pytest.approx(out["ssl"] + n_mid * out["isd"] / 0.5, rel=1e-5), fw
+
+
 def test_sskd_positive_columns_and_attention_transfer_by_hand():
     """Two survivors of bench/mutate.py: SSKD's positive column of each transformed view (image-major: rows 3b..3b+2
     -> image b), and SSTA's attention transfer (L2-normalised spatial maps mean_c F^2 of the patch tokens)."""

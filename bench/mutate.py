@@ -26,12 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Last full pass (2026-11-30): 42 / 52 caught; after the tests it led to (end_epoch's guards called directly, the
 # per-epoch seed, SSTA's head choice against fixed importances, SSKD's positive columns and attention transfer by
-# hand) 47 / 52. Survivors, all test gaps (none equivalent), each with the test that would catch it:
-#   26 SSTA ignores --alpha (CE weight; default 1.0): one step with --alpha 0.5, the logged train_ce halved
+# hand, SSTA's CE weight and SD's alpha at step 0 through a logged step, L_pred as a sum over layers) 50 / 52.
+# Survivors, both test gaps (not equivalent), each with the test that would catch it:
 #   34 SSKD L_T labels target.repeat(3): the tf term of one step against a hand value
-#   35 SDSSL alpha ramp reversed in train_one_epoch: the logged alpha of step 0 must be 0
 #   37 EMA momentum not scheduled to 1: the momentum passed to ema_update at the last step must be 1.0
-#   41 L_pred a mean over layers instead of a sum: sdssl_losses(...)["pred"] against (L) x sum of BYOL terms
 # (file, exact original text (found exactly once), replacement, pytest -k expression, the bug it plants)
 MUTATIONS = [
     # ---- common.py: shared losses, schedules, safety checks, resume --------------------------------------------
@@ -100,7 +98,7 @@ MUTATIONS = [
      "a_s = s_tokens[:, npt:].float().pow(2).mean(-1)", "attention_kd_loss or ssta_ablations or attention_transfer_by_hand",
      "attention transfer: student map not L2-normalised"),
     ("ssta.py", "w_ce = args.alpha * (1 - args.token_weight", "w_ce = (1 - args.token_weight",
-     "ssta_end_to_end or compiled_runs", "SSTA's CE weight alpha ignored"),
+     "ce_weight_and_sdssl_alpha or ssta_end_to_end", "SSTA's CE weight alpha ignored"),
     ("ssta.py", "        optimizer.load_state_dict(ckpt[\"optimizer\"])\n", "",
      "ssta_end_to_end", "SSTA resume drops the optimizer state"),
     # ---- sskd.py ----------------------------------------------------------------------------------------------
@@ -123,7 +121,7 @@ MUTATIONS = [
      "L_T's labels of transformed views in the wrong order"),
     # ---- sdssl.py ---------------------------------------------------------------------------------------------
     ("sdssl.py", "common.cosine_schedule(step, total, 0.0, args.alpha_max)",
-     "common.cosine_schedule(step, total, args.alpha_max, 0.0)", "sdssl_losses_and_alpha_ramp or sdssl_learns",
+     "common.cosine_schedule(step, total, args.alpha_max, 0.0)", "ce_weight_and_sdssl_alpha or sdssl_losses_and_alpha_ramp",
      "alpha ramp runs down from alpha_max instead of up from 0"),
     ("sdssl.py", "torch._foreach_add_(tp, sp, alpha=1.0 - momentum)", "torch._foreach_add_(tp, sp, alpha=momentum)",
      "schedule_lr_rule or sdssl_teacher_moves", "EMA adds momentum x student instead of (1 - momentum)"),
@@ -139,7 +137,7 @@ MUTATIONS = [
      "own, pos = i + n * common.get_rank(), (i + 1) % n + n * common.get_rank()",
      "sdssl_losses_and_alpha_ramp or projector_batchnorm or plain_framework", "NT-Xent positive is the next row, not the other view"),
     ("sdssl.py", "pred = pred + (len(mid) + 1) * loss_fn(o[\"p_all\"], z[1 - v])",
-     "pred = pred + loss_fn(o[\"p_all\"], z[1 - v])", "sdssl_losses_and_alpha_ramp or batched_heads",
+     "pred = pred + loss_fn(o[\"p_all\"], z[1 - v])", "prediction_loss_is_a_sum or sdssl_losses_and_alpha_ramp",
      "L_pred as a mean over layers instead of a sum (x L)"),
     ("sdssl.py", "        optimizer.load_state_dict(ckpt[\"optimizer\"])\n", "",
      "sdssl_learns_and_resumes", "SDSSL resume drops the optimizer state"),
