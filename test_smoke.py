@@ -2497,6 +2497,16 @@ def test_sdssl_prediction_loss_is_a_sum_over_layers():
         assert n_mid >= 1 and out["pred"] == pytest.approx(out["ssl"] + n_mid * out["isd"] / 0.5, rel=1e-5), fw
 
 
+def test_attn_distill_step_loss_is_the_weighted_sum_of_its_logged_terms(tmp_path):
+    """AttnDistill's total of one step = cls_weight x L_c + lambda_attn x L_attn (+ patch_align x L_patch), from the
+    logged terms of a step with non-default weights."""
+    module, flags = AMP_CASES["attn_distill"][0]
+    out = first_step_losses(module, flags + ["--cls_weight", "0.5", "--lambda_attn", "3"], tmp_path / "ad")
+    assert out["train_cls"] > 0 and out["train_attn"] > 0
+    assert out["train_loss"] == pytest.approx(0.5 * out["train_cls"] + 3 * out["train_attn"] + out.get("train_patch", 0.0)
+                                              * module.get_args_parser().parse_args([]).patch_align, rel=1e-5)
+
+
 def test_sskd_positive_columns_and_attention_transfer_by_hand():
     """Two survivors of bench/mutate.py: SSKD's positive column of each transformed view (image-major: rows 3b..3b+2
     -> image b), and SSTA's attention transfer (L2-normalised spatial maps mean_c F^2 of the patch tokens)."""
