@@ -2507,6 +2507,23 @@ def test_attn_distill_step_loss_is_the_weighted_sum_of_its_logged_terms(tmp_path
                                               * module.get_args_parser().parse_args([]).patch_align, rel=1e-5)
 
 
+def test_sskd_tf_labels_are_image_major_and_sd_ema_momentum_ends_at_one(tmp_path, monkeypatch):
+    """SSKD's L_T reads the labels of the transformed views in image-major order (rows 3b..3b+2: image b's label);
+    SD's momentum teacher follows a cosine from --momentum to exactly 1 at the last step."""
+    seen = []
+    monkeypatch.setattr(sskd, "error_levels", lambda scores, positive: seen.append(positive) or
+                        (scores > scores.gather(1, positive[:, None])).sum(1))
+    first_step_losses(sskd, ONE_STEP + ["--student", "deit_tiny", *STUDENT, *TEACHER, "--ss_weight", "0", "--epochs", "1",
+                                        "--decay_epochs"], tmp_path / "sskd")
+    y = seen[0].view(-1, 3)
+    assert len(y) == 8 and (y == y[:, :1]).all() and len(set(y[:, 0].tolist())) > 1
+    momenta = []
+    monkeypatch.setattr(sdssl, "ema_update", lambda teacher, student, m: momenta.append(m))
+    module, flags = AMP_CASES["sdssl_mocov3"][0]
+    first_step_losses(module, flags + ["--synthetic_size", "24", "--momentum", "0.9"], tmp_path / "sd")
+    assert len(momenta) == 6 and momenta[-1] == 1.0 and momenta[0] == pytest.approx(common.cosine_schedule(1, 3, 0.9, 1.0))
+
+
 def test_sskd_positive_columns_and_attention_transfer_by_hand():
     """Two survivors of bench/mutate.py: SSKD's positive column of each transformed view (image-major: rows 3b..3b+2
     -> image b), and SSTA's attention transfer (L2-normalised spatial maps mean_c F^2 of the patch tokens)."""

@@ -24,13 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Last full pass (2026-11-30): 42 / 52 caught; after the tests it led to (end_epoch's guards called directly, the
+# Passes (2026-11-30): the first caught 42 / 52; after the tests it led to (end_epoch's guards called directly, the
 # per-epoch seed, SSTA's head choice against fixed importances, SSKD's positive columns and attention transfer by
-# hand, SSTA's CE weight and SD's alpha at step 0 through a logged step, L_pred as a sum over layers) a second
-# full pass caught 49 / 52; with AttnDistill's step total against its logged terms (47), 50 / 52.
-# Survivors, both test gaps (not equivalent), each with the test that would catch it:
-#   34 SSKD L_T labels target.repeat(3): the tf term of one step against a hand value
-#   37 EMA momentum not scheduled to 1: the momentum passed to ema_update at the last step must be 1.0
+# hand, SSTA's CE weight and SD's alpha at step 0 through a logged step, L_pred as a sum over layers) a second full
+# pass caught 49 / 52; the three survivors (AttnDistill's CLS weight, SSKD's L_T label order, SD's EMA momentum
+# reaching 1) got tests too; the third full pass caught 52 / 52 (334 s on 2 cores, one busy with another job).
 # (file, exact original text (found exactly once), replacement, pytest -k expression, the bug it plants)
 MUTATIONS = [
     # ---- common.py: shared losses, schedules, safety checks, resume --------------------------------------------
@@ -118,7 +116,7 @@ MUTATIONS = [
     ("sskd.py", "return common.kd_loss(logits_s[keep], logits_t[keep], temperature)",
      "return common.kd_loss(logits_s, logits_t, temperature)", "sskd_selective or sskd_stages",
      "masked KD ignores the selective-transfer mask"),
-    ("sskd.py", "y = target.repeat_interleave(3)", "y = target.repeat(3)", "sskd_stages",
+    ("sskd.py", "y = target.repeat_interleave(3)", "y = target.repeat(3)", "tf_labels_are_image_major",
      "L_T's labels of transformed views in the wrong order"),
     # ---- sdssl.py ---------------------------------------------------------------------------------------------
     ("sdssl.py", "common.cosine_schedule(step, total, 0.0, args.alpha_max)",
@@ -127,7 +125,7 @@ MUTATIONS = [
     ("sdssl.py", "torch._foreach_add_(tp, sp, alpha=1.0 - momentum)", "torch._foreach_add_(tp, sp, alpha=momentum)",
      "schedule_lr_rule or sdssl_teacher_moves", "EMA adds momentum x student instead of (1 - momentum)"),
     ("sdssl.py", "m = common.cosine_schedule(step + 1, total, args.momentum, 1.0)", "m = args.momentum",
-     "sdssl_losses_and_alpha_ramp or sdssl_teacher_moves or sdssl_learns", "EMA momentum not scheduled to 1"),
+     "tf_labels_are_image_major or sdssl_teacher_moves", "EMA momentum not scheduled to 1"),
     ("sdssl.py", "return F.cross_entropy(q @ keys.T / tau, labels) * 2 * tau",
      "return F.cross_entropy(q @ keys.T / tau, labels)", "sdssl_losses_and_alpha_ramp or plain_framework",
      "MoCo v3 loss without its 2 tau factor"),
