@@ -853,13 +853,14 @@ def pipeline(args, memory=True):
     (`memory`), fast on CUDA otherwise, pil on the CPU (CPU runs keep their numbers, and there the device part shares
     the cores with the model: bench/bench_data.py measures it slower than PIL at 224 px, faster at 32 px)."""
     mode = getattr(args, "pipeline", "auto")
+    stored = (mode == "memory" or (mode == "auto" and torch.cuda.is_available())) and _stored_at_input_size(args)
     if mode == "auto" and not torch.cuda.is_available():
         mode = "pil"
     elif mode == "auto":
-        mode = "memory" if memory and _stored_at_input_size(args) else "fast"
+        mode = "memory" if memory and stored else "fast"
     if mode == "memory" and not memory:
         fail("--pipeline memory: this recipe has no batched crop on the device (use --pipeline fast)")
-    if mode == "memory" and not _stored_at_input_size(args):
+    if mode == "memory" and not stored:
         fail(f"--pipeline memory needs a training split stored at --input_size {args.input_size} (CIFAR at 32, "
              f"synthetic at 32, fake, or an image folder of {args.input_size}-pixel squares); use --pipeline fast")
     return mode
