@@ -1886,16 +1886,16 @@ def test_reproduce_cifar10_suite_end_to_end_and_resume(tmp_path):
     assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
     names = re.findall(r"^\[run \d+/\d+\] (\S+) \(", dry.stdout, re.M)
     cmds = re.findall(r"^  (python .*)$", dry.stdout, re.M)
-    assert len(names) == len(cmds) == 72 and len(set(names)) == 72
+    assert len(names) == len(cmds) == 73 and len(set(names)) == 73
     pos = {n: i for i, n in enumerate(names)}
     central = [n for n in names if n.endswith("_s0") and n[:-3] in rc.CENTRAL]
-    assert all(n.startswith("teacher_") for n in names[:6]) and names[6:6 + len(central)] == central and len(central) == 14
-    assert [int(n.rsplit("_s", 1)[1]) for n in names[6:]] == sorted(int(n.rsplit("_s", 1)[1]) for n in names[6:])
+    assert all(n.startswith("teacher_") for n in names[:7]) and names[7:7 + len(central)] == central and len(central) == 14
+    assert [int(n.rsplit("_s", 1)[1]) for n in names[7:]] == sorted(int(n.rsplit("_s", 1)[1]) for n in names[7:])
     deps = re.findall(r"^\[run \d+/\d+\] (\S+) \(to run, after ([^)]*)\)", dry.stdout, re.M)
     assert len(deps) > 50 and all(pos[d] < pos[n] for n, ds in deps for d in ds.split(", "))
-    for n, c in zip(names, cmds):
-        assert ("cifar10_test_trall_v500 " in c, "cifar10_test_tr500_v500 " in c) == (n.startswith("teacher_"),
-                                                                                      not n.startswith("teacher_")), (n, c)
+    for n, c in zip(names, cmds):  # the assistant's extra k-NN uses the students' bank, to compare with theirs
+        on_all = n.startswith("teacher_") and n != "teacher_ssl_knn"
+        assert ("cifar10_test_trall_v500 " in c, "cifar10_test_tr500_v500 " in c) == (on_all, not on_all), (n, c)
     # a time budget: the running subprocess is stopped at 2 s (not finished), nothing else starts, exit status 0
     budget = subprocess.run([sys.executable, "bench/reproduce_cifar10.py", "--profile", "tiny", "--runner", "subprocess",
                              "--time_budget", "2", "--out", str(tmp_path / "out"), "--results_dir",
@@ -1919,6 +1919,11 @@ def test_reproduce_cifar10_suite_end_to_end_and_resume(tmp_path):
     curves = [row["per_block"] for row in res["rows"] if row.get("per_block")]
     assert len(curves) == 2 and all(len(c) == 2 for c in curves)  # SDSSL: plain and SD, one k-NN per block
     assert {"teacher_vit", "teacher_vit_ss", "teacher_cnn", "teacher_cnn_ss", "teacher_ssl"} <= set(res["teachers"])
+    mean = {(row["key"], row["metric"]): row["mean"] for row in res["rows"]}  # the teachers' gaps of the header
+    best = max(mean[k, "knn20"] for k in ("attn_pa_eval", "attn_ad_eval", "sdssl_plain_eval", "sdssl_sd_eval"))
+    gaps = res["teacher_gaps"]
+    assert gaps["vit_teacher_over_student_alone"] == pytest.approx(res["teachers"]["teacher_vit"]["top1"] - mean["vitkd_alone", "top1"], abs=2e-3)
+    assert gaps["assistant_knn_over_best_student_knn"] == pytest.approx(res["teachers"]["teacher_ssl"]["knn20"] - best, abs=2e-3)
     assert all(run["seconds"] and run["images_per_s"] for run in res["runs"].values())
     assert (tmp_path / "results" / "cifar10_tiny.md").stat().st_size > 0
     assert (tmp_path / "results" / "cifar10_tiny.png").read_bytes()[:4] == b"\x89PNG"
