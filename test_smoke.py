@@ -864,6 +864,7 @@ def test_vitkd_end_to_end_resume_and_export(tmp_path, supervised_run, monkeypatc
     flags = ["--epochs", "2", "--synthetic_size", "128", "--teacher_weights", str(supervised_run / "student_backbone.pth"),
              "--nkd", "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0"]
     straight, _ = run_vitkd(tmp_path / "a", *flags)
+    check_pinned("log/vitkd_nkd", timeless(json.loads(x) for x in (tmp_path / "a" / "log.txt").read_text().splitlines()))
     crash_after_first_checkpoint(monkeypatch, lambda: run_vitkd(tmp_path / "b", *flags))
     resumed, _ = run_vitkd(tmp_path / "b", *flags)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -1467,6 +1468,7 @@ def test_sdssl_learns_and_resumes(tmp_path, monkeypatch):
     assert knn["knn_acc1"] > init["knn_acc1"] + 6, (init, knn)
     flags = ["--framework", "mocov3", "--epochs", "2", "--synthetic_size", "64"]
     straight, _, _ = sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "a")))
+    check_pinned("log/sdssl_mocov3", timeless(json.loads(x) for x in (tmp_path / "a" / "log.txt").read_text().splitlines()))
     crash_after_first_checkpoint(monkeypatch, lambda: sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "b"))))
     resumed, teacher, _ = sdssl.main(sd_args(*flags, "--output_dir", str(tmp_path / "b")))
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -2600,6 +2602,101 @@ def test_ssta_keeps_the_heads_whose_masking_costs_the_most_accuracy(tmp_path, mo
 
 # ---------------------------------------------------------------------------------------------
 # GPU code paths on the CPU: bf16 autocast with CUDA's op lists, DDP with frozen / absent parameters
+
+PINNED = os.path.join(HERE, "bench", "pinned_values.json")
+
+
+def timeless(log):
+    """log.txt's lines without what depends on the machine's speed."""
+    return [{k: v for k, v in x.items() if "time" not in k and "img_s" not in k and "wait" not in k} for x in log]
+
+
+def check_pinned(name, observed):
+    """#25 (a change of form must not change a number): `observed` (first-step losses, a short run's log lines) equals
+    the values recorded in bench/pinned_values.json before the scripts were restructured, within 1e-6 relative (1e-4
+    under another torch release than the recording's, whose kernels may round differently). A change meant to alter
+    numbers re-records its entries: PIN_RECORD=1 python -m pytest test_smoke.py -k <tests> (then review the diff)."""
+    data = json.load(open(PINNED)) if os.path.exists(PINNED) else {}
+    if os.environ.get("PIN_RECORD"):
+        data[name], data["_torch"] = observed, torch.__version__.split("+")[0]
+        with open(PINNED, "w") as f:
+            json.dump(dict(sorted(data.items())), f, indent=0, sort_keys=True)
+        return
+    rel = 1e-6 if data.get("_torch") == torch.__version__.split("+")[0] else 1e-4
+    assert name in data, f"{name} has no recorded values in bench/pinned_values.json (PIN_RECORD=1 records them)"
+
+    def same(a, b, where):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), (where, set(a) ^ set(b))
+            for k in a:
+                same(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                same(x, y, f"{where}[{i}]")
+        elif isinstance(a, float) or isinstance(b, float):
+            assert abs(a - b) <= rel * max(abs(a), abs(b)) + 1e-12, (where, a, b)
+        else:
+            assert a == b, (where, a, b)
+    same(observed, data[name], name)
+
+
+def assert_same_state(a, b, where="checkpoint"):
+    """Two saved states are equal: every tensor bit for bit, every number and string, at every depth."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), (where, set(a) ^ set(b))
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    else:
+        assert a == b, (where, a, b)
+
+
+def resumed_equals_uninterrupted(tmp_path, monkeypatch, run, n_epochs, name):
+    """run(out) twice: straight through, and killed right after its first checkpoint then run again (resume auto).
+    The final checkpoints (model, optimizer moments and steps, scaler, heads, every saved module) are equal bit for
+    bit, args apart from output_dir; log.txt holds the same numbers for every epoch, each once."""
+    run(tmp_path / "a")
+    crash_after_first_checkpoint(monkeypatch, lambda: run(tmp_path / "b"))
+    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)["epoch"] == 1  # killed after epoch 0
+    run(tmp_path / "b")
+    ca, cb = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=True) for d in ("a", "b"))
+    assert ca["epoch"] == n_epochs and "optimizer" in ca and ca["optimizer"]["state"]
+    ca["args"].pop("output_dir"), cb["args"].pop("output_dir")
+    assert_same_state(ca, cb)
+    la, lb = ([json.loads(x) for x in (tmp_path / d / "log.txt").read_text().splitlines()] for d in ("a", "b"))
+    assert [x["epoch"] for x in lb] == list(range(n_epochs))
+    assert timeless(la) == timeless(lb)
+    check_pinned(f"log/{name}", timeless(la))
+    return ca
+
+
+def test_ssta_sskd_and_attn_distill_resume_exactly(tmp_path, supervised_run, ta_probe, monkeypatch):
+    """#24: the three scripts without a resume test of their own, killed after their first epoch: SSTA while both
+    teachers still teach (3 epochs, early stop after 2); SSKD's stage 2 (SS module on a frozen teacher) and its
+    student with KD, TF and SS losses; AttnDistill with gradient accumulation."""
+    teachers = ["--teacher_weights", str(supervised_run / "checkpoint.pth"),
+                "--ta_weights", str(supervised_run / "student_backbone.pth"), "--ta_probe", str(ta_probe)]
+    resumed_equals_uninterrupted(tmp_path / "ssta", monkeypatch, lambda out: run_ssta(
+        out, *teachers, "--epochs", "3", "--early_stop_epoch", "2", "--synthetic_size", "64", "--selection_images", "32"), 3, "ssta")
+    heads = [json.loads((tmp_path / "ssta" / d / "heads.json").read_text()) for d in "ab"]
+    assert heads[0] == heads[1] and heads[0]["teacher"]["heads"]
+    resumed_equals_uninterrupted(tmp_path / "ss", monkeypatch, lambda out: run_sskd(
+        out, "--stage", "teacher_ss", "--teacher_weights", str(supervised_run / "checkpoint.pth"), "--ss_epochs", "2",
+        "--synthetic_size", "64"), 2, "sskd_teacher_ss")
+    resumed_equals_uninterrupted(tmp_path / "sskd", monkeypatch, lambda out: run_sskd(
+        out, "--student", "deit_tiny", "--depth", "2", "--patch_size", "8", "--embed_dim", "48", "--epochs", "2",
+        "--synthetic_size", "64", "--teacher_weights", str(tmp_path / "ss" / "a" / "checkpoint.pth")), 2, "sskd_student")
+    resumed_equals_uninterrupted(tmp_path / "ad", monkeypatch, lambda out: run_attn_distill(
+        out, "--teacher_weights", str(supervised_run / "student_backbone.pth"), "--epochs", "2", "--synthetic_size", "64",
+        "--accum_iter", "2", "--batch_size", "16"), 2, "attn_distill")
+
+
 # ---------------------------------------------------------------------------------------------
 # [section: gpu-paths]
 # CUDA autocast (bf16 / fp16) on the CPU. CPU autocast casts the same matrix ops (linear, matmul, conv, SDPA) to the
@@ -2797,6 +2894,8 @@ def test_one_step_under_cuda_bf16_autocast_is_finite_and_close_to_fp32(tmp_path,
                 if amp == "off":  # the same flags with --amp off
                     flags = [f for i, f in enumerate(flags) if "--amp" not in (f, flags[i - 1] if i else "")] + ["--amp", "off"]
                 losses[amp] = first_step_losses(module, flags, out)
+                if amp == "off":
+                    check_pinned(f"first_step/{case}/{i}", losses[amp])
                 prev = out
     assert losses["off"] and losses["off"].keys() == losses["cuda"].keys()
     for k, ref in losses["off"].items():

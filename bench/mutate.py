@@ -164,6 +164,15 @@ MUTATIONS = [
      "attention threshold keeps one key too many on a boundary"),
     ("eval_knn_linear.py", "rows = attn[:, :, 0, num_prefix_tokens:].float()", "rows = attn[:, :, 0, 1:].float()",
      "mean_attention_distance or look_inside", "CLS rows keep the extra prefix tokens as patches"),
+    # ---- resume of the three scripts without a resume test before #24's --------------------------------------
+    ("ssta.py", 'optimizer.load_state_dict(ckpt["optimizer"])', 'pass  # optimizer state not restored',
+     "resume_exactly", "SSTA's resume forgets AdamW's moments"),
+    ("sskd.py", 'optimizer.load_state_dict(ckpt["optimizer"])', 'pass  # optimizer state not restored',
+     "resume_exactly", "SSKD's resume forgets SGD's momentum buffers"),
+    ("sskd.py", 'common.load_state(trainable, ckpt["trainable"], ckpt["_source"])', 'pass  # weights not restored',
+     "resume_exactly", "SSKD's resume restarts the trained modules (stage 2's SS module, the student's SS head)"),
+    ("attn_distill.py", 'optimizer.load_state_dict(ckpt["optimizer"])', 'pass  # optimizer state not restored',
+     "resume_exactly", "AttnDistill's resume forgets AdamW's moments"),
 ]
 
 
