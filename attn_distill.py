@@ -1,5 +1,6 @@
 """AttnDistill: self-supervised distillation of a ViT student from a frozen self-supervised ViT teacher
-(Wang et al., BMVC 2022), reconstructed from the official code: ../shared/METHODS.md section 3.
+(Wang et al., BMVC 2022), reconstructed from the official code (github.com/wangkai930418/attndistill,
+engine/engine_dino_transfer.py) and the paper's supplement (Table 7).
 
 No labels: the student's last-block tokens go through a projector P (LayerNorm, k Linear layers) and a
 LayerNorm of the teacher's width, and the CLS result regresses the teacher's final-norm CLS (MSE, L_c);
@@ -44,7 +45,7 @@ def get_args_parser():
                    help="the teacher's input normalisation (default: its file's, timm's config for hub / tagged names, else ImageNet's)")
     g.add_argument("--teacher_std", default=None, type=float, nargs=3)
     common.add_shape_args(g, "teacher_", "the teacher")
-    g = p.add_argument_group("AttnDistill (METHODS 3.2)")
+    g = p.add_argument_group("AttnDistill (the objective of engine_dino_transfer.py)")
     g.add_argument("--proj_layers", default=4, type=int, help="Linear layers of the projector P (Table 10: 1, 2, 4, 8)")
     g.add_argument("--projector", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-projector: align the student's own final-norm CLS with the teacher's directly (the official "
@@ -62,7 +63,7 @@ def get_args_parser():
     g.add_argument("--value_norm", action="store_true", help="weight the CLS rows by the value-vector norms (Table 10)")
     g.add_argument("--patch_align", default=0.0, type=float,
                    help="weight of an MSE of all patch tokens through P against the teacher's (Table 10; same grid only)")
-    g = p.add_argument_group("optimisation (METHODS 3.3)")
+    g = p.add_argument_group("optimisation (the official dino_teacher.sh / mugs_teacher.sh)")
     g.add_argument("--epochs", default=800, type=int, help="official scripts 800; supplement: 500 for ViT-T on ImageNet")
     g.add_argument("--batch_size", default=128, type=int, help="per process")
     g.add_argument("--accum_iter", default=1, type=int,
@@ -251,7 +252,7 @@ class StudentWithProjector(nn.Module):
 def build_projector(d_s, d_t, layers):
     """P: LayerNorm(d_s, eps 1e-6, as the official code), then `layers` Linear layers with GELU between,
     widths alternating 2 d_s, d_s, ... and the last one to d_t (the official code gets the last width wrong
-    for 1-3 layers; METHODS 3.2). Linear init trunc-normal std 0.02, bias 0."""
+    for 1-3 layers: we take the teacher's width, which the loss needs). Linear init trunc-normal std 0.02, bias 0."""
     mods, width = [nn.LayerNorm(d_s, eps=1e-6)], d_s
     for i in range(layers):
         out = d_t if i == layers - 1 else (2 * d_s if i % 2 == 0 else d_s)

@@ -1,6 +1,7 @@
 """SDSSL: self-distilled self-supervised learning (Jang et al., WACV 2023): every intermediate layer of the
 ViT learns, through its own projector (and predictor), from the final layer's target; plus the plain
-baselines MoCo v3, BYOL, SimCLR (--alpha_max 0 --no-pred_loss). Spec: ../shared/METHODS.md section 4.
+baselines MoCo v3, BYOL, SimCLR (--alpha_max 0 --no-pred_loss). Reconstructed from the official code
+(github.com/hagiss/SDSSL, branch master: pl_train_moco.py, byol_pytorch/byol_pytorch.py).
 
   torchrun --nproc_per_node=8 sdssl.py --framework mocov3 --arch vit_small --data_path /imagenet --output_dir out/sd_mocov3
   torchrun --nproc_per_node=8 sdssl.py --framework mocov3 --alpha_max 0 --no-pred_loss ... --output_dir out/mocov3
@@ -48,7 +49,7 @@ def get_args_parser():
                    help="MoCo v3's fixed 2-D sin-cos position embedding (not trained)")
     g.add_argument("--frozen_patch_embed", action=argparse.BooleanOptionalAction, default=True,
                    help="MoCo v3's random patch projection, not trained")
-    g = p.add_argument_group("SDSSL (METHODS 4.2-4.3)")
+    g = p.add_argument_group("SDSSL (heads: byol_pytorch.py; losses: pl_train_moco.py)")
     g.add_argument("--alpha_max", default=None, type=float, help="end of the alpha ramp (default 1.0 MoCo v3, 0.8 BYOL/SimCLR; 0: baseline)")
     g.add_argument("--alpha_const", action=argparse.BooleanOptionalAction, default=False, help="no ramp: alpha = alpha_max throughout")
     g.add_argument("--pred_loss", action=argparse.BooleanOptionalAction, default=True, help="L x predictor loss (MoCo v3, BYOL)")
@@ -61,7 +62,7 @@ def get_args_parser():
     g.add_argument("--out_dim", default=256, type=int)
     g.add_argument("--tau", default=0.2, type=float, help="temperature (MoCo v3, SimCLR)")
     g.add_argument("--momentum", default=0.996, type=float, help="EMA momentum, cosine-scheduled to 1")
-    g = p.add_argument_group("optimisation (METHODS 4.4)")
+    g = p.add_argument_group("optimisation (the official configs)")
     g.add_argument("--epochs", default=300, type=int)
     g.add_argument("--batch_size", default=128, type=int, help="per process")
     g.add_argument("--blr", default=None, type=float, help="lr per 256 images (default 1.5e-4; SimCLR 1.3e-4)")
@@ -196,7 +197,7 @@ def train_one_epoch(student, heads, teacher, taps, mid, loader, optimizer, scale
 
 
 def sdssl_losses(student, heads, teacher, taps, mid, last, views, alpha, args):
-    """{'ssl', 'isd', 'pred'} for one batch of two views (METHODS 4.3). One backbone forward on both views
+    """{'ssl', 'isd', 'pred'} for one batch of two views (pl_train_moco.py's training step). One backbone forward on both views
     and one heads forward, so that DDP sees each module once per step."""
     x1, x2 = views
     B = len(x1)
@@ -227,7 +228,7 @@ def sdssl_losses(student, heads, teacher, taps, mid, last, views, alpha, args):
         ssl = ssl + loss_fn(o["q_last"], z[1 - v])
         if mid:
             isd = isd + loss_fn(o["q_mid"].flatten(0, 1), z[1 - v])
-        if args.pred_loss:  # the mean over all layers' rows x L = a sum over layers (METHODS 4.3)
+        if args.pred_loss:  # the mean over all layers' rows x L = a sum over layers, as the official step
             pred = pred + (len(mid) + 1) * loss_fn(o["p_all"], z[1 - v])
     losses["ssl"] = ssl
     if mid:

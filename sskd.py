@@ -2,7 +2,7 @@
 "Knowledge Distillation Meets Self-Supervision", ECCV 2020), for any timm teacher and student (the
 method reads only final features and logits: ViT -> ViT, CNN -> ViT, CNN -> CNN).
 
-Three stages, one script (defaults: the official CIFAR code, METHODS.md section 6):
+Three stages, one script (defaults: the official CIFAR code, github.com/xuguodong03/SSKD):
   # 1. the teacher, supervised (no --teacher_weights: plain training on the normal view)
   python sskd.py --student resnet32x4_or_any_timm_name --data_path ... --output_dir out/teacher
   # 2. the teacher's self-supervision module: backbone and classifier frozen, 60 epochs

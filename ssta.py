@@ -1,7 +1,7 @@
 """SSTA: head-level attention distillation from a supervised teacher and a self-supervised teaching
 assistant (Wu et al., "Self-supervised Models are Good Teaching Assistants for Vision Transformers",
-ICML 2022). There is no official code; ../shared/METHODS.md section 2 fixes what the paper leaves
-open, and every such Decision is a flag here. Names: `teacher` is the supervised teacher (the paper's
+ICML 2022). There is no official code (github.com/GlassyWu/SSTA holds only a README): where the paper
+leaves a choice open, the choice made is said in place and is a flag here. Names: `teacher` is the supervised teacher (the paper's
 SL model), `ta` the self-supervised teaching assistant (its SSL model), in flags and code alike.
 
   # Table 2: DeiT-Ti student, DeiT-S supervised teacher, DINO ViT-S/16 assistant with its linear probe (8 GPUs)
@@ -62,10 +62,10 @@ def get_args_parser():
                    help="the assistant's linear probe (eval_knn_linear.py, or DINO's *_linearweights.pth): its classifier for head selection")
     g.add_argument("--ta_supervised", action=argparse.BooleanOptionalAction, default=False,
                    help="the assistant is a supervised model with its own classifier (Table 3's two-supervised-teachers row)")
-    # DeiT's main.py recipe (METHODS 2.4), SSTA's 72.2 baseline: lr 5e-4 per 512, 5 warm-up epochs, no clipping,
+    # DeiT's main.py recipe (the paper follows DeiT; its 72.2 DeiT-Ti baseline is DeiT's): lr 5e-4 per 512, 5 warm-up epochs, no clipping,
     # repeated augmentation on (and --drop_path 0.1 above)
     common.add_supervised_args(p, repeated_aug=True)
-    g = p.add_argument_group("SSTA (METHODS 2.2-2.3)")
+    g = p.add_argument_group("SSTA (paper 3.2: head selection, Eq. 5-7: the loss)")
     g.add_argument("--distill_layers", default=[-3, -2, -1], type=int, nargs="+", help="blocks distilled (paper: 10-12 of 12)")
     g.add_argument("--early_stop_epoch", default=None, type=int,
                    help="last distillation epoch + 1 (default: a third of --epochs, the paper's 100 of 300; --epochs: never stop)")
@@ -289,7 +289,7 @@ def teacher_map(taps, layer, head):
 
 def cls_and_patches(a, num_prefix_tokens):
     """B x N x N maps -> B x (1 + P) x (1 + P): prefix tokens other than CLS (DeiT's distillation token, registers)
-    dropped, rows and columns, and the rows renormalised (METHODS 2.3), so that every network's maps compare."""
+    dropped, rows and columns, and the rows renormalised (our choice: the paper does not say), so that every network's maps compare."""
     if num_prefix_tokens == 1:
         return a
     a = torch.cat([a[:, :1], a[:, num_prefix_tokens:]], 1)  # slices, no index tensor: no host-to-device copy per step
@@ -306,7 +306,7 @@ def attention_transfer(s_tokens, t_tokens, npt):
 
 
 # ---------------------------------------------------------------------------------------------
-# head selection (paper 3.2.1, METHODS 2.2)
+# head selection (paper 3.2.1)
 # ---------------------------------------------------------------------------------------------
 def select_heads(args, teachers, layers, train_set, device):
     """{'teacher' / 'ta': [head per distilled layer] or 'avg' entries}; layers: {name: its distilled blocks}.

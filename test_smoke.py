@@ -2494,7 +2494,7 @@ def test_ssta_ce_weight_and_sdssl_alpha_ramp_reach_the_logged_step(tmp_path):
 
 
 def test_sdssl_prediction_loss_is_a_sum_over_layers():
-    """L_pred (METHODS 4.3) reads the predictions of the detached projections of all L layers: their values equal the
+    """L_pred (SDSSL's official training step) reads the predictions of the detached projections of all L layers: their values equal the
     ISD and SSL predictions', so L_pred = sum over layers = L_ssl + (L - 1) x L_isd / alpha (L_isd being alpha x the
     mean over the L - 1 intermediate layers), for BYOL and MoCo v3 alike; a mean over layers would be 1/L of it."""
     for fw in ("byol", "mocov3"):

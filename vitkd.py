@@ -9,7 +9,7 @@ plain supervised DeiT-recipe training (the baseline, and the way supervised teac
   # CPU smoke run on the built-in synthetic data
   python vitkd.py --student deit_tiny --depth 2 --patch_size 8 --dataset synthetic --input_size 32 --epochs 2 --num_workers 0
 
-Method (METHODS.md section 5, defaults = the official mmcls code): the student's blocks 0 and 1
+Method (defaults = the official mmcls code, github.com/yzd-v/cls_KD, mmcls/distillation/losses/vitkd.py): the student's blocks 0 and 1
 (full block output, patch tokens only) mimic the teacher's through one Linear adapter each
 (L_lr = alpha x sum of squared errors / B, alpha = 3e-5); the student's last block after the
 final norm goes through a Linear adapter, exactly half its patch tokens are replaced by a learnable
@@ -49,9 +49,9 @@ def get_args_parser():
                    help="the teacher's input normalisation (default: its file's, timm's config for hub / tagged names, else ImageNet's)")
     g.add_argument("--teacher_std", default=None, type=float, nargs=3)
     common.add_shape_args(g, "teacher_", "the teacher")
-    # the ViTKD paper's recipe (mmcls DeiT config, METHODS 5.4): 20 warm-up epochs, cosine to 1e-2 x lr, clip 5
+    # the ViTKD paper's recipe (the official mmcls DeiT configs): 20 warm-up epochs, cosine to 1e-2 x lr, clip 5
     common.add_supervised_args(p, warmup_epochs=20, clip_grad=5.0)
-    g = p.add_argument_group("ViTKD (METHODS 5.1-5.2)")
+    g = p.add_argument_group("ViTKD (paper section 3; the official vitkd.py)")
     g.add_argument("--alpha_vitkd", default=3e-5, type=float, help="weight of L_lr, shallow mimicking (0: off)")
     g.add_argument("--beta_vitkd", default=3e-6, type=float, help="weight of L_gen, deep generation (0: off)")
     g.add_argument("--mimic_layers", default=[0, 1], type=int, nargs="+", help="blocks mimicked (paper Table 7)")

@@ -6,8 +6,8 @@ and seeds, then k-NN / linear-probe evaluation where the paper's metric needs it
   # the quickstart: built-in synthetic shapes, no files needed, a few minutes on a 2-core CPU
   python bench/reproduce_cifar10.py --profile smoke --out output/reproduce
   # reduced protocol on real CIFAR-10 (hyperparameters are fixed on a validation split first)
-  python bench/reproduce_cifar10.py --profile cpu --data ../shared/data/cifar10-jpg.tar.gz --split val --out output/reproduce
-  python bench/reproduce_cifar10.py --profile cpu --data ../shared/data/cifar10-jpg.tar.gz --out output/reproduce \
+  python bench/reproduce_cifar10.py --profile cpu --data cifar10-jpg.tar.gz --split val --out output/reproduce
+  python bench/reproduce_cifar10.py --profile cpu --data cifar10-jpg.tar.gz --out output/reproduce \
       --results_dir bench/results   # the README's table (default: under --out)
   # one H200 (16 CPU cores), 6 runs at a time on it, stopped cleanly after 330 s; --nproc N runs every script
   # under torchrun
@@ -74,7 +74,7 @@ def _vit(model, patch, depth, dim, heads):
 
 
 PROFILES = {
-    # the regression test's size (bench/test_reproduce_snippet.py): every code path, no learning expected;
+    # the regression test's size (test_smoke.py's reproduction test): every code path, no learning expected;
     # 3 supervised epochs so that SSTA's early stop (a third of them) is not empty
     "tiny": dict(
         data=dict(synthetic_size=64), seeds=1, num_workers=0, jobs=1, threads=1, runner="inprocess",
