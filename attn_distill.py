@@ -188,9 +188,12 @@ def train_one_epoch(model, teacher, taps, values, pairs, grids, aggregate, loade
     model.train()
     meter = common.Meter()
     steps = len(loader)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     npt = (common.unwrap(model).backbone.num_prefix_tokens, teacher.num_prefix_tokens)
-    for it, lr, images, _ in common.train_batches(loader, optimizer, schedule, epoch, device):
+    for it, batch in enumerate(meter.timed(loader)):
+        lr = schedule(epoch * steps + it)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        images, _ = common.to_device(batch, device, loader)
         update = (it + 1) % args.accum_iter == 0 or it + 1 == steps
         sync = nullcontext() if update or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
@@ -213,7 +216,14 @@ def train_one_epoch(model, teacher, taps, values, pairs, grids, aggregate, loade
                 args.patch_align * losses.get("patch", 0.0)
             common.check_finite(loss, f"at epoch {epoch} iteration {it}")
             meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
-            common.optimizer_step(loss / args.accum_iter, optimizer, scaler, params, args.clip_grad, update=update)
+            scaler.scale(loss / args.accum_iter).backward()  # gradients accumulate over accum_iter steps
+        if update:
+            if args.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
     return common.reduce_metrics(meter.averages(), device)
 
 

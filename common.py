@@ -797,7 +797,7 @@ def build_supervised_data(args):
 def build_loader(dataset, batch_size, train, num_workers=8, seed=0, repeated_aug=False, on_device=None):
     """Training: DistributedSampler even in one process (batch W*b = W processes of b), no partial batch, repeated aug.
     on request. Evaluation: rank r takes r, r + W, ... (no padding: exact at any W). Workers restart: exact resume.
-    on_device: what train_batches runs on each batch once on the device (the fast pipelines' OnDevice)."""
+    on_device: what to_device runs on each batch once on the device (the fast pipelines' OnDevice)."""
     world, rank = get_world_size(), get_rank()
     if batch_size < 1:
         fail(f"--batch_size is per process and must be at least 1 (global batch = batch_size x {world} processes)")
@@ -840,7 +840,7 @@ def class_subset(labels, fraction, generator):
 # ---- 5b. the fast input pipelines (--pipeline fast / memory) ---------------------------------
 # pil, the reference: workers decode with PIL and run the torchvision / timm transforms to normalised float images.
 # fast: workers decode with libjpeg-turbo (torchvision.io) and do only the crop and flip, on uint8 tensors
-# (torchvision's uint8 resampling kernels, ~4x PIL's); train_batches hands the uint8 batch to the loader's OnDevice,
+# (torchvision's uint8 resampling kernels, ~4x PIL's); to_device hands the uint8 batch to the loader's OnDevice,
 # which runs the rest batched on the device with per-sample parameters (RandAugment, colour jitter, normalisation,
 # erasing, the SSL views' colour ops). memory: a split stored at the training size (CIFAR) is decoded once into one
 # uint8 tensor on the device and the crop and flip run there too: no loader workers. Every parameter is drawn by the
@@ -964,7 +964,7 @@ class MemoryImages(torch.utils.data.Dataset):
 
 
 class OnDevice:
-    """The device end of the fast / memory pipelines, run by train_batches on each batch: (memory) gather the images,
+    """The device end of the fast / memory pipelines, run by to_device on each batch: (memory) gather the images,
     crop.batch; then each of `steps` (uint8 -> normalised float, per-sample augmentation)."""
 
     def __init__(self, steps, crop=None, memory=None):
@@ -1266,28 +1266,16 @@ def lr_schedule(base, final, total_steps, warmup_steps=0, start=0.0):
     return lambda step: cosine_schedule(step, total_steps, base, final, warmup_steps, start)
 
 
-DATA_WAIT = [0.0]  # seconds train_batches spent blocked on the loader; Meter's line prints the share ("data")
-
-
-def train_batches(loader, optimizer, schedule, epoch, device, mixup=None):
-    """One epoch: set lr = schedule(global step), move the batch to `device`, the loader's on_device (the fast
-    pipelines' device end), Mixup / CutMix. Yields (it, lr, x, y)."""
-    batches = iter(loader)
-    for it in range(len(loader)):
-        t = time.perf_counter()
-        images, target = next(batches)
-        DATA_WAIT[0] += time.perf_counter() - t
-        lr = schedule(epoch * len(loader) + it)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        images = ([v.to(device, non_blocking=True) for v in images] if isinstance(images, (list, tuple))  # views
-                  else images.to(device, non_blocking=True))
-        target = target.to(device, non_blocking=True)
-        if getattr(loader, "on_device", None) is not None:
-            images = loader.on_device(images)
-        if mixup is not None:
-            images, target = mixup(images, target)
-        yield it, lr, images, target
+def to_device(batch, device, loader):
+    """A loader's (images, target) on `device` (images: a batch, or a list of views), then the fast pipelines'
+    device end when the loader has one (loader.on_device: crop, flip, RandAugment, normalisation on the device)."""
+    images, target = batch
+    images = ([v.to(device, non_blocking=True) for v in images] if isinstance(images, (list, tuple))
+              else images.to(device, non_blocking=True))
+    target = target.to(device, non_blocking=True)
+    if getattr(loader, "on_device", None) is not None:
+        images = loader.on_device(images)
+    return images, target
 
 
 def resolve_lr(args, base_batch=256):
@@ -1325,19 +1313,6 @@ def autocast(device, amp="bf16"):
 def grad_scaler(device, amp):
     """A GradScaler that is active only for fp16 on CUDA (a no-op otherwise)."""
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")
-
-
-def optimizer_step(loss, optimizer, scaler, params=(), clip_grad=0.0, update=True):
-    """backward (scaled for fp16); when `update` (else accumulate): unscale, clip to clip_grad (0: off), step, zero."""
-    scaler.scale(loss).backward()
-    if not update:
-        return
-    if clip_grad > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def check_finite(loss, where=""):
@@ -1550,10 +1525,19 @@ def versions():
 
 
 class Meter:
-    """Running averages of named floats for the periodic training line."""
+    """Running averages of named floats for the periodic training line, and the time spent waiting on the loader."""
 
     def __init__(self):
-        self.sums, self.count, self.t0, self.wait0 = {}, 0, time.time(), DATA_WAIT[0]
+        self.sums, self.count, self.t0, self.wait = {}, 0, time.time(), 0.0
+
+    def timed(self, loader):
+        """The loader's batches; the time blocked on each is the line's "data" share (a GPU waiting on data)."""
+        batches = iter(loader)
+        for _ in range(len(loader)):
+            t = time.perf_counter()
+            batch = next(batches)
+            self.wait += time.perf_counter() - t
+            yield batch
 
     def update(self, **values):
         for k, v in values.items():
@@ -1576,7 +1560,7 @@ class Meter:
         elapsed = max(time.time() - self.t0, 1e-9)
         vals = "  ".join(f"{k} {v:.4g}" for k, v in self.averages().items())
         mem = f"  mem {torch.cuda.max_memory_allocated() / 2 ** 30:.1f}G" if torch.cuda.is_available() else ""
-        data = f"  data {100 * (DATA_WAIT[0] - self.wait0) / elapsed:.0f}%"  # time waiting on the loader
+        data = f"  data {100 * self.wait / elapsed:.0f}%"  # time waiting on the loader
         return f"{prefix} [{step}/{total}]  {vals}  {self.count / elapsed:.2f} it/s{data}{mem}"
 
 

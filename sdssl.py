@@ -177,10 +177,13 @@ def train_one_epoch(student, heads, teacher, taps, mid, loader, optimizer, scale
     heads.train()
     meter = common.Meter()
     steps = len(loader)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     last = len(common.unwrap(student).blocks) - 1
-    for it, lr, views, _ in common.train_batches(loader, optimizer, schedule, epoch, device):
+    for it, batch in enumerate(meter.timed(loader)):
         step = epoch * steps + it
+        lr = schedule(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        views, _ = common.to_device(batch, device, loader)
         # the ratio annealing: cosine from 0 to alpha_max over the whole run (no warm-up)
         alpha = args.alpha_max if args.alpha_const else common.cosine_schedule(step, total, 0.0, args.alpha_max)
         with common.autocast(device, args.amp):
@@ -188,7 +191,13 @@ def train_one_epoch(student, heads, teacher, taps, mid, loader, optimizer, scale
             loss = sum(losses.values())
         common.check_finite(loss, f"at epoch {epoch} iteration {it}")
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, alpha=alpha, **losses)
-        common.optimizer_step(loss, optimizer, scaler, params, args.clip_grad)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         if teacher is not None:  # EMA, momentum cosine-scheduled from args.momentum to 1
             m = common.cosine_schedule(step + 1, total, args.momentum, 1.0)
             ema_update(teacher["backbone"], student, m)

@@ -190,9 +190,12 @@ def train_one_epoch(student, s_ss, teacher, t_ss, loader, optimizer, scaler, sch
     (s_ss if teacher_ss else student).train()
     meter = common.Meter()
     steps = len(loader)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     all_views = teacher_ss or (teacher is not None and (args.tf_weight > 0 or args.ss_weight > 0))
-    for it, lr, images, target in common.train_batches(loader, optimizer, schedule, epoch, device):
+    for it, batch in enumerate(meter.timed(loader)):
+        lr = schedule(epoch * steps + it)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        images, target = common.to_device(batch, device, loader)
         x = rotate_views(images) if all_views else images[:, 0]  # 4B image-major views, or the B normal views
         normal = torch.arange(0, len(x), 4, device=device) if all_views else torch.arange(len(x), device=device)
         transformed = torch.arange(len(x), device=device)[(torch.arange(len(x), device=device) % 4) != 0]
@@ -223,7 +226,10 @@ def train_one_epoch(student, s_ss, teacher, t_ss, loader, optimizer, scaler, sch
             loss = sum(losses.values())
         common.check_finite(loss, f"at epoch {epoch} iteration {it}")
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
-        common.optimizer_step(loss, optimizer, scaler, params)
+        scaler.scale(loss).backward()  # the official student.py: no gradient clipping
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
     return common.reduce_metrics(meter.averages(), device)
 
 

@@ -28,6 +28,7 @@ import json
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -231,8 +232,13 @@ def train_one_epoch(student, teachers, token_teacher, taps, plan, loader, criter
     student.train()
     meter = common.Meter()
     steps = len(loader)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for it, lr, images, target in common.train_batches(loader, optimizer, schedule, epoch, device, mixup):
+    for it, batch in enumerate(meter.timed(loader)):
+        lr = schedule(epoch * steps + it)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        images, target = common.to_device(batch, device, loader)
+        if mixup is not None:
+            images, target = mixup(images, target)
         with common.autocast(device, args.amp):
             t_out = {}  # the teacher's logits for --teacher_loss lkd; otherwise only the taps' maps / tokens are read
             with torch.no_grad():  # all three networks see the same (mixed) batch
@@ -265,7 +271,13 @@ def train_one_epoch(student, teachers, token_teacher, taps, plan, loader, criter
             loss = sum(losses.values())
         common.check_finite(loss, f"at epoch {epoch} iteration {it}")
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
-        common.optimizer_step(loss, optimizer, scaler, params, args.clip_grad)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
     return common.reduce_metrics(meter.averages(), device)
 
 

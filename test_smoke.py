@@ -102,7 +102,13 @@ def toy_main(args):
                 loss = F.cross_entropy(ddp(x.to(device)), y.to(device))
             common.check_finite(loss, f"at epoch {epoch} iteration {it}")
             meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr)
-            common.optimizer_step(loss, opt, scaler, model.parameters(), args.clip_grad)
+            scaler.scale(loss).backward()
+            if args.clip_grad > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
         stats = common.evaluate(model, val_loader, device, args.amp)
         train = common.reduce_metrics(meter.averages(), device)
         common.end_epoch(args.output_dir, "toy", args, epoch, train, stats, model=model.state_dict(),
@@ -447,14 +453,6 @@ def test_schedule_lr_rule_param_groups_and_finite_check():
     with pytest.raises(common.UserError, match="non-finite loss at step 3"):
         common.check_finite(torch.tensor(float("nan")), "at step 3")
     common.check_finite(torch.tensor(1.0))
-    lin = nn.Linear(3, 1, bias=False)
-    nn.init.ones_(lin.weight)
-    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
-    x = torch.tensor([[3.0, 0.0, 4.0]])
-    common.optimizer_step(lin(x).sum(), opt, common.grad_scaler(torch.device("cpu"), "off"), lin.parameters(), 1.0)
-    # d/dw (w . x) = x, |x| = 5, clipped to 1: step = x / 5
-    torch.testing.assert_close(lin.weight.detach(), torch.tensor([[1 - 0.6, 1.0, 1 - 0.8]]))
-    assert lin.weight.grad is None
     teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
     expect = 0.9 * teacher.weight.detach() + 0.1 * student.weight.detach()
     sdssl.ema_update(teacher, student, 0.9)
@@ -462,7 +460,7 @@ def test_schedule_lr_rule_param_groups_and_finite_check():
 
 
 def test_meter_line_reports_loader_wait_and_gpu_check_reads_it(capsys):
-    """train_batches counts the time blocked on the loader; Meter's line prints it as a share of the epoch, and
+    """Meter.timed counts the time blocked on the loader; Meter's line prints it as a share of the epoch, and
     bench/gpu_check.py's parser reads the steady rate, the warm-up and that share back from the lines."""
     import time
     sys.path.insert(0, os.path.join(HERE, "bench"))
@@ -475,9 +473,9 @@ def test_meter_line_reports_loader_wait_and_gpu_check_reads_it(capsys):
                 yield b
 
     loader = SlowLoader([(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))] * 4)
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
     meter, arrived = common.Meter(), []
-    for it, lr, x, y in common.train_batches(loader, opt, lambda step: 0.1, 1, torch.device("cpu")):
+    for it, batch in enumerate(meter.timed(loader)):
+        x, y = common.to_device(batch, torch.device("cpu"), loader)
         time.sleep(0.01 if it else 0.2)  # the first step also warms up
         meter.log(1, it, len(loader), 1, loss=1.0)
         arrived.append(time.perf_counter())  # when gpu_check would read the line
@@ -2674,6 +2672,25 @@ def resumed_equals_uninterrupted(tmp_path, monkeypatch, run, n_epochs, name):
     assert timeless(la) == timeless(lb)
     check_pinned(f"log/{name}", timeless(la))
     return ca
+
+
+@pytest.mark.parametrize("case", ["vitkd_kd", "ssta", "sdssl_mocov3", "attn_distill"])
+def test_gradient_clipping_reaches_every_trained_parameter(tmp_path, case):
+    """Each script's own step clips the gradient norm of what it trains (--clip_grad): clipped to 1e-12, AdamW's
+    update (g / (sqrt(v) + eps)) shrinks to about 1e-4 x lr, so one step leaves every weight where lr 0 leaves it
+    (weight decay off), while the unclipped step moves some by about lr."""
+    module, flags = AMP_CASES[case][0]
+    flags = flags + ["--amp", "off", "--weight_decay", "0"]
+    runs = {}
+    for name, extra in (("clipped", ["--lr", "1e-2", "--clip_grad", "1e-12"]), ("free", ["--lr", "1e-2", "--clip_grad", "0"]),
+                        ("still", ["--lr", "0", "--clip_grad", "1e-12"])):
+        first_step_losses(module, flags + extra, tmp_path / name)
+        ck = torch.load(tmp_path / name / "checkpoint.pth", weights_only=True)
+        runs[name] = {k: v for part in ck.values() if isinstance(part, dict) for k, v in part.items()  # every state
+                      if torch.is_tensor(v) and v.is_floating_point() and v.dim() >= 1}  # dict's float tensors
+    moved = max((runs["free"][k] - runs["still"][k]).abs().max().item() for k in runs["still"])
+    left = max((runs["clipped"][k] - runs["still"][k]).abs().max().item() for k in runs["still"])
+    assert moved > 5e-3 and left < 1e-5, (moved, left)
 
 
 def test_ssta_sskd_and_attn_distill_resume_exactly(tmp_path, supervised_run, ta_probe, monkeypatch):

@@ -204,9 +204,14 @@ def train_one_epoch(student, teacher, vitkd, taps, loader, criterion, mixup, opt
         vitkd.train()
     meter = common.Meter()
     steps = len(loader)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     token = args.distill_token != "none"
-    for it, lr, images, target in common.train_batches(loader, optimizer, schedule, epoch, device, mixup):
+    for it, batch in enumerate(meter.timed(loader)):
+        lr = schedule(epoch * steps + it)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        images, target = common.to_device(batch, device, loader)
+        if mixup is not None:
+            images, target = mixup(images, target)
         hard = target.argmax(1) if target.dim() == 2 else target  # NKD's target class under Mixup / CutMix
         with common.autocast(device, args.amp):
             if teacher is not None:
@@ -230,7 +235,13 @@ def train_one_epoch(student, teacher, vitkd, taps, loader, criterion, mixup, opt
             loss = sum(losses.values())
         common.check_finite(loss, f"at epoch {epoch} iteration {it}")
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
-        common.optimizer_step(loss, optimizer, scaler, params, args.clip_grad)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:  # over everything that learns: the student and the ViTKD modules
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
     return common.reduce_metrics(meter.averages(), device)
 
 

@@ -173,6 +173,13 @@ MUTATIONS = [
      "resume_exactly", "SSKD's resume restarts the trained modules (stage 2's SS module, the student's SS head)"),
     ("attn_distill.py", 'optimizer.load_state_dict(ckpt["optimizer"])', 'pass  # optimizer state not restored',
      "resume_exactly", "AttnDistill's resume forgets AdamW's moments"),
+    # ---- each script's own optimizer step (#25 moved it out of common.py) --------------------------------------
+    *[(f, line, line.replace("args.clip_grad)", "args.clip_grad * 1e12)"), "gradient_clipping",
+       f"{f}: --clip_grad no longer clips")
+      for f, line in (("vitkd.py", 'nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)'),
+                      ("ssta.py", "nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)"),
+                      ("sdssl.py", 'nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)'),
+                      ("attn_distill.py", "nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)"))],
 ]
 
 
