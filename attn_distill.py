@@ -94,7 +94,7 @@ def main(args):
                                    depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads,
                                    drop_path_rate=args.drop_path, mean=stats[0], std=stats[1]).to(device)
     teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
-                                   args.teacher_std, num_classes=0, img_size=args.input_size,
+                                   args.teacher_std, num_classes=0, img_size=args.input_size, trust=args.trust_checkpoint, 
                                    **common.shape_args(args, "teacher_")).to(device)
     if not args.projector and backbone.embed_dim != teacher.embed_dim:
         common.fail(f"--no-projector aligns the CLS tokens directly: the student's width {backbone.embed_dim} must equal "
@@ -139,7 +139,7 @@ def main(args):
                                                                       if attn else "L_a off (PA only)"))
 
     # ---------------- optimizer, schedule, resume ----------------
-    lr = common.resolve_lr(args)  # prints the effective batch (processes x batch x accum_iter)
+    lr = common.resolve_lr(args, args.accum_iter)  # prints the effective batch (processes x batch x accum_iter)
     # MAE's weight-decay groups as in the official code: pos_embed and cls_token are decayed
     optimizer = torch.optim.AdamW(common.param_groups(model, args.weight_decay, skip_listed=False), lr=lr, betas=(0.9, 0.95))
     scaler = common.grad_scaler(device, args.amp)

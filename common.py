@@ -35,14 +35,9 @@ def fail(msg):
     raise UserError(msg)
 
 
-TRUST_CHECKPOINTS = False  # --trust_checkpoint: allow full unpickling of files that hold more than tensors
-
-
 def run_main(main, parser, argv=None):
     """A script's __main__: parse, run; a UserError (a worker's: its last line) -> one rank-0 stderr line, exit 2."""
-    global TRUST_CHECKPOINTS
     args = parser.parse_args(argv)
-    TRUST_CHECKPOINTS = getattr(args, "trust_checkpoint", False)
     try:
         main(args)
     except UserError as e:
@@ -275,8 +270,9 @@ def sincos_2d(grid_h, grid_w, dim, layout="mae", temperature=10000.0):
     return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], 1)
 
 
-def read_checkpoint(path):
-    """torch.load on CPU, weights_only (and argparse.Namespace: DINO, DeiT, MAE); more only with --trust_checkpoint."""
+def read_checkpoint(path, trust=False):
+    """torch.load on CPU, weights_only (and argparse.Namespace: DINO, DeiT, MAE); more only with `trust`
+    (--trust_checkpoint)."""
     if not os.path.isfile(path):
         fail(f"checkpoint not found: {path} (local paths are never downloaded; use hub:NAME for timm weights)")
     try:
@@ -289,7 +285,7 @@ def read_checkpoint(path):
         except Exception as e:
             if "This file can still be loaded" not in str(e):  # torch's words for "a global outside the allow-list"
                 raise
-            if not TRUST_CHECKPOINTS:  # full unpickling runs whatever code the file names
+            if not trust:  # full unpickling runs whatever code the file names
                 what = next(iter(re.findall(r"GLOBAL ([\w.]+)", str(e))), "a global outside the allow-list")
                 fail(f"{path} holds Python objects beyond tensors ({what}); loading it would run code from the file: "
                      "pass --trust_checkpoint if you trust it")
@@ -361,7 +357,7 @@ def adapt_state_dict(sd, model, source="the file"):
     return sd, notes, is_head
 
 
-def load_weights(model, source, key=None, ckpt=None, require_head=False):
+def load_weights(model, source, key=None, ckpt=None, require_head=False, trust=False):
     """Load `model` from a file (timm, DeiT, MAE, DINO, MoCo v3, ours; `key`: top-level key; `ckpt`: content if read),
     hub:<timm name> or 'random'. Fails on missing / unexpected keys beyond the classifier, which require_head needs."""
     if source == "random":
@@ -370,7 +366,7 @@ def load_weights(model, source, key=None, ckpt=None, require_head=False):
     if source.startswith("hub:"):
         sd, used_key = _hub_state_dict(source[4:]), None
     else:
-        ckpt = read_checkpoint(os.path.expanduser(source)) if ckpt is None else ckpt
+        ckpt = read_checkpoint(os.path.expanduser(source), trust) if ckpt is None else ckpt
         sd, used_key = pick_state_dict(ckpt, key, source)
     sd, notes, is_head = adapt_state_dict(sd, model, source)
     check_state_dict(sd, model, source, optional=is_head)
@@ -414,14 +410,14 @@ def _hub_state_dict(name):
              f"cache (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); otherwise pass a local file")
 
 
-def saved_model_config(source, key=None):
+def saved_model_config(source, key=None, trust=False):
     """(what a file says about its network, its content): this repository's 'model_config' (or the .json beside an
     export); else MoCo v3's 'arch' (MOCOV3_ARCHS) or timm train.py's; and global_pool 'avg' for a state dict with
     fc_norm and no final norm (MAE's finetunes). A dict without 'name' when only that is known; None when nothing is
     said (the content stays None for hub: / random)."""
     if not source or source == "random" or source.startswith("hub:"):
         return None, None
-    ckpt, config = read_checkpoint(os.path.expanduser(source)), {}
+    ckpt, config = read_checkpoint(os.path.expanduser(source), trust), {}
     sidecar = os.path.splitext(os.path.expanduser(source))[0] + ".json"
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
         config = dict(ckpt["model_config"])
@@ -440,16 +436,14 @@ def saved_model_config(source, key=None):
         keys = set(timm.models.clean_state_dict(pick_state_dict(ckpt, key, source)[0]))
         if "fc_norm.weight" in keys and "norm.weight" not in keys:  # MAE finetune's global pool (main_finetune.py)
             config["global_pool"] = "avg"
-    for legacy in ("sincos_pos_embed", "frozen_patch_embed"):  # older sdssl.py files: the weights hold them
-        config.pop(legacy, None)
     return config or None, ckpt
 
 
-def pretrained_config(name, weights, key=None, flag="--arch", prefix="", **overrides):
+def pretrained_config(name, weights, key=None, flag="--arch", prefix="", trust=False, **overrides):
     """(create_model kwargs, file content) of a network loaded from `weights`: what the file says (saved_model_config),
     `name` (the flag `flag`) in place of its name, then the overrides (None: ignored). A ViT-S name that the file does
     not settle gets a note: 6 heads are assumed (timm, DeiT, DINO) where MoCo v3's and SDSSL's have 12."""
-    said, ckpt = saved_model_config(weights, key)
+    said, ckpt = saved_model_config(weights, key, trust)
     name = name or (weights[4:] if weights and weights.startswith("hub:") else None)
     config = dict(said or {}, **({"name": name} if name else {}))
     if "name" not in config:
@@ -475,17 +469,18 @@ def shape_args(args, prefix=""):
     return {k: getattr(args, prefix + k) for k in SHAPE_FLAGS}
 
 
-def build_teacher(name, weights, key=None, data_stats=None, mean=None, std=None, label="teacher", **overrides):
+def build_teacher(name, weights, key=None, data_stats=None, mean=None, std=None, label="teacher", trust=False,
+                  **overrides):
     """Frozen teacher; `weights` (file, hub:NAME, 'random') and its classifier required; data_stats: renormalize_input.
     Its config: pretrained_config (the file's, `name` on top, then overrides: None ignored); stats: mean / std, else
     the file's, else input_stats."""
     if not weights:
         fail(f"{label} '{name}' needs weights: a local file, hub:<timm name>, or 'random' (smoke tests only)")
-    config, ckpt = pretrained_config(name, weights, key, f"--{label}", f"{label}_", **overrides)
+    config, ckpt = pretrained_config(name, weights, key, f"--{label}", f"{label}_", trust, **overrides)
     config["mean"], config["std"] = input_stats(config["name"], weights, mean or config.get("mean"),
                                                 std or config.get("std"))
     model = create_model(**config)
-    load_weights(model, weights, key, ckpt=ckpt, require_head=model.num_classes > 0)
+    load_weights(model, weights, key, ckpt=ckpt, require_head=model.num_classes > 0, trust=trust)
     if data_stats is not None:
         renormalize_input(model, data_stats, label)
     return freeze(model)
@@ -1278,9 +1273,9 @@ def to_device(batch, device, loader):
     return images, target
 
 
-def resolve_lr(args, base_batch=256):
-    """--lr, else --blr x global batch (with --accum_iter) / base_batch; printed. args stays unchanged for resume."""
-    global_batch = args.batch_size * get_world_size() * getattr(args, "accum_iter", 1)
+def resolve_lr(args, accum_iter=1, base_batch=256):
+    """--lr, else --blr x global batch (processes x batch x accum_iter) / base_batch; printed. args stays unchanged."""
+    global_batch = args.batch_size * get_world_size() * accum_iter
     if args.lr is not None:
         print0(f"| lr {args.lr:.3g} (given; global batch {global_batch})")
         return args.lr
@@ -1400,9 +1395,8 @@ RESUME_FREE = ("resume", "output_dir", "data_path", "log_every", "save_every", "
 def prepare_output_dir(args, script, free=()):
     """Read only: the checkpoint to resume or None. --resume auto: output_dir/checkpoint.pth if any (same script, args
     equal up to RESUME_FREE and `free`); none: refused if there is one; PATH: same script, changed args printed."""
-    for k in ("epochs", "ss_epochs"):
-        if getattr(args, k, 1) < 1:
-            fail(f"--{k} must be at least 1, got {getattr(args, k)}")
+    if getattr(args, "epochs", 1) < 1:
+        fail(f"--epochs must be at least 1, got {args.epochs}")
     if args.compile and args.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
         fail(f"--compile_backend {args.compile_backend} is not a torch.compile backend (e.g. inductor, aot_eager)")
     if args.compile and args.compile_mode in CUDA_GRAPH_MODES:
@@ -1423,7 +1417,7 @@ def prepare_output_dir(args, script, free=()):
             fail(f"--resume {path}: no such checkpoint")
     if path is None:
         return None
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, args.trust_checkpoint)
     if not isinstance(ckpt, dict) or "script" not in ckpt or "epoch" not in ckpt:
         fail(f"--resume {path} is not a training checkpoint of this repository (no 'script' / 'epoch' entries)")
     if ckpt["script"] != script:
@@ -1616,10 +1610,10 @@ def save_probe(probe, spec, path, **info):
                  "num_classes": probe.linear.out_features, **info}, path)
 
 
-def load_probe(path, embed_dim=None):
+def load_probe(path, embed_dim=None, trust=False):
     """(LinearProbe, feature spec) of a save_probe file or of DINO's *_linearweights.pth, whose feature (last 4 CLS for
     ViT-S, in = 4 D; CLS + mean patch for ViT-B, in = 2 D) is inferred from embed_dim."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, trust)
     if isinstance(ckpt, dict) and "probe" in ckpt and "feature" in ckpt:
         sd, spec, bn = ckpt["probe"], ckpt["feature"], ckpt.get("bn", False)
     else:

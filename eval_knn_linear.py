@@ -128,7 +128,7 @@ def main(args):
 
     # ---------------- features ----------------
     if args.load_features:
-        cache = common.read_checkpoint(args.load_features)
+        cache = common.read_checkpoint(args.load_features, args.trust_checkpoint)
         if "train" not in cache or "val" not in cache:
             common.fail(f"{args.load_features} was not written by --dump_features")
         specs = cache["specs"]
@@ -203,15 +203,15 @@ def build_backbone(args, flag="--arch", prefix=""):
     of its name, then --patch_size / --depth / --embed_dim / --num_heads."""
     if not args.weights:
         common.fail("--weights is required: a file, hub:<timm name>, or 'random' (smoke tests)")
-    config, ckpt = common.pretrained_config(args.arch, args.weights, args.checkpoint_key, flag, prefix, num_classes=0,
-                                            **common.shape_args(args))
+    config, ckpt = common.pretrained_config(args.arch, args.weights, args.checkpoint_key, flag, prefix,
+                                            args.trust_checkpoint, num_classes=0, **common.shape_args(args))
     config["mean"], config["std"] = common.input_stats(config["name"], args.weights, args.mean or config.get("mean"),
                                                        args.std or config.get("std"))
     model = common.create_model(**config)
     grid = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if grid is not None and tuple(grid) != (args.input_size, args.input_size) and not getattr(model, "dynamic_img_size", False):
         model = common.create_model(**{**config, "img_size": args.input_size})
-    common.load_weights(model, args.weights, args.checkpoint_key, ckpt=ckpt)
+    common.load_weights(model, args.weights, args.checkpoint_key, ckpt=ckpt, trust=args.trust_checkpoint)
     return common.freeze(model)
 
 

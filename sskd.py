@@ -94,6 +94,8 @@ def main(args):
         common.fail("--batch_size must be at least 2: the SS task contrasts each view with the other images of the batch")
     if not (0 < args.train_fraction <= 1 and 0 <= args.label_noise < 1):
         common.fail("--train_fraction must be in (0, 1] and --label_noise in [0, 1)")
+    if args.ss_epochs < 1:
+        common.fail(f"--ss_epochs must be at least 1, got {args.ss_epochs}")
     ckpt = common.prepare_output_dir(args, "sskd.py")
     common.seed_everything(args.seed)
 
@@ -112,9 +114,9 @@ def main(args):
     if args.teacher_weights:
         teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
                                        args.teacher_std, num_classes=num_classes, img_size=args.input_size,
-                                       **common.shape_args(args, "teacher_")).to(device)
+                                       trust=args.trust_checkpoint, **common.shape_args(args, "teacher_")).to(device)
         t_ss = SSHead(teacher.num_features).to(device)
-        saved = common.read_checkpoint(args.teacher_weights) if os.path.isfile(args.teacher_weights) else {}
+        saved = common.read_checkpoint(args.teacher_weights, args.trust_checkpoint) if os.path.isfile(args.teacher_weights) else {}
         if "ss_head" in saved:
             t_ss.load_state_dict(saved["ss_head"])
         elif kd and args.ss_weight > 0:

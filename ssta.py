@@ -136,7 +136,7 @@ def main(args):
         student.set_distilled_training(True)  # training: (class head, distillation head) logits; eval: their mean
         token_teacher = common.build_teacher(args.token_teacher, args.token_teacher_weights, args.token_teacher_key, stats,
                                              label="token_teacher", num_classes=num_classes, img_size=args.input_size,
-                                             **common.shape_args(args, "token_teacher_")).to(device)
+                                             trust=args.trust_checkpoint, **common.shape_args(args, "token_teacher_")).to(device)
     layers = {"student": resolve_layers(args.distill_layers, student, "student")}
     teacher_head, ta_head = (0, 1) if args.assignment == "eq" else (1, 0)
     if student.blocks[0].attn.num_heads < (2 if use_teacher and use_ta else 1):
@@ -148,11 +148,12 @@ def main(args):
     if use_teacher and start_epoch < early:
         teachers["teacher"] = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats,
                                                    args.teacher_mean, args.teacher_std, num_classes=num_classes,
-                                                   img_size=args.input_size, **common.shape_args(args, "teacher_")).to(device)
+                                                   img_size=args.input_size, trust=args.trust_checkpoint, 
+                                                   **common.shape_args(args, "teacher_")).to(device)
     if use_ta and start_epoch < early:
         teachers["ta"] = common.build_teacher(args.ta, args.ta_weights, args.ta_key, stats, args.ta_mean, args.ta_std,
                                               label="ta", img_size=args.input_size,
-                                              num_classes=num_classes if args.ta_supervised else 0,
+                                              num_classes=num_classes if args.ta_supervised else 0, trust=args.trust_checkpoint, 
                                               **common.shape_args(args, "ta_")).to(device)
     for name, t in teachers.items():
         if not hasattr(t, "blocks") and (name == "ta" or args.teacher_loss != "lkd"):
@@ -378,7 +379,7 @@ def teacher_classifier(args, name, model, device, num_classes=None):
     num_classes, the data's, when given)."""
     if name == "teacher" or args.ta_supervised:
         return (lambda x, outs: model.forward_head(model.norm(x))), set()
-    probe, spec = common.load_probe(args.ta_probe, model.embed_dim)
+    probe, spec = common.load_probe(args.ta_probe, model.embed_dim, args.trust_checkpoint)
     need = set(common.feature_blocks(model, [spec]))
     dim = common.features_from_tokens(model, {b: torch.zeros(1, 2, model.embed_dim) for b in need}, spec).shape[1]
     if probe.linear.in_features != dim:

@@ -980,6 +980,8 @@ def test_bad_input_is_refused_before_any_work_from_the_command_line(tmp_path, su
         "depth 0": ("sdssl.py", SD_TINY + ["--depth", "0", "--output_dir", fresh], "--depth must be a positive integer"),
         "epochs 0": ("vitkd.py", TINY_RECIPE + ["--epochs", "0", "--output_dir", str(run)], "--epochs must be at least 1"),
         "sskd epochs -1": ("sskd.py", ["--dataset", "synthetic", "--epochs", "-1", "--output_dir", fresh], "--epochs must be at least 1"),
+        "sskd ss_epochs 0": ("sskd.py", ["--dataset", "synthetic", "--ss_epochs", "0", "--output_dir", fresh],
+                             "--ss_epochs must be at least 1"),
         "resume hint, other architecture": ("vitkd.py", TINY_RECIPE + ["--epochs", "9", "--depth", "3", "--resume", ckpt,
                                                                        "--output_dir", str(run)], "does not match the model"),
         "resume file of the wrong kind": ("vitkd.py", tiny + ["--resume", str(tmp_path / "plain.pth"), "--output_dir", str(run)],
@@ -2200,6 +2202,28 @@ def test_a_full_disk_during_the_checkpoint_write(tmp_path, capsys, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # input pipelines (--pipeline fast / memory): every device-side piece against the PIL reference
+
+def test_files_with_python_objects_load_only_when_trusted(tmp_path):
+    """A file that holds more than tensors (here a SimpleNamespace, as some training scripts save their config) would
+    run code when fully unpickled: refused with one line naming --trust_checkpoint, loaded with it (the flag reaches
+    the loaders as an argument: eval_knn_linear's backbone, a teacher, a probe)."""
+    import types
+    torch.manual_seed(0)
+    m = common.create_model("deit_tiny", num_classes=0, img_size=32, patch_size=16, depth=1, embed_dim=48)
+    path = str(tmp_path / "obj.pth")
+    torch.save({"model": m.state_dict(), "config": types.SimpleNamespace(lr=1.0)}, path)
+    argv = ["--weights", path, "--arch", "deit_tiny", "--depth", "1", "--embed_dim", "48", "--patch_size", "16",
+            "--input_size", "32", "--dataset", "synthetic"]
+    with pytest.raises(common.UserError, match="holds Python objects beyond tensors .*--trust_checkpoint"):
+        eval_knn_linear.build_backbone(eval_knn_linear.get_args_parser().parse_args(argv))
+    backbone = eval_knn_linear.build_backbone(eval_knn_linear.get_args_parser().parse_args(argv + ["--trust_checkpoint"]))
+    assert torch.equal(backbone.blocks[0].attn.qkv.weight, m.blocks[0].attn.qkv.weight)
+    with pytest.raises(common.UserError, match="--trust_checkpoint"):
+        common.build_teacher("deit_tiny", path, num_classes=0, img_size=32, patch_size=16, depth=1, embed_dim=48)
+    t = common.build_teacher("deit_tiny", path, num_classes=0, img_size=32, patch_size=16, depth=1, embed_dim=48, trust=True)
+    assert torch.equal(t.pos_embed, m.pos_embed)
+
+
 # ---------------------------------------------------------------------------------------------
 # [section: pipelines]
 # Intended differences, each bounded below: resampling kernels (uint8 crops within 2 levels of PIL's; the memory

@@ -123,7 +123,7 @@ def main(args):
         # the classifier is only needed (and then must match the data) for the logit losses
         teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
                                        args.teacher_std, img_size=args.input_size, num_classes=num_classes if logit_kd else 0,
-                                       **common.shape_args(args, "teacher_")).to(device)
+                                       trust=args.trust_checkpoint, **common.shape_args(args, "teacher_")).to(device)
     if teacher is not None and feature_kd:
         for name, m in (("student", student), ("teacher", teacher)):
             if not hasattr(m, "blocks"):
