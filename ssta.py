@@ -138,11 +138,12 @@ def main(args):
                                              label="token_teacher", num_classes=num_classes, img_size=args.input_size,
                                              trust=args.trust_checkpoint, **common.shape_args(args, "token_teacher_")).to(device)
     layers = {"student": resolve_layers(args.distill_layers, student, "student")}
-    teacher_head, ta_head = (0, 1) if args.assignment == "eq" else (1, 0)
+    # the student head that learns from each teacher (paper: head 0 from the SL teacher, head 1 from the assistant)
+    student_head = {"teacher": 0, "ta": 1} if args.assignment == "eq" else {"teacher": 1, "ta": 0}
     if student.blocks[0].attn.num_heads < (2 if use_teacher and use_ta else 1):
         common.fail(f"the student has {student.blocks[0].attn.num_heads} head(s); SSTA needs one per teacher")
     if not (use_teacher and use_ta):
-        teacher_head = ta_head = 0  # a single teacher teaches head 0
+        student_head = {"teacher": 0, "ta": 0}  # a single teacher teaches head 0
     teachers = {}
     # built and checked at the start of every run, except a run resumed after the early stop, which needs none
     if use_teacher and start_epoch < early:
@@ -196,8 +197,10 @@ def main(args):
         tokens = {"teacher": args.teacher_loss == "at", "ta": False, "student": args.teacher_loss == "at" and "teacher" in teachers}
         taps = {n: common.ViTTaps(m, attn=layers[n] if maps[n] else (), blocks=layers[n] if tokens[n] else ())
                 for n, m in (("student", student), *teachers.items()) if n in layers}  # a CNN teacher (lkd): no taps
-    plan = dict(layers=layers, heads=heads, student_heads={"teacher": teacher_head, "ta": ta_head},
-                weights={"teacher": args.beta, "ta": args.lambda_ta})
+    # the distilled pairs of each teacher: the i-th distilled block of the student learns from the i-th of the teacher,
+    # (student block, teacher block, the teacher's selected head there: an index or 'avg', the student head)
+    pairs = {n: [(s, t, heads[n][i] if n in heads else None, student_head[n])
+                 for i, (s, t) in enumerate(zip(layers["student"], layers[n]))] for n in teachers if n in layers}
 
     # ---------------- training ----------------
     common.print0(f"| distillation until epoch {early}, training until {args.epochs}")
@@ -210,7 +213,7 @@ def main(args):
             common.print0(f"| early stop of the distillation at epoch {epoch}")
         common.seed_everything(args.seed, epoch)
         loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(student_ddp, teachers, token_teacher, taps, plan, loader, criterion, mixup, optimizer,
+        train_stats = train_one_epoch(student_ddp, teachers, token_teacher, taps, pairs, loader, criterion, mixup, optimizer,
                                       scaler, schedule, epoch, device, args)
         test_stats = {}  # logged only where measured
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -228,7 +231,7 @@ def main(args):
     return student, test_stats
 
 
-def train_one_epoch(student, teachers, token_teacher, taps, plan, loader, criterion, mixup, optimizer, scaler, schedule,
+def train_one_epoch(student, teachers, token_teacher, taps, pairs, loader, criterion, mixup, optimizer, scaler, schedule,
                     epoch, device, args):
     student.train()
     meter = common.Meter()
@@ -255,20 +258,7 @@ def train_one_epoch(student, teachers, token_teacher, taps, plan, loader, criter
             if token_teacher is not None:
                 losses["token"] = args.token_weight * common.token_loss(dist_logits, token_logits, args.distill_token,
                                                                         args.kd_temperature)
-            for name in teachers:
-                w = plan["weights"][name]
-                if name == "teacher" and args.teacher_loss == "lkd":
-                    losses[name] = w * common.kd_loss(logits, t_out[name], args.kd_temperature)
-                else:  # the i-th distilled block of the student learns from the i-th of the teacher
-                    pairs = list(zip(plan["layers"]["student"], plan["layers"][name]))
-                    s_taps, npt = taps["student"], taps["student"].num_prefix_tokens
-                    if name == "teacher" and args.teacher_loss == "at":
-                        terms = [attention_transfer(s_taps.tokens[ls], taps[name].tokens[lt], npt) for ls, lt in pairs]
-                    else:
-                        terms = [attention_kd_loss(cls_and_patches(s_taps.attn[ls][:, plan["student_heads"][name]], npt),
-                                                   teacher_map(taps[name], lt, plan["heads"][name][i]),
-                                                   reverse=args.kl == "reverse") for i, (ls, lt) in enumerate(pairs)]
-                    losses[name] = w * sum(terms)
+            losses.update(ssta_losses(logits, t_out, taps, pairs, args))
             loss = sum(losses.values())
         common.check_finite(loss, f"at epoch {epoch} iteration {it}")
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
@@ -285,6 +275,27 @@ def train_one_epoch(student, teachers, token_teacher, taps, plan, loader, criter
 # ---------------------------------------------------------------------------------------------
 # losses and targets
 # ---------------------------------------------------------------------------------------------
+def ssta_losses(logits, t_out, taps, pairs, args):
+    """{teacher name: its weighted distillation term} for the teachers still teaching (t_out: their outputs, in the
+    order teacher, assistant). Paper Eq. 5-7: per distilled pair, KL between the teacher head's map and the student
+    head's (beta for the supervised teacher, lambda for the assistant). --teacher_loss lkd: logit KD from the teacher
+    instead; at: attention transfer between the paired blocks' tokens."""
+    losses = {}
+    for name, out in t_out.items():
+        w = args.beta if name == "teacher" else args.lambda_ta
+        if name == "teacher" and args.teacher_loss == "lkd":
+            losses[name] = w * common.kd_loss(logits, out, args.kd_temperature)
+            continue
+        s_taps, npt = taps["student"], taps["student"].num_prefix_tokens
+        if name == "teacher" and args.teacher_loss == "at":
+            terms = [attention_transfer(s_taps.tokens[s], taps[name].tokens[t], npt) for s, t, _, _ in pairs[name]]
+        else:
+            terms = [attention_kd_loss(cls_and_patches(s_taps.attn[s][:, s_head], npt), teacher_map(taps[name], t, t_head),
+                                       reverse=args.kl == "reverse") for s, t, t_head, s_head in pairs[name]]
+        losses[name] = w * sum(terms)
+    return losses
+
+
 def attention_kd_loss(student_attn, teacher_attn, reverse=False, eps=1e-8):
     """B x N x N maps of one head each: KL(teacher || student) of every query row (summed over keys),
     mean over batch and rows; fp32, probabilities clamped at eps (bf16 rows underflow). reverse=True:

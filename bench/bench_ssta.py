@@ -55,9 +55,9 @@ def main():
     opt = torch.optim.AdamW(common.param_groups(student, 0.05), lr=1e-4)
     scaler = common.grad_scaler(device, args.amp)
     H = teachers["teacher"].blocks[0].attn.num_heads
-    plan = dict(layers=layers, heads={"teacher": [i % H for i in range(len(layers["teacher"]))],  # 0, 1, 2
-                                      "ta": [(i + 3) % H for i in range(len(layers["ta"]))]},  # 3, 4, 5
-                student_heads={"teacher": 0, "ta": 1}, weights={"teacher": args.beta, "ta": args.lambda_ta})
+    # as ssta.main's pairs: (student block, teacher block, teacher head: 0, 1, 2 / 3, 4, 5, student head 0 / 1)
+    pairs = {n: [(s, t, (i + 3 * k) % H, k) for i, (s, t) in enumerate(zip(layers["student"], layers[n]))]
+             for k, n in enumerate(("teacher", "ta"))}
 
     def ssta_step(with_teachers):
         def run():
@@ -65,7 +65,7 @@ def main():
             if with_teachers:  # as ssta.main (default --teacher_loss head): attention maps of the distilled blocks
                 taps = {n: common.ViTTaps(m, attn=layers[n]) for n, m in (("student", student), *teachers.items())}
             try:
-                ssta.train_one_epoch(student, teachers if with_teachers else {}, None, taps, plan, batches, criterion,
+                ssta.train_one_epoch(student, teachers if with_teachers else {}, None, taps, pairs, batches, criterion,
                                      None, opt, scaler, schedule, 0, device, args)
             finally:
                 for t in taps.values():

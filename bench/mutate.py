@@ -180,6 +180,11 @@ MUTATIONS = [
                       ("ssta.py", "nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)"),
                       ("sdssl.py", 'nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.clip_grad)'),
                       ("attn_distill.py", "nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)"))],
+    ("ssta.py", 'student_head = {"teacher": 0, "ta": 1} if args.assignment == "eq"',
+     'student_head = {"teacher": 1, "ta": 0} if args.assignment == "eq"', "ssta",
+     "SSTA: the assistant teaches student head 0 and the teacher head 1 (the paper: the opposite)"),
+    ("ssta.py", 'w = args.beta if name == "teacher" else args.lambda_ta', 'w = args.lambda_ta if name == "teacher" else args.beta',
+     "ssta", "SSTA: beta and lambda swapped between the teacher and the assistant"),
 ]
 
 
