@@ -742,33 +742,6 @@ def _posterize(img, bits_to_keep, **_):
     return ImageOps.posterize(img, bits_to_keep) if bits_to_keep > 0 else Image.new(img.mode, img.size)
 
 
-def add_supervised_args(parser, epochs=300, batch_size=128, blr=2.5e-4, min_lr=1e-5, warmup_epochs=5, clip_grad=0.0,
-                        repeated_aug=False):
-    """The DeiT training recipe as flags (vitkd.py, ssta.py); scripts pass their paper's defaults."""
-    g = parser.add_argument_group("optimisation (DeiT recipe)")
-    g.add_argument("--epochs", default=epochs, type=int)
-    g.add_argument("--batch_size", default=batch_size, type=int, help="per process (8 x 128 = 1024 on 8 GPUs)")
-    g.add_argument("--blr", default=blr, type=float, help="lr per 256 images (DeiT: 5e-4 per 512)")
-    g.add_argument("--lr", default=None, type=float, help="absolute lr (overrides --blr)")
-    g.add_argument("--min_lr", default=min_lr, type=float, help="end of the cosine")
-    g.add_argument("--warmup_epochs", default=warmup_epochs, type=int, help="linear warm-up")
-    g.add_argument("--warmup_ratio", default=1e-3, type=float, help="warm-up starts at lr x ratio")
-    g.add_argument("--weight_decay", default=0.05, type=float)
-    g.add_argument("--clip_grad", default=clip_grad, type=float, help="gradient-norm clipping (0: off)")
-    g = parser.add_argument_group("augmentation (DeiT recipe)")
-    g.add_argument("--randaug", default="rand-m9-mstd0.5-inc1", type=str, help="timm RandAugment string ('' = off)")
-    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
-    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
-    g.add_argument("--mixup", default=0.8, type=float, help="Mixup alpha (0 = off)")
-    g.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0 = off)")
-    g.add_argument("--mixup_prob", default=1.0, type=float)
-    g.add_argument("--mixup_switch_prob", default=0.5, type=float)
-    g.add_argument("--repeated_aug", action=argparse.BooleanOptionalAction, default=repeated_aug,
-                   help="DeiT's repeated augmentation (3 augmented copies of each image per epoch; DeiT's main.py: on)")
-    g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and at the end)")
-    return g
-
-
 def build_supervised_data(args):
     """(train_set, train_loader, val_loader, mixup_fn or None, criterion) of the DeiT recipe (Mixup: soft-target CE)."""
     reference = build_transform(args, True, args.randaug, args.reprob)

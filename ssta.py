@@ -63,9 +63,29 @@ def get_args_parser():
                    help="the assistant's linear probe (eval_knn_linear.py, or DINO's *_linearweights.pth): its classifier for head selection")
     g.add_argument("--ta_supervised", action=argparse.BooleanOptionalAction, default=False,
                    help="the assistant is a supervised model with its own classifier (Table 3's two-supervised-teachers row)")
-    # DeiT's main.py recipe (the paper follows DeiT; its 72.2 DeiT-Ti baseline is DeiT's): lr 5e-4 per 512, 5 warm-up epochs, no clipping,
-    # repeated augmentation on (and --drop_path 0.1 above)
-    common.add_supervised_args(p, repeated_aug=True)
+    # DeiT's main.py recipe (the paper follows DeiT; its 72.2 DeiT-Ti baseline is DeiT's): lr 5e-4 per 512, 5 warm-up
+    # epochs, no clipping, repeated augmentation on (and --drop_path 0.1 above)
+    g = p.add_argument_group("optimisation (DeiT's main.py)")
+    g.add_argument("--epochs", default=300, type=int)
+    g.add_argument("--batch_size", default=128, type=int, help="per process (8 x 128 = 1024 on 8 GPUs)")
+    g.add_argument("--blr", default=2.5e-4, type=float, help="lr per 256 images (DeiT: 5e-4 per 512)")
+    g.add_argument("--lr", default=None, type=float, help="absolute lr (overrides --blr)")
+    g.add_argument("--min_lr", default=1e-5, type=float, help="end of the cosine")
+    g.add_argument("--warmup_epochs", default=5, type=int, help="linear warm-up")
+    g.add_argument("--warmup_ratio", default=1e-3, type=float, help="warm-up starts at lr x ratio")
+    g.add_argument("--weight_decay", default=0.05, type=float)
+    g.add_argument("--clip_grad", default=0.0, type=float, help="gradient-norm clipping (0: off)")
+    g = p.add_argument_group("augmentation (DeiT's)")
+    g.add_argument("--randaug", default="rand-m9-mstd0.5-inc1", type=str, help="timm RandAugment string ('' = off)")
+    g.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
+    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    g.add_argument("--mixup", default=0.8, type=float, help="Mixup alpha (0 = off)")
+    g.add_argument("--cutmix", default=1.0, type=float, help="CutMix alpha (0 = off)")
+    g.add_argument("--mixup_prob", default=1.0, type=float)
+    g.add_argument("--mixup_switch_prob", default=0.5, type=float)
+    g.add_argument("--repeated_aug", action=argparse.BooleanOptionalAction, default=True,
+                   help="DeiT's repeated augmentation (3 augmented copies of each image per epoch; DeiT's main.py: on)")
+    g.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and at the end)")
     g = p.add_argument_group("SSTA (paper 3.2: head selection, Eq. 5-7: the loss)")
     g.add_argument("--distill_layers", default=[-3, -2, -1], type=int, nargs="+", help="blocks distilled (paper: 10-12 of 12)")
     g.add_argument("--early_stop_epoch", default=None, type=int,
