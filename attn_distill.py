@@ -144,12 +144,10 @@ def main(args):
     optimizer = torch.optim.AdamW(common.param_groups(model, args.weight_decay, skip_listed=False), lr=lr, betas=(0.9, 0.95))
     scaler = common.grad_scaler(device, args.amp)
     schedule = common.lr_schedule(lr, args.min_lr, args.epochs * len(loader), args.warmup_epochs * len(loader))
-    start_epoch = 0
-    if ckpt is not None:
-        common.load_state(model, ckpt["student_with_projector"], ckpt["_source"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
+    # saved every epoch, restored here: the backbone as 'model' (loadable as a network), P and its norm apart
+    state = dict(model=backbone, projector=model.projector, projector_norm=getattr(model, "norm", None),
+                 optimizer=optimizer, scaler=scaler)
+    start_epoch = common.restore(ckpt, **state)
 
     # ---------------- training ----------------
     common.start_run(args, "attn_distill.py")
@@ -164,8 +162,7 @@ def main(args):
             knn = common.knn_monitor(backbone, args, device)
             common.print0(f"| epoch {epoch}: k-NN top-1 {knn['knn_acc1']:.2f}")
         common.end_epoch(args.output_dir, "attn_distill.py", args, epoch, train_stats, knn, args.save_every,
-                         model=backbone.state_dict(), student_with_projector=model.state_dict(),
-                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), model_config=backbone.model_config)
+                         model_config=backbone.model_config, **state)
     for t in list(taps.values()) + list((values or {}).values()):
         t.close()
     common.export_backbone(backbone, os.path.join(args.output_dir, "student_backbone.pth"))

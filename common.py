@@ -1404,14 +1404,22 @@ def prepare_output_dir(args, script, free=()):
                  f"with the new ones, or pick another --output_dir")
         print0(f"| resuming {path} with changed arguments: {listing}")
     print0(f"| resuming from {path} at epoch {ckpt['epoch']}")
-    ckpt["_source"] = path  # for load_state's messages
+    ckpt["_source"] = path  # for restore's messages
     return ckpt
 
 
-def load_state(module, sd, source):
-    """module.load_state_dict(sd), after a clear error on differing keys or shapes (e.g. --resume of another model)."""
-    check_state_dict(sd, module, source)
-    module.load_state_dict(sd)
+def restore(ckpt, **state):
+    """The mirror of end_epoch(..., **state): every object (module, optimizer, GradScaler; None: skipped) loads its own
+    entry of the checkpoint, a module after a clear error on differing keys or shapes (a --resume of another model).
+    Returns the epoch to run next: 0 without a checkpoint."""
+    if ckpt is None:
+        return 0
+    for name, obj in state.items():
+        if obj is not None:
+            if isinstance(obj, nn.Module):
+                check_state_dict(ckpt[name], obj, ckpt["_source"])
+            obj.load_state_dict(ckpt[name])
+    return ckpt["epoch"]
 
 
 def start_run(args, script):
@@ -1435,8 +1443,11 @@ def start_run(args, script):
 
 def end_epoch(output_dir, script, args, epoch, train=None, test=None, save_every=0, **state):
     """After epoch `epoch`: a non-finite metric or parameter stops every rank before anything is written; else write
-    checkpoint.pth ('epoch' the next to run, 'args' a plain dict for weights_only, 'teacher' only if training changes
-    it: load_weights prefers it), checkpoint{epoch:04}.pth every save_every epochs, args.json, log.txt (epochs once)."""
+    checkpoint.pth: the state_dict() of every object in `state` (modules, optimizer, scaler; None: left out; plain
+    values as they are), 'epoch' the next to run and 'args' a plain dict (weights_only loads it); 'model' is the
+    student, 'teacher' a teacher that training changes (load_weights prefers it); restore(ckpt, **state) reads it
+    back. Also checkpoint{epoch:04}.pth every save_every epochs, args.json, log.txt (each epoch once)."""
+    state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items() if v is not None}
     stats = {"epoch": epoch, **{f"train_{k}": v for k, v in (train or {}).items()},
              **{f"test_{k}": v for k, v in (test or {}).items()}}
     bad = [k for k, v in stats.items() if isinstance(v, float) and not math.isfinite(v)]

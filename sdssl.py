@@ -109,14 +109,12 @@ def main(args):
     scaler = common.grad_scaler(device, args.amp)
     total = args.epochs * len(loader)
     schedule = common.lr_schedule(lr, args.min_lr, total, args.warmup_epochs * len(loader))
-    start_epoch = 0
-    if ckpt is not None:
-        common.load_state(trainable, ckpt["trainable"], ckpt["_source"])
-        if teacher is not None:
-            common.load_state(teacher, ckpt["teacher_full"], ckpt["_source"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
+    # saved every epoch, restored here: the student backbone ('model'), its heads, the momentum teacher's backbone
+    # ('teacher': what load_weights takes from this file, as from DINO's) and projector
+    state = dict(model=student, heads=heads, optimizer=optimizer, scaler=scaler)
+    if teacher is not None:
+        state.update(teacher=teacher["backbone"], teacher_proj=teacher["proj"])
+    start_epoch = common.restore(ckpt, **state)
     common.print0(f"| {args.framework}: {len(mid)} distilled intermediate layers, alpha_max {args.alpha_max}, "
                   f"pred loss {args.pred_loss and args.framework != 'simclr'}")
 
@@ -132,10 +130,8 @@ def main(args):
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             knn = common.knn_monitor(teacher["backbone"] if teacher is not None else student, args, device)
             common.print0(f"| epoch {epoch}: k-NN top-1 {knn['knn_acc1']:.2f}")
-        state = {"teacher": teacher["backbone"].state_dict(), "teacher_full": teacher.state_dict()} if teacher is not None else {}
-        common.end_epoch(args.output_dir, "sdssl.py", args, epoch, train_stats, knn, args.save_every, model=student.state_dict(),
-                         trainable=trainable.state_dict(), optimizer=optimizer.state_dict(),
-                         scaler=scaler.state_dict(), model_config=student.model_config, **state)
+        common.end_epoch(args.output_dir, "sdssl.py", args, epoch, train_stats, knn, args.save_every,
+                         model_config=student.model_config, **state)
     taps.close()
     common.export_backbone(student, os.path.join(args.output_dir, "student_backbone.pth"))
     return student, teacher, knn

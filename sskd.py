@@ -146,12 +146,11 @@ def main(args):
     optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     schedule = lambda step: lr * args.decay_rate ** sum(step >= e * len(loader) for e in decay)  # noqa: E731
     scaler = common.grad_scaler(device, args.amp)
-    start_epoch = 0
-    if ckpt is not None:
-        common.load_state(trainable, ckpt["trainable"], ckpt["_source"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
+    # saved every epoch, restored here: the network (stage 2: the frozen teacher, whose file the student stage reads)
+    # and its SS head (stage 2: the teacher's, 'ss_head'; student stage: the student's, 'ss')
+    state = dict(model=teacher, ss_head=t_ss) if teacher_ss else dict(model=student, ss=s_ss)
+    state.update(optimizer=optimizer, scaler=scaler)
+    start_epoch = common.restore(ckpt, **state)
 
     # ---------------- training ----------------
     common.start_run(args, "sskd.py")
@@ -166,12 +165,8 @@ def main(args):
             stats = ss_accuracy(teacher, t_ss, val_loader, device, args) if teacher_ss else \
                 common.evaluate(student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in stats.items()))
-        state = {"model": (teacher if teacher_ss else student).state_dict(),
-                 "model_config": (teacher if teacher_ss else student).model_config}
-        if teacher_ss:
-            state["ss_head"] = t_ss.state_dict()
         common.end_epoch(args.output_dir, "sskd.py", args, epoch, train_stats, stats, args.save_every,
-                         trainable=trainable.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), **state)
+                         model_config=state["model"].model_config, **state)
     if not stats:  # every epoch had already run (a finished run resumed)
         stats = ss_accuracy(teacher, t_ss, val_loader, device, args) if teacher_ss else \
             common.evaluate(student, val_loader, device, args.amp)

@@ -201,10 +201,8 @@ def main(args):
     lr = common.resolve_lr(args)
     optimizer = torch.optim.AdamW(common.param_groups(student, args.weight_decay), lr=lr)
     scaler = common.grad_scaler(device, args.amp)
-    if ckpt is not None:
-        common.load_state(student, ckpt["model"], ckpt["_source"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+    state = dict(model=student, optimizer=optimizer, scaler=scaler)  # saved every epoch, restored here
+    common.restore(ckpt, **state)
     schedule = common.lr_schedule(lr, args.min_lr, args.epochs * len(loader), args.warmup_epochs * len(loader),
                                   lr * args.warmup_ratio)
 
@@ -240,8 +238,7 @@ def main(args):
             test_stats = common.evaluate(student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: top-1 {test_stats['acc1']:.2f}  top-5 {test_stats['acc5']:.2f}")
         common.end_epoch(args.output_dir, "ssta.py", args, epoch, train_stats, test_stats, args.save_every,
-                         model=student.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                         model_config=student.model_config)
+                         model_config=student.model_config, **state)
     for t in taps.values():
         t.close()
     common.export_backbone(student, os.path.join(args.output_dir, "student_backbone.pth"))

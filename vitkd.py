@@ -171,14 +171,8 @@ def main(args):
     lr = common.resolve_lr(args)
     optimizer = torch.optim.AdamW(common.param_groups(trainable, args.weight_decay), lr=lr)
     scaler = common.grad_scaler(device, args.amp)
-    start_epoch = 0
-    if ckpt is not None:
-        common.load_state(student, ckpt["model"], ckpt["_source"])
-        if vitkd is not None:
-            common.load_state(vitkd, ckpt["vitkd"], ckpt["_source"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
+    state = dict(model=student, vitkd=vitkd, optimizer=optimizer, scaler=scaler)  # saved every epoch, restored here
+    start_epoch = common.restore(ckpt, **state)
     schedule = common.lr_schedule(lr, args.min_lr, args.epochs * len(loader), args.warmup_epochs * len(loader),
                                   lr * args.warmup_ratio)
 
@@ -204,8 +198,7 @@ def main(args):
                 else common.evaluate(student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in test_stats.items() if k != "loss"))
         common.end_epoch(args.output_dir, "vitkd.py", args, epoch, train_stats, test_stats, args.save_every,
-                         model=student.state_dict(), **({"vitkd": vitkd.state_dict()} if vitkd is not None else {}),
-                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), model_config=student.model_config)
+                         model_config=student.model_config, **state)
     for pair in (taps or {}).values():
         for t in pair:
             t.close()

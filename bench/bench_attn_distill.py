@@ -63,7 +63,10 @@ def main():
             for _ in range(opts.steps):
                 with common.autocast(device, args.amp):
                     loss = backbone.forward_features(x)[:, 0].float().square().mean()
-                common.optimizer_step(loss, opt, scaler)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
 
         def teacher_forward():
             for _ in range(opts.steps):

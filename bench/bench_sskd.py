@@ -56,7 +56,10 @@ def main():
         for _ in range(opts.steps):
             with common.autocast(device, args.amp):
                 loss = F.cross_entropy(wrapped(sskd.rotate_views(x))[1].float(), y4)
-            common.optimizer_step(loss, opt, scaler)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
 
     def teacher_forward():
         for _ in range(opts.steps):

@@ -79,7 +79,7 @@ MUTATIONS = [
     ("vitkd.py", "corr = lambda f: f.float() @ f.float().transpose(-1, -2) / math.sqrt(f.shape[-1])",
      "corr = lambda f: f.float() @ f.float().transpose(-1, -2)", "vitkd_losses_match",
      "correlation mimic without the 1/sqrt(D) scale"),
-    ("vitkd.py", "        optimizer.load_state_dict(ckpt[\"optimizer\"])\n        scaler", "        scaler",
+    ("vitkd.py", "state = dict(model=student, vitkd=vitkd, optimizer=optimizer, scaler=scaler)", "state = dict(model=student, vitkd=vitkd, scaler=scaler)",
      "vitkd_end_to_end_resume", "resume drops the optimizer state (AdamW moments restart)"),
     # ---- ssta.py ----------------------------------------------------------------------------------------------
     ("ssta.py", "p, q = (s, t) if reverse else (t, s)", "p, q = (t, s) if reverse else (s, t)",
@@ -98,7 +98,7 @@ MUTATIONS = [
      "attention transfer: student map not L2-normalised"),
     ("ssta.py", "w_ce = args.alpha * (1 - args.token_weight", "w_ce = (1 - args.token_weight",
      "ce_weight_and_sdssl_alpha or ssta_end_to_end", "SSTA's CE weight alpha ignored"),
-    ("ssta.py", "        optimizer.load_state_dict(ckpt[\"optimizer\"])\n", "",
+    ("ssta.py", "state = dict(model=student, optimizer=optimizer, scaler=scaler)", "state = dict(model=student, scaler=scaler)",
      "ssta_end_to_end", "SSTA resume drops the optimizer state"),
     # ---- sskd.py ----------------------------------------------------------------------------------------------
     ("sskd.py", "return (scores > scores.gather(1, positive[:, None])).sum(1)",
@@ -138,7 +138,7 @@ MUTATIONS = [
     ("sdssl.py", "pred = pred + (len(mid) + 1) * loss_fn(o[\"p_all\"], z[1 - v])",
      "pred = pred + loss_fn(o[\"p_all\"], z[1 - v])", "prediction_loss_is_a_sum or sdssl_losses_and_alpha_ramp",
      "L_pred as a mean over layers instead of a sum (x L)"),
-    ("sdssl.py", "        optimizer.load_state_dict(ckpt[\"optimizer\"])\n", "",
+    ("sdssl.py", "state = dict(model=student, heads=heads, optimizer=optimizer, scaler=scaler)", "state = dict(model=student, heads=heads, scaler=scaler)",
      "sdssl_learns_and_resumes", "SDSSL resume drops the optimizer state"),
     # ---- attn_distill.py --------------------------------------------------------------------------------------
     ("attn_distill.py", "d = (t * (t.log() - s.log())) if distance == \"kl\" else (s - t).pow(2)",
@@ -164,14 +164,15 @@ MUTATIONS = [
      "attention threshold keeps one key too many on a boundary"),
     ("eval_knn_linear.py", "rows = attn[:, :, 0, num_prefix_tokens:].float()", "rows = attn[:, :, 0, 1:].float()",
      "mean_attention_distance or look_inside", "CLS rows keep the extra prefix tokens as patches"),
-    # ---- resume of the three scripts without a resume test before #24's --------------------------------------
-    ("ssta.py", 'optimizer.load_state_dict(ckpt["optimizer"])', 'pass  # optimizer state not restored',
-     "resume_exactly", "SSTA's resume forgets AdamW's moments"),
-    ("sskd.py", 'optimizer.load_state_dict(ckpt["optimizer"])', 'pass  # optimizer state not restored',
+    # ---- resume: restore() and what each script saves (#24, #25) -----------------------------------------------
+    ("common.py", "        if obj is not None:\n            if isinstance(obj, nn.Module):", "        if obj is not None and isinstance(obj, nn.Module):\n            if isinstance(obj, nn.Module):",
+     "resume_exactly", "restore() skips the optimizer and the scaler (AdamW / SGD moments restart)"),
+    ("sskd.py", "    state.update(optimizer=optimizer, scaler=scaler)", "    state.update(scaler=scaler)",
      "resume_exactly", "SSKD's resume forgets SGD's momentum buffers"),
-    ("sskd.py", 'common.load_state(trainable, ckpt["trainable"], ckpt["_source"])', 'pass  # weights not restored',
-     "resume_exactly", "SSKD's resume restarts the trained modules (stage 2's SS module, the student's SS head)"),
-    ("attn_distill.py", 'optimizer.load_state_dict(ckpt["optimizer"])', 'pass  # optimizer state not restored',
+    ("common.py", "            obj.load_state_dict(ckpt[name])\n    return ckpt[\"epoch\"]",
+     "            if not isinstance(obj, nn.Module):\n                obj.load_state_dict(ckpt[name])\n    return ckpt[\"epoch\"]",
+     "resume_exactly", "restore() loads the optimizer and scaler but not the modules' weights"),
+    ("attn_distill.py", "                 optimizer=optimizer, scaler=scaler)\n    start_epoch", "                 scaler=scaler)\n    start_epoch",
      "resume_exactly", "AttnDistill's resume forgets AdamW's moments"),
     # ---- each script's own optimizer step (#25 moved it out of common.py) --------------------------------------
     *[(f, line, line.replace("args.clip_grad)", "args.clip_grad * 1e12)"), "gradient_clipping",
