@@ -89,12 +89,12 @@ def main(args):
     if not args.teacher_weights:
         common.fail("AttnDistill needs a teacher: --teacher_weights (a file, hub:NAME, or 'random' for smoke tests)")
     torch.manual_seed(args.seed)  # the same initial student, projector and norm on every rank
-    stats = common.data_stats(args)  # the student's input normalisation = the data pipeline's
+    mean_std = common.data_stats(args)  # the student's input normalisation = the data pipeline's
     backbone = common.create_model(args.student, num_classes=0, img_size=args.input_size, patch_size=args.patch_size,
                                    depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads,
-                                   drop_path_rate=args.drop_path, mean=stats[0], std=stats[1]).to(device)
-    teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
-                                   args.teacher_std, num_classes=0, img_size=args.input_size, trust=args.trust_checkpoint, 
+                                   drop_path_rate=args.drop_path, mean=mean_std[0], std=mean_std[1]).to(device)
+    teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, mean_std, args.teacher_mean,
+                                   args.teacher_std, num_classes=0, img_size=args.input_size, trust=args.trust_checkpoint,
                                    **common.shape_args(args, "teacher_")).to(device)
     if not args.projector and backbone.embed_dim != teacher.embed_dim:
         common.fail(f"--no-projector aligns the CLS tokens directly: the student's width {backbone.embed_dim} must equal "
@@ -106,16 +106,16 @@ def main(args):
         common.fail(f"--aggregate none compares heads by index, but the student has {h_s} heads and the teacher {h_t}")
     if args.patch_align > 0 and s_grid != t_grid:
         common.fail(f"--patch_align needs the same patch grid (student {s_grid}x{s_grid}, teacher {t_grid}x{t_grid})")
-    ckpt = common.prepare_output_dir(args, "attn_distill.py")
+    ckpt = common.resume_checkpoint(args, "attn_distill.py")
     common.seed_everything(args.seed)
 
     # ---------------- data: one view, the same for student and teacher; no labels ----------------
     crop = transforms.RandomResizedCrop(args.input_size, scale=(args.crop_min_scale, 1.0),
                                         interpolation=transforms.InterpolationMode.BICUBIC)
     flip = transforms.RandomHorizontalFlip()
-    transform = transforms.Compose([crop, flip, transforms.ToTensor(), transforms.Normalize(*stats)])
+    transform = transforms.Compose([crop, flip, transforms.ToTensor(), transforms.Normalize(*mean_std)])
     train_set, loader = common.build_train_data(args, transform, common.CropFlip.like(crop, flip),
-                                                [common.Normalise(*stats)])  # the fast pipelines' two halves
+                                                [common.Normalise(*mean_std)])  # the fast pipelines' two halves
 
     # ---------------- student with P, taps ----------------
     # The student's own final LayerNorm gets no gradient here (L_c goes through P and a new LayerNorm): it
@@ -129,8 +129,8 @@ def main(args):
     pairs = [(depth_s - 1, depth_t - 1)] if args.attn_layers == "last" else \
         [(i, round((i + 1) * depth_t / depth_s) - 1) for i in range(depth_s)]
     attn = args.lambda_attn > 0
-    taps = {"student": common.ViTTaps(backbone, attn=[s for s, _ in pairs] if attn else [], attn_rows=1),
-            "teacher": common.ViTTaps(teacher, attn=[t for _, t in pairs] if attn else [], attn_rows=1)}  # CLS rows only
+    taps = {"student": common.ViTTaps(backbone, attn_blocks=[s for s, _ in pairs] if attn else [], attn_rows=1),
+            "teacher": common.ViTTaps(teacher, attn_blocks=[t for _, t in pairs] if attn else [], attn_rows=1)}  # CLS rows only
     values = {"student": ValueNorms(backbone, [s for s, _ in pairs]),
               "teacher": ValueNorms(teacher, [t for _, t in pairs])} if attn and args.value_norm else None
     how = "heads by index" if aggregate is None else f"{aggregate} aggregation"

@@ -504,13 +504,13 @@ def export_backbone(model, path):
 
 # ---- 4. ViT taps ----------------------------------------------------------------------------
 class ViTTaps:
-    """Hooks on a timm ViT (Attention.forward kept; blocks in `attn` leave fused SDPA). `with ViTTaps(vit, [0, -1],
-    [-1]) as taps: vit(x)` fills taps.tokens[i] (B x N x D with prefix tokens; where 'ffn': block output, 'mha': input
-    + attention branch; `norm`: True / False / blocks through the final norm) and taps.attn[i] (B x H x N x N softmax,
-    with graph under grad); head_masks {block: (H,) or (B, H)} scale heads before the projection. close() restores.
+    """Hooks on a timm ViT (Attention.forward kept; the blocks in `attn_blocks` leave fused SDPA). `with ViTTaps(vit,
+    token_blocks=[0, -1], attn_blocks=[-1]) as taps: vit(x)` fills taps.tokens[i] (B x N x D with prefix tokens;
+    where 'ffn': block output, 'mha': input + attention branch; `norm`: True / False / blocks through the final norm)
+    and taps.attn[i] (B x H x N x N softmax, with graph under grad); head_masks {block: (H,) or (B, H)} scale heads before the projection. close() restores.
     attn_rows=r keeps a copy of only the first r query rows (B x H x r x N; the CLS row: 1), so no full map stays."""
 
-    def __init__(self, model, blocks=(), attn=(), where="ffn", norm=False, head_masks=None, attn_rows=None):
+    def __init__(self, model, token_blocks=(), attn_blocks=(), where="ffn", norm=False, head_masks=None, attn_rows=None):
         if not hasattr(model, "blocks") or not all(hasattr(b, "attn") and hasattr(b.attn, "attn_drop")
                                                    for b in model.blocks):
             fail(f"ViT taps need a timm VisionTransformer, got {type(model).__name__}")
@@ -518,11 +518,12 @@ class ViTTaps:
             fail(f"where must be 'ffn' or 'mha', got {where!r}")
         self.model, depth, self.attn_rows = model, len(model.blocks), attn_rows
         idx = lambda i: i % depth if -depth <= i < depth else fail(f"block {i} out of range for depth {depth}")  # noqa
-        self.blocks, self.attn_blocks = sorted({idx(i) for i in blocks}), sorted({idx(i) for i in attn})
-        norm_set = set(self.blocks) if norm is True else {idx(i) for i in (norm or ())}
+        self.token_blocks = sorted({idx(i) for i in token_blocks})
+        self.attn_blocks = sorted({idx(i) for i in attn_blocks})
+        norm_set = set(self.token_blocks) if norm is True else {idx(i) for i in (norm or ())}
         self.tokens, self.attn, self.head_masks, self.num_prefix_tokens = {}, {}, {}, model.num_prefix_tokens
         self._handles, self._fused, self._inputs, self._mask_hooks = [], {}, None, {}
-        for i in self.blocks:
+        for i in self.token_blocks:
             blk, post = model.blocks[i], (model.norm if i in norm_set else None)
             if where == "ffn":
                 self._handles.append(blk.register_forward_hook(self._save_block(i, post)))
@@ -1365,7 +1366,7 @@ RESUME_FREE = ("resume", "output_dir", "data_path", "log_every", "save_every", "
                "compile", "compile_backend", "compile_mode")
 
 
-def prepare_output_dir(args, script, free=()):
+def resume_checkpoint(args, script, free=()):
     """Read only: the checkpoint to resume or None. --resume auto: output_dir/checkpoint.pth if any (same script, args
     equal up to RESUME_FREE and `free`); none: refused if there is one; PATH: same script, changed args printed."""
     if getattr(args, "epochs", 1) < 1:

@@ -225,7 +225,7 @@ def backbone_features(model, x, specs):
     DINO's interleaved CLS / mean-patch layout) or, for other models, timm's pre-logits feature."""
     if not hasattr(model, "blocks"):
         return {"cls": model.forward_head(model.forward_features(x), pre_logits=True)}
-    with common.ViTTaps(model, blocks=common.feature_blocks(model, specs), norm=True) as taps:
+    with common.ViTTaps(model, token_blocks=common.feature_blocks(model, specs), norm=True) as taps:
         model.forward_features(x)
     return {common.spec_name(s): common.features_from_tokens(model, taps.tokens, s) for s in specs}
 
@@ -422,7 +422,7 @@ def save_attention_maps(model, images, args, device):
     paths = []
     for s in range(0, len(images), args.batch_size):
         x = images[s:s + args.batch_size]
-        with common.ViTTaps(model, attn=blocks) as taps, common.autocast(device, args.amp):
+        with common.ViTTaps(model, attn_blocks=blocks) as taps, common.autocast(device, args.amp):
             model.forward_features(normalized(model, x.to(device)))
         for b in blocks:
             rows = cls_patch_rows(taps.attn[b], model.num_prefix_tokens)
@@ -488,7 +488,7 @@ def attention_statistics(model, other, dataset, args, device):
         taps = []
         for m in models:
             attn = range(len(m.blocks)) if same_grid or (args.attention_distance and m is model) else []
-            with common.ViTTaps(m, blocks=range(len(m.blocks)) if other else [], attn=attn, norm=True) as t, \
+            with common.ViTTaps(m, token_blocks=range(len(m.blocks)) if other else [], attn_blocks=attn, norm=True) as t, \
                     common.autocast(device, args.amp):
                 m.forward_features(normalized(m, x.to(device)))
             taps.append(t)

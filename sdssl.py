@@ -89,7 +89,7 @@ def main(args):
 
     # ---------------- backbone, heads, momentum teacher (checks the depth) ----------------
     student, heads, teacher, taps, mid = build_models(args, device)
-    ckpt = common.prepare_output_dir(args, "sdssl.py")
+    ckpt = common.resume_checkpoint(args, "sdssl.py")
     common.seed_everything(args.seed)
 
     # ---------------- data ----------------
@@ -164,7 +164,7 @@ def build_models(args, device):
         # no gradient, moved only by EMA; kept in train mode like MoCo v3's momentum encoder (projector BN on batch stats)
         teacher = nn.ModuleDict({"backbone": copy.deepcopy(student), "proj": copy.deepcopy(heads.last_proj)})
         teacher.requires_grad_(False)
-    taps = common.ViTTaps(student, blocks=mid + [depth - 1], norm=True)  # per-layer final-norm CLS, one forward
+    taps = common.ViTTaps(student, token_blocks=mid + [depth - 1], norm=True)  # per-layer final-norm CLS, one forward
     return student, heads, teacher, taps, mid
 
 

@@ -96,14 +96,14 @@ def main(args):
         common.fail("--train_fraction must be in (0, 1] and --label_noise in [0, 1)")
     if args.ss_epochs < 1:
         common.fail(f"--ss_epochs must be at least 1, got {args.ss_epochs}")
-    ckpt = common.prepare_output_dir(args, "sskd.py")
+    ckpt = common.resume_checkpoint(args, "sskd.py")
     common.seed_everything(args.seed)
 
     # ---------------- data: 4 views per image ----------------
-    stats = common.data_stats(args)  # the student's input normalisation = the data pipeline's
-    views = FourViews(args.input_size, args.views, stats)
+    mean_std = common.data_stats(args)  # the student's input normalisation = the data pipeline's
+    views = FourViews(args.input_size, args.views, mean_std)
     train_set, loader = common.build_train_data(
-        args, views, FourCrops(views), [common.Normalise(*stats)],
+        args, views, FourCrops(views), [common.Normalise(*mean_std)],
         wrap=lambda ds: data_regime(ds, args.train_fraction, args.label_noise, len(ds.classes), args.seed))
     num_classes = len(train_set.classes)
     val_set = common.build_dataset(args, "val", common.build_transform(args, False))
@@ -112,7 +112,7 @@ def main(args):
     # ---------------- models ----------------
     teacher = t_ss = None
     if args.teacher_weights:
-        teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
+        teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, mean_std, args.teacher_mean,
                                        args.teacher_std, num_classes=num_classes, img_size=args.input_size,
                                        trust=args.trust_checkpoint, **common.shape_args(args, "teacher_")).to(device)
         t_ss = SSHead(teacher.num_features).to(device)
@@ -130,7 +130,7 @@ def main(args):
     else:
         student = common.create_model(args.student, num_classes=num_classes, drop_path_rate=args.drop_path,
                                       img_size=args.input_size, patch_size=args.patch_size, depth=args.depth,
-                                      embed_dim=args.embed_dim, num_heads=args.num_heads, mean=stats[0], std=stats[1]).to(device)
+                                      embed_dim=args.embed_dim, num_heads=args.num_heads, mean=mean_std[0], std=mean_std[1]).to(device)
         s_ss = SSHead(student.num_features).to(device) if kd and args.ss_weight > 0 else None
         trainable = nn.ModuleDict({"student": student, **({"ss": s_ss} if s_ss is not None else {})})
         epochs, decay = args.epochs, args.decay_epochs
@@ -154,30 +154,30 @@ def main(args):
 
     # ---------------- training ----------------
     common.start_run(args, "sskd.py")
-    stats = {}
+    test_stats = {}
     for epoch in range(start_epoch, epochs):
         common.seed_everything(args.seed, epoch)
         loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(student_ddp, s_ss_ddp, teacher, t_ss, loader, optimizer, scaler, schedule, epoch,
                                       device, args)
-        stats = {}  # logged only where measured
+        test_stats = {}  # logged only where measured
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
-            stats = ss_accuracy(teacher, t_ss, val_loader, device, args) if teacher_ss else \
+            test_stats = ss_accuracy(teacher, t_ss, val_loader, device, args) if teacher_ss else \
                 common.evaluate(student, val_loader, device, args.amp)
-            common.print0(f"| epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in stats.items()))
-        common.end_epoch(args.output_dir, "sskd.py", args, epoch, train_stats, stats, args.save_every,
+            common.print0(f"| epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in test_stats.items()))
+        common.end_epoch(args.output_dir, "sskd.py", args, epoch, train_stats, test_stats, args.save_every,
                          model_config=state["model"].model_config, **state)
-    if not stats:  # every epoch had already run (a finished run resumed)
-        stats = ss_accuracy(teacher, t_ss, val_loader, device, args) if teacher_ss else \
+    if not test_stats:  # every epoch had already run (a finished run resumed)
+        test_stats = ss_accuracy(teacher, t_ss, val_loader, device, args) if teacher_ss else \
             common.evaluate(student, val_loader, device, args.amp)
     if teacher_ss:
-        common.print0(f"| teacher's contrastive-prediction accuracy {stats.get('ss_acc1', float('nan')):.2f}% "
+        common.print0(f"| teacher's contrastive-prediction accuracy {test_stats.get('ss_acc1', float('nan')):.2f}% "
                       f"(the paper: about 50% for vgg13); pass {os.path.join(args.output_dir, 'checkpoint.pth')} "
                       "as --teacher_weights of the student")
-        return teacher, stats
+        return teacher, test_stats
     common.export_backbone(student, os.path.join(args.output_dir, "student_backbone.pth"))
-    common.print0(f"| final top-1 {stats['acc1']:.2f}  top-5 {stats['acc5']:.2f}")
-    return student, stats
+    common.print0(f"| final top-1 {test_stats['acc1']:.2f}  top-5 {test_stats['acc5']:.2f}")
+    return student, test_stats
 
 
 def train_one_epoch(student, s_ss, teacher, t_ss, loader, optimizer, scaler, schedule, epoch, device, args):

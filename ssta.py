@@ -135,7 +135,7 @@ def main(args):
     if early < 1:
         common.fail(f"the distillation would be empty: it stops at epoch {early} (--early_stop_epoch, default a third of "
                     f"--epochs {args.epochs}); give --early_stop_epoch >= 1 or more --epochs")
-    ckpt = common.prepare_output_dir(args, "ssta.py")
+    ckpt = common.resume_checkpoint(args, "ssta.py")
     start_epoch = ckpt["epoch"] if ckpt is not None else 0
     common.seed_everything(args.seed)
 
@@ -145,16 +145,16 @@ def main(args):
 
     # ---------------- student and teachers ----------------
     torch.manual_seed(args.seed)
-    stats = common.data_stats(args)  # the student's input normalisation = the data pipeline's
+    mean_std = common.data_stats(args)  # the student's input normalisation = the data pipeline's
     student = common.create_model(args.student, num_classes=num_classes, img_size=args.input_size,
                                   patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim,
-                                  num_heads=args.num_heads, drop_path_rate=args.drop_path, mean=stats[0], std=stats[1]).to(device)
+                                  num_heads=args.num_heads, drop_path_rate=args.drop_path, mean=mean_std[0], std=mean_std[1]).to(device)
     token_teacher = None
     if args.distill_token != "none":
         if not hasattr(student, "set_distilled_training"):
             common.fail(f"--distill_token needs a student with a distillation token (timm deit_*_distilled_*), not {args.student}")
         student.set_distilled_training(True)  # training: (class head, distillation head) logits; eval: their mean
-        token_teacher = common.build_teacher(args.token_teacher, args.token_teacher_weights, args.token_teacher_key, stats,
+        token_teacher = common.build_teacher(args.token_teacher, args.token_teacher_weights, args.token_teacher_key, mean_std,
                                              label="token_teacher", num_classes=num_classes, img_size=args.input_size,
                                              trust=args.trust_checkpoint, **common.shape_args(args, "token_teacher_")).to(device)
     layers = {"student": resolve_layers(args.distill_layers, student, "student")}
@@ -167,14 +167,14 @@ def main(args):
     teachers = {}
     # built and checked at the start of every run, except a run resumed after the early stop, which needs none
     if use_teacher and start_epoch < early:
-        teachers["teacher"] = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats,
+        teachers["teacher"] = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, mean_std,
                                                    args.teacher_mean, args.teacher_std, num_classes=num_classes,
-                                                   img_size=args.input_size, trust=args.trust_checkpoint, 
+                                                   img_size=args.input_size, trust=args.trust_checkpoint,
                                                    **common.shape_args(args, "teacher_")).to(device)
     if use_ta and start_epoch < early:
-        teachers["ta"] = common.build_teacher(args.ta, args.ta_weights, args.ta_key, stats, args.ta_mean, args.ta_std,
+        teachers["ta"] = common.build_teacher(args.ta, args.ta_weights, args.ta_key, mean_std, args.ta_mean, args.ta_std,
                                               label="ta", img_size=args.input_size,
-                                              num_classes=num_classes if args.ta_supervised else 0, trust=args.trust_checkpoint, 
+                                              num_classes=num_classes if args.ta_supervised else 0, trust=args.trust_checkpoint,
                                               **common.shape_args(args, "ta_")).to(device)
     for name, t in teachers.items():
         if not hasattr(t, "blocks") and (name == "ta" or args.teacher_loss != "lkd"):
@@ -213,7 +213,7 @@ def main(args):
         maps = {"teacher": args.teacher_loss == "head", "ta": True}
         maps["student"] = any(maps[n] for n in teachers)
         tokens = {"teacher": args.teacher_loss == "at", "ta": False, "student": args.teacher_loss == "at" and "teacher" in teachers}
-        taps = {n: common.ViTTaps(m, attn=layers[n] if maps[n] else (), blocks=layers[n] if tokens[n] else ())
+        taps = {n: common.ViTTaps(m, attn_blocks=layers[n] if maps[n] else (), token_blocks=layers[n] if tokens[n] else ())
                 for n, m in (("student", student), *teachers.items()) if n in layers}  # a CNN teacher (lkd): no taps
     # the distilled pairs of each teacher: the i-th distilled block of the student learns from the i-th of the teacher,
     # (student block, teacher block, the teacher's selected head there: an index or 'avg', the student head)

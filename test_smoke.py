@@ -66,7 +66,7 @@ def toy_parser():
 
 def toy_main(args):
     device = common.init_distributed()
-    ckpt = common.prepare_output_dir(args, "toy", free=("stop_after",))
+    ckpt = common.resume_checkpoint(args, "toy", free=("stop_after",))
     train_set = common.build_dataset(args, "train", common.build_transform(args, args.train_aug, args.randaug, args.reprob))
     val_set = common.build_dataset(args, "val", common.build_transform(args, False))
     loader = common.build_loader(train_set, args.batch_size, True, args.num_workers, args.seed)
@@ -130,7 +130,7 @@ def test_taps_block_outputs_equal_forward_intermediates(name):
     m = tiny_vit(name).eval()
     x = torch.randn(2, 3, 32, 32)
     for norm in (False, True):
-        with common.ViTTaps(m, blocks=[0, 1, -1], norm=norm) as taps:
+        with common.ViTTaps(m, token_blocks=[0, 1, -1], norm=norm) as taps:
             m(x)
         ref = m.forward_intermediates(x, indices=[0, 1, 2], norm=norm, return_prefix_tokens=True,
                                       output_fmt="NLC", intermediates_only=True)
@@ -145,7 +145,7 @@ def test_taps_leave_logits_unchanged_and_restore_the_model():
     for mode in (True, False):
         m.train(mode)
         ref = m(x)
-        with common.ViTTaps(m, blocks=[0, 2], attn=[1, 2], where="mha") as taps:
+        with common.ViTTaps(m, token_blocks=[0, 2], attn_blocks=[1, 2], where="mha") as taps:
             out = m(x)
             assert [b.attn.fused_attn for b in m.blocks] == [True, False, False]  # only blocks 1, 2 unfused
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -161,7 +161,7 @@ def test_attention_rows_times_values_reproduce_the_block():
     seen = {}
     h1 = blk.attn.register_forward_hook(lambda mod, inp, out: seen.update(inp=inp[0], out=out))
     h2 = blk.attn.proj.register_forward_pre_hook(lambda mod, inp: seen.update(heads=inp[0]))
-    with common.ViTTaps(m, attn=[1]) as taps:
+    with common.ViTTaps(m, attn_blocks=[1]) as taps:
         m(x)
     h1.remove(); h2.remove()
     a = taps.attn[1]
@@ -179,7 +179,7 @@ def test_mha_out_is_input_plus_attention_branch():
     x = torch.randn(2, 3, 32, 32)
     seen = {}
     h = m.blocks[1].register_forward_pre_hook(lambda mod, inp: seen.update(x=inp[0]))
-    with common.ViTTaps(m, blocks=[1], where="mha") as taps:
+    with common.ViTTaps(m, token_blocks=[1], where="mha") as taps:
         m(x)
     h.remove()
     blk = m.blocks[1]
@@ -189,10 +189,10 @@ def test_mha_out_is_input_plus_attention_branch():
 def test_gradient_flows_through_student_attention_not_teacher():
     student, teacher = tiny_vit(), tiny_vit()
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad(), common.ViTTaps(teacher, attn=[-1]) as t:
+    with torch.no_grad(), common.ViTTaps(teacher, attn_blocks=[-1]) as t:
         teacher(x)
     assert not t.attn[2].requires_grad
-    with common.ViTTaps(student, attn=[-1]) as s:
+    with common.ViTTaps(student, attn_blocks=[-1]) as s:
         student(x)
     loss = F.kl_div(s.attn[2].clamp_min(1e-8).log(), t.attn[2] + 0.0, reduction="batchmean")
     loss.backward()
@@ -441,8 +441,9 @@ def test_schedule_lr_rule_param_groups_and_finite_check():
     assert common.cosine_schedule(10, 100, 1.0, 0.0, 10) == 1.0
     assert math.isclose(common.cosine_schedule(55, 100, 1.0, 0.0, 10), 0.5)
     assert math.isclose(common.cosine_schedule(100, 100, 1.0, 0.1, 10), 0.1)
-    args = argparse.Namespace(batch_size=64, blr=1.5e-4, lr=None, accum_iter=2)
-    assert math.isclose(common.resolve_lr(args), 1.5e-4 * 128 / 256) and args.lr is None
+    args = argparse.Namespace(batch_size=64, blr=1.5e-4, lr=None)
+    assert math.isclose(common.resolve_lr(args, accum_iter=2), 1.5e-4 * 128 / 256) and args.lr is None
+    assert math.isclose(common.resolve_lr(args), 1.5e-4 * 64 / 256)
     m = tiny_vit()
     extra = nn.ModuleDict({"student": m, "adapter": nn.Linear(4, 4)})
     decay, no_decay = (g["params"] for g in common.param_groups(extra, 0.05))
@@ -512,7 +513,7 @@ def test_output_dir_is_never_overwritten(tmp_path):
         toy(tmp_path / "run", "--epochs", "1", "--synthetic_size", "64", "--num_workers", "2")
     args = toy_parser().parse_args(["--output_dir", str(tmp_path / "run")])
     with pytest.raises(common.UserError, match="is a checkpoint of toy, not vitkd.py"):
-        common.prepare_output_dir(args, "vitkd.py")
+        common.resume_checkpoint(args, "vitkd.py")
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before
 
 
@@ -832,7 +833,7 @@ def test_vitkd_gradients_reach_its_modules_and_never_the_teacher(generator):
     student = tiny_vit(embed_dim=96)
     teacher = common.build_teacher("deit_tiny", "random", num_classes=0, **TINY)
     m = vitkd.ViTKDLoss(96, 192, 16, generator=generator, generator_depth=1)
-    taps = {n: (common.ViTTaps(x, blocks=[0, 1]), common.ViTTaps(x, blocks=[-1], norm=True))
+    taps = {n: (common.ViTTaps(x, token_blocks=[0, 1]), common.ViTTaps(x, token_blocks=[-1], norm=True))
             for n, x in (("s", student), ("t", teacher))}
     student.train(), teacher.train()
     assert not teacher.training
@@ -3054,7 +3055,7 @@ def test_feature_bank_only_on_rank_0_and_knn_as_one_process(tmp_path, torchrun_r
 
 def test_taps_keep_only_the_first_attention_rows_with_their_gradient():
     model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
-    with common.ViTTaps(model, attn=[0, -1]) as full, common.ViTTaps(model, attn=[0, -1], attn_rows=2) as rows:
+    with common.ViTTaps(model, attn_blocks=[0, -1]) as full, common.ViTTaps(model, attn_blocks=[0, -1], attn_rows=2) as rows:
         model.forward_features(x)
     w = torch.randn(2, 3, 2, 17)
     for i in (0, 2):

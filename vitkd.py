@@ -121,7 +121,7 @@ def main(args):
         common.fail(f"--teacher {args.teacher} needs --teacher_weights (a file, hub:NAME, or 'random' for smoke tests)")
     if not 0 < args.mask_ratio < 1:
         common.fail("--mask_ratio must be in (0, 1)")
-    ckpt = common.prepare_output_dir(args, "vitkd.py")
+    ckpt = common.resume_checkpoint(args, "vitkd.py")
     common.seed_everything(args.seed)
 
     # ---------------- data ----------------
@@ -130,10 +130,10 @@ def main(args):
 
     # ---------------- student, teacher, ViTKD modules ----------------
     torch.manual_seed(args.seed)  # the same initial student on every rank
-    stats = common.data_stats(args)  # the student's input normalisation = the data pipeline's
+    mean_std = common.data_stats(args)  # the student's input normalisation = the data pipeline's
     student = common.create_model(args.student, num_classes=num_classes, img_size=args.input_size,
                                   patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim,
-                                  num_heads=args.num_heads, drop_path_rate=args.drop_path, mean=stats[0], std=stats[1]).to(device)
+                                  num_heads=args.num_heads, drop_path_rate=args.drop_path, mean=mean_std[0], std=mean_std[1]).to(device)
     if token:
         if not hasattr(student, "set_distilled_training"):
             common.fail(f"--distill_token needs a student with a distillation token (timm deit_*_distilled_*), not {args.student}")
@@ -141,7 +141,7 @@ def main(args):
     teacher = vitkd = None
     if args.teacher_weights:
         # the classifier is only needed (and then must match the data) for the logit losses
-        teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, stats, args.teacher_mean,
+        teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, mean_std, args.teacher_mean,
                                        args.teacher_std, img_size=args.input_size, num_classes=num_classes if logit_kd else 0,
                                        trust=args.trust_checkpoint, **common.shape_args(args, "teacher_")).to(device)
     if teacher is not None and feature_kd:
@@ -180,8 +180,8 @@ def main(args):
     taps = None
     if vitkd is not None:
         shallow = args.mimic_layers if args.alpha_vitkd > 0 else []
-        taps = {name: (common.ViTTaps(m, blocks=shallow, where=args.mimic_where),
-                       common.ViTTaps(m, blocks=[-1], norm=True)) for name, m in (("student", student), ("teacher", teacher))}
+        taps = {name: (common.ViTTaps(m, token_blocks=shallow, where=args.mimic_where),
+                       common.ViTTaps(m, token_blocks=[-1], norm=True)) for name, m in (("student", student), ("teacher", teacher))}
 
     # ---------------- training ----------------
     common.start_run(args, "vitkd.py")
@@ -262,8 +262,8 @@ def vitkd_features(shallow_taps, deep_taps):
     """(B x L x P x D patch tokens of the mimicked blocks, B x P x D of the last block after the final
     norm) from a model's taps; prefix tokens (CLS, DeiT's distillation token) dropped."""
     npt = deep_taps.num_prefix_tokens
-    low = torch.stack([shallow_taps.tokens[b][:, npt:] for b in shallow_taps.blocks], 1) if shallow_taps.blocks else None
-    return low, deep_taps.tokens[deep_taps.blocks[0]][:, npt:]
+    low = torch.stack([shallow_taps.tokens[b][:, npt:] for b in shallow_taps.token_blocks], 1) if shallow_taps.token_blocks else None
+    return low, deep_taps.tokens[deep_taps.token_blocks[0]][:, npt:]
 
 
 def resample_grid(tokens, num_patches):

@@ -50,8 +50,8 @@ def main():
         pairs = [(len(backbone.blocks) - 1, len(teacher.blocks) - 1)]  # the default --attn_layers last
 
         def distill_step():  # taps exist only inside the method's step; as attn_distill.main: CLS rows only
-            taps = {"student": common.ViTTaps(backbone, attn=[s for s, _ in pairs], attn_rows=1),
-                    "teacher": common.ViTTaps(teacher, attn=[t for _, t in pairs], attn_rows=1)}
+            taps = {"student": common.ViTTaps(backbone, attn_blocks=[s for s, _ in pairs], attn_rows=1),
+                    "teacher": common.ViTTaps(teacher, attn_blocks=[t for _, t in pairs], attn_rows=1)}
             try:
                 attn_distill.train_one_epoch(model, teacher, taps, None, pairs, (s_grid, t_grid), aggregate, batches,
                                              opt, scaler, schedule, 0, device, args)

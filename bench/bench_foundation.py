@@ -52,7 +52,7 @@ def main():
 
     def with_taps(attn_loss):
         def step():
-            with common.ViTTaps(model, attn=[-3, -2, -1]) as taps, amp():
+            with common.ViTTaps(model, attn_blocks=[-3, -2, -1]) as taps, amp():
                 loss = F.cross_entropy(model(x), y)
                 if attn_loss:  # a KL-like term on the captured maps, in fp32
                     loss = loss + sum((target * a.float().clamp_min(1e-8).log()).mean() for a in taps.attn.values())

@@ -63,7 +63,7 @@ def main():
         def run():
             taps = {}
             if with_teachers:  # as ssta.main (default --teacher_loss head): attention maps of the distilled blocks
-                taps = {n: common.ViTTaps(m, attn=layers[n]) for n, m in (("student", student), *teachers.items())}
+                taps = {n: common.ViTTaps(m, attn_blocks=layers[n]) for n, m in (("student", student), *teachers.items())}
             try:
                 ssta.train_one_epoch(student, teachers if with_teachers else {}, None, taps, pairs, batches, criterion,
                                      None, opt, scaler, schedule, 0, device, args)

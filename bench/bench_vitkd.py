@@ -63,8 +63,8 @@ def main():
         def run():
             taps = {}
             if with_teacher:  # as vitkd.main sets them up; only for the ViTKD step
-                taps = {n: (common.ViTTaps(m, blocks=args.mimic_layers, where=args.mimic_where),
-                            common.ViTTaps(m, blocks=[-1], norm=True))
+                taps = {n: (common.ViTTaps(m, token_blocks=args.mimic_layers, where=args.mimic_where),
+                            common.ViTTaps(m, token_blocks=[-1], norm=True))
                         for n, m in (("student", student), ("teacher", teacher))}
             try:
                 vitkd.train_one_epoch(student, teacher if with_teacher else None, module if with_teacher else None, taps,
