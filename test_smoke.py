@@ -2505,11 +2505,15 @@ def test_scripts_train_and_resume_exactly_on_the_fast_pipelines(tmp_path, monkey
 # ---------------------------------------------------------------------------------------------
 # [section: mutation-gaps]
 def test_ssta_ce_weight_and_sdssl_alpha_ramp_reach_the_logged_step(tmp_path):
-    """Two more survivors: SSTA's --alpha must scale the logged cross-entropy of a step (same seed, same batch: exactly
-    half at 0.5); SD's alpha starts its ramp at 0, so the first step of a run logs alpha 0 and no ISD loss."""
+    """Survivors: SSTA's --alpha must scale the logged cross-entropy of a step (same seed, same batch: exactly
+    half at 0.5), --beta the supervised teacher's term and --lambda_ta the assistant's; SD's alpha starts its ramp
+    at 0, so the first step of a run logs alpha 0 and no ISD loss."""
     module, flags = AMP_CASES["ssta"][0]
-    ce = [first_step_losses(module, flags + ["--alpha", a], tmp_path / f"a{a}")["train_ce"] for a in ("1.0", "0.5")]
-    assert ce[1] == pytest.approx(ce[0] / 2, rel=1e-6)
+    one, other = (first_step_losses(module, flags + w, tmp_path / f"a{i}") for i, w in enumerate(
+        ([], ["--alpha", "0.5", "--beta", "0.5", "--lambda_ta", "2"])))
+    assert other["train_ce"] == pytest.approx(one["train_ce"] / 2, rel=1e-6)
+    assert other["train_teacher"] == pytest.approx(one["train_teacher"] / 2, rel=1e-6) and one["train_teacher"] > 0
+    assert other["train_ta"] == pytest.approx(one["train_ta"] * 2, rel=1e-6) and one["train_ta"] > 0
     module, flags = AMP_CASES["sdssl_mocov3"][0]  # one step: the ramp's step 0
     losses = first_step_losses(module, flags, tmp_path / "sd")
     logged = json.loads((tmp_path / "sd" / "log.txt").read_text().splitlines()[0])

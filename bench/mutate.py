@@ -185,7 +185,7 @@ MUTATIONS = [
      'student_head = {"teacher": 1, "ta": 0} if args.assignment == "eq"', "ssta",
      "SSTA: the assistant teaches student head 0 and the teacher head 1 (the paper: the opposite)"),
     ("ssta.py", 'w = args.beta if name == "teacher" else args.lambda_ta', 'w = args.lambda_ta if name == "teacher" else args.beta',
-     "ssta", "SSTA: beta and lambda swapped between the teacher and the assistant"),
+     "ssta_ce_weight", "SSTA: beta and lambda swapped between the teacher and the assistant"),
     ("attn_distill.py", "lr = common.resolve_lr(args, args.accum_iter)", "lr = common.resolve_lr(args)", "resume_exactly",
      "AttnDistill's lr scaled by the batch of one step, not by the accumulated batch (x accum_iter)"),
 ]
