@@ -3100,14 +3100,46 @@ def bench_runner():
     return run_benches
 
 
+def bench_in_this_process(name, size="tiny"):
+    """bench/bench_<name>.py at `size` run as __main__ in the suite's process: a tiny run is mostly its imports (~4 s
+    as a subprocess), which the suite has already made. Output captured; sys.argv and torch's thread count restored.
+    -> the fields of run_benches.run_one."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+    rb, path = bench_runner(), os.path.join(HERE, "bench", f"bench_{name}.py")
+    out, argv, threads, rc = io.StringIO(), sys.argv, torch.get_num_threads(), 0
+    try:
+        sys.argv = [path, *rb.SIZES[size]]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception:  # noqa: BLE001  (reported by the test, with the traceback)
+        rc, _ = 1, out.write(traceback.format_exc())
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    output = out.getvalue()
+    ratios = len(rb.RATIO.findall(output))
+    return dict(name=name, cmd=f"{path} {' '.join(rb.SIZES[size])} (in process)", rc=rc, ratios=ratios,
+                ok=rc == 0 and ratios > 0, output=output)
+
+
 @pytest.fixture(scope="module")
 def tiny_bench_runs(request):
-    """The selected benches at --tiny through run_benches.run_all, two processes at a time (one thread each):
-    a tiny run is mostly its imports, ~4 s."""
+    """The selected benches at --tiny, one after the other in this process (bench/run_benches.py runs each as its own
+    process: the same scripts, the same arguments)."""
     names = [item.callspec.params["bench"] for item in request.session.items
              if getattr(item, "originalname", None) == "test_bench_runs_at_tiny_size"]
-    results = bench_runner().run_all(names, "tiny", timeout=60, jobs=2, env={"OMP_NUM_THREADS": "1"}, echo=lambda s: None)
-    return {r["name"]: r for r in results}
+    return {n: bench_in_this_process(n) for n in names}
+
+
+def test_run_benches_runs_a_bench_as_its_own_process():
+    """bench/run_benches.py (what bench/gpu_all.sh calls) runs a bench as a subprocess and reads its ratio rows."""
+    r = bench_runner().run_one("foundation", "tiny", timeout=60, env={"OMP_NUM_THREADS": "1"})
+    assert r["rc"] == 0 and r["ok"] and r["ratios"] >= 2, r["output"][-4000:]
 
 
 @pytest.mark.parametrize("bench", bench_runner().benches())
