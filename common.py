@@ -507,7 +507,8 @@ class ViTTaps:
     """Hooks on a timm ViT (Attention.forward kept; the blocks in `attn_blocks` leave fused SDPA). `with ViTTaps(vit,
     token_blocks=[0, -1], attn_blocks=[-1]) as taps: vit(x)` fills taps.tokens[i] (B x N x D with prefix tokens;
     where 'ffn': block output, 'mha': input + attention branch; `norm`: True / False / blocks through the final norm)
-    and taps.attn[i] (B x H x N x N softmax, with graph under grad); head_masks {block: (H,) or (B, H)} scale heads before the projection. close() restores.
+    and taps.attn[i] (B x H x N x N softmax, with graph under grad); head_masks {block: (H,) or (B, H)} scale heads
+    before the projection. close() restores.
     attn_rows=r keeps a copy of only the first r query rows (B x H x r x N; the CLS row: 1), so no full map stays."""
 
     def __init__(self, model, token_blocks=(), attn_blocks=(), where="ffn", norm=False, head_masks=None, attn_rows=None):
