@@ -1848,7 +1848,7 @@ def test_compiled_runs_give_the_eager_first_step_losses(tmp_path, supervised_run
 def test_reproduce_cifar10_suite_end_to_end_and_resume(tmp_path):
     """The reproduction suite at its `tiny` size (synthetic data, 1 epoch, every script and eval run in
     the suite's own process through each script's __main__ and command line): its JSON has a finite
-    value per seed in every row of every paper, the teachers' accuracies, the markdown and the figure;
+    value per seed in every row of every paper, the teachers' accuracies and the markdown table;
     run again, it skips every finished run. Before that: teachers get every training image and students the
     per-class subset (split_root on a few JPEGs), the gpu profile's dry run lists the runs in priority order,
     and a 2 s --time_budget stops the running subprocess and exits 0 with a partial result."""
@@ -1928,8 +1928,8 @@ def test_reproduce_cifar10_suite_end_to_end_and_resume(tmp_path):
     assert gaps["vit_teacher_over_student_alone"] == pytest.approx(res["teachers"]["teacher_vit"]["top1"] - mean["vitkd_alone", "top1"], abs=2e-3)
     assert gaps["assistant_knn_over_best_student_knn"] == pytest.approx(res["teachers"]["teacher_ssl"]["knn20"] - best, abs=2e-3)
     assert all(run["seconds"] and run["images_per_s"] for run in res["runs"].values())
-    assert (tmp_path / "results" / "cifar10_tiny.md").stat().st_size > 0
-    assert (tmp_path / "results" / "cifar10_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "results" / "cifar10_tiny.md").read_text()
+    assert all(f"| {row['method']} |" in md for row in res["rows"]) and "Teacher gaps" in md
     stamp = (tmp_path / "out" / "tiny_synthetic" / "vitkd_alone_s0" / "checkpoint.pth").stat().st_mtime_ns
     t = time.time()
     again = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)

@@ -5,7 +5,7 @@
 #   summary.txt      versions, each stage's status and seconds, the tables printed by the stages
 #   gpu_check.json   bench/gpu_check.py: every script on CUDA, bf16 vs fp32, resume, memory, compile, MFU
 #   benches.txt      bench/run_benches.py: every bench's ratios at its GPU size
-#   cifar10_gpu.{json,md,png}   bench/reproduce_cifar10.py --profile gpu, as far as its time budget reaches
+#   cifar10_gpu.{json,md}       bench/reproduce_cifar10.py --profile gpu, as far as its time budget reaches
 #   logs.tgz         every command's log and the runs' metrics (no checkpoints)
 #
 #   bash bench/gpu_all.sh                       # data: .device/cifar10-jpg.tar.gz (git-ignored, carried)
