@@ -424,13 +424,13 @@ def teacher_classifier(args, name, model, device, num_classes=None):
 
 
 @torch.no_grad()
-def head_importance(model, classify, need, layers, loader, device, amp="bf16", naive=False):
+def head_importance(model, classify, need, layers, loader, device, amp="bf16"):
     """Accuracy (%) with all heads and with each combination (one head zeroed per distilled layer, all at
     once), in itertools.product order. Tree evaluation: the blocks before the first distilled layer run
     once per image; each zeroed head of a distilled layer runs once and its output feeds every choice
     in the next distilled layer (3 layers of 6 heads: 6 + 36 + 216 block runs per image, not 216
-    full forwards). naive=True runs every combination from the start (for checks and benchmarks).
-    Sharded over processes; every process returns the same numbers."""
+    full forwards; bench/bench_ssta.py has the brute-force search it equals). Sharded over processes; every
+    process returns the same numbers."""
     depth = len(model.blocks)
     H = model.blocks[layers[0]].attn.num_heads
     combos = list(itertools.product(range(H), repeat=len(layers)))
@@ -478,18 +478,7 @@ def head_importance(model, classify, need, layers, loader, device, amp="bf16", n
                 x = run(x, outs, 0, layers[0])
                 all_outs = dict(outs)
                 logits_all = classify(run(x, all_outs, layers[0], depth), all_outs)
-                if naive:
-                    per_combo = []
-                    for c in combos:
-                        taps.set_head_masks({l: zeroed(len(images), torch.full((len(images),), h, device=device))
-                                             for l, h in zip(layers, c)})
-                        o = {}
-                        xc = run(embed(images), o, 0, depth)
-                        per_combo.append(classify(xc, o))
-                    taps.set_head_masks({})
-                    logits = torch.stack(per_combo)
-                else:
-                    logits = subtree(x, outs, 0).reshape(len(combos), len(images), -1)
+                logits = subtree(x, outs, 0).reshape(len(combos), len(images), -1)
             hits[:-1] += (logits.argmax(-1) == target).sum(1).double()
             hits[-1] += (logits_all.argmax(-1) == target).sum().double()
             count += len(target)

@@ -1113,9 +1113,11 @@ def test_head_importance_finds_the_decisive_heads_and_the_tree_equals_naive_sear
     spec = dict(n_last_blocks=2, avgpool=False)
     need = set(common.feature_blocks(m, [spec]))
     classify_p = lambda x, outs: probe(common.features_from_tokens(m, {b: m.norm(outs[b]) for b in need}, spec))  # noqa: E731
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    from bench_ssta import naive_head_importance  # one full forward per combination
     for cls, nd, layers in ((classify, set(), [0, 1, 2]), (classify_p, need, [0, 1])):
         tree = ssta.head_importance(m, cls, nd, layers, batches, torch.device("cpu"))
-        naive = ssta.head_importance(m, cls, nd, layers, batches, torch.device("cpu"), naive=True)
+        naive = naive_head_importance(m, cls, nd, layers, batches, torch.device("cpu"))
         assert tree == naive
     assert not any(mod._forward_pre_hooks for mod in m.modules())  # masks removed
 

@@ -109,7 +109,8 @@ def main():
 
     def select(naive):
         def run():
-            out[naive] = ssta.head_importance(teacher, classify, set(), sel_layers, data, device, args.amp, naive=naive)
+            search = naive_head_importance if naive else ssta.head_importance
+            out[naive] = search(teacher, classify, set(), sel_layers, data, device, args.amp)
         return run
 
     t_tree = timeit(select(False), device, warmup=0, repeats=1)
@@ -122,6 +123,35 @@ def main():
            f"{out[False] == out[True]}",
            [(f"tree: {' + '.join(str(H ** (i + 1)) for i in range(L))} block runs per image", t_tree, opts.selection_images),
             (f"naive: {H ** L} full forwards per image", t_naive, opts.selection_images)], device, target=(1, ">=", 8))
+
+
+@torch.no_grad()
+def naive_head_importance(model, classify, need, layers, loader, device, amp="bf16"):
+    """ssta.head_importance by brute force, its reference: one full forward per combination of zeroed heads (one
+    head per distilled layer). Same return value: (accuracy with all heads, [accuracy per combination])."""
+    H = model.blocks[layers[0]].attn.num_heads
+    combos = [None] + list(itertools.product(range(H), repeat=len(layers)))  # None: all heads
+    hits, count = [0] * len(combos), 0
+    taps = common.ViTTaps(model)
+    try:
+        for images, target in loader:
+            images, target = images.to(device), target.to(device)
+            for i, combo in enumerate(combos):
+                masks = {}
+                for layer, head in zip(layers, combo or ()):
+                    masks[layer] = torch.ones(len(images), H, device=device)
+                    masks[layer][:, head] = 0
+                taps.set_head_masks(masks)
+                with common.autocast(device, amp):
+                    x, outs = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images)))), {}
+                    for b, block in enumerate(model.blocks):
+                        x = outs[b] = block(x)
+                    hits[i] += (classify(x, {b: outs[b] for b in need}).argmax(-1) == target).sum().item()
+            count += len(target)
+    finally:
+        taps.close()
+    acc = [100.0 * h / max(count, 1) for h in hits]
+    return acc[0], acc[1:]
 
 
 if __name__ == "__main__":
