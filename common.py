@@ -313,9 +313,29 @@ def pick_state_dict(ckpt, key, source):
     fail(f"{source}: no state dict found (looked for a plain state dict and the keys {list(CHECKPOINT_KEYS)})")
 
 
-def adapt_state_dict(sd, model, source="the file"):
-    """Map a foreign state dict onto `model` (prefixes, DINO / MoCo v3 backbone part, MAE decoder, differing classifier,
-    pos_embed resampled). Returns (state_dict, notes, is_head), is_head(key) telling classifier keys."""
+def load_weights(model, source, key=None, ckpt=None, require_head=False, trust=False):
+    """Load `model` from a file (timm, DeiT, MAE, DINO, MoCo v3, ours; `key`: top-level key; `ckpt`: content if read),
+    hub:<timm name> or 'random'. The file's state dict is mapped onto the model (prefixes, the DINO / MoCo v3 backbone
+    part, MAE's decoder, a classifier of other classes, pos_embed resampled); then missing / unexpected keys beyond the
+    classifier, which require_head needs, are an error."""
+    if source == "random":
+        print0(f"warning: {getattr(model, 'model_config', {}).get('name', 'model')} keeps RANDOM weights (asked for)")
+        return
+    used_key = None
+    if source.startswith("hub:"):
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            with suppress(Exception):  # honour an HF_HUB_OFFLINE set after huggingface_hub was imported
+                import huggingface_hub.constants as hfc
+                hfc.HF_HUB_OFFLINE = True
+        check_timm_name(source[4:], source)
+        try:
+            sd = timm.create_model(source[4:], pretrained=True).state_dict()
+        except Exception as e:
+            fail(f"could not fetch {source} ({type(e).__name__}); this needs the network or a filled Hugging Face "
+                 f"cache (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); otherwise pass a local file")
+    else:
+        ckpt = read_checkpoint(os.path.expanduser(source), trust) if ckpt is None else ckpt
+        sd, used_key = pick_state_dict(ckpt, key, source)
     model_sd, notes = model.state_dict(), []
     sd = timm.models.clean_state_dict({k: v for k, v in sd.items() if torch.is_tensor(v)})  # DDP / compile prefixes
     for p in ("backbone.", "base_encoder.", "encoder."):
@@ -354,24 +374,9 @@ def adapt_state_dict(sd, model, source="the file"):
         sd["pos_embed"] = resample_abs_pos_embed(src, list(model.patch_embed.grid_size), old_size=[side, side],
                                                  num_prefix_tokens=npt, antialias=False)
         notes.append(f"resampled pos_embed {side}x{side} -> {'x'.join(map(str, model.patch_embed.grid_size))}")
-    return sd, notes, is_head
-
-
-def load_weights(model, source, key=None, ckpt=None, require_head=False, trust=False):
-    """Load `model` from a file (timm, DeiT, MAE, DINO, MoCo v3, ours; `key`: top-level key; `ckpt`: content if read),
-    hub:<timm name> or 'random'. Fails on missing / unexpected keys beyond the classifier, which require_head needs."""
-    if source == "random":
-        print0(f"warning: {getattr(model, 'model_config', {}).get('name', 'model')} keeps RANDOM weights (asked for)")
-        return
-    if source.startswith("hub:"):
-        sd, used_key = _hub_state_dict(source[4:]), None
-    else:
-        ckpt = read_checkpoint(os.path.expanduser(source), trust) if ckpt is None else ckpt
-        sd, used_key = pick_state_dict(ckpt, key, source)
-    sd, notes, is_head = adapt_state_dict(sd, model, source)
     check_state_dict(sd, model, source, optional=is_head)
     model.load_state_dict(sd, strict=False)
-    head_missing = [k for k in model.state_dict() if k not in sd]
+    head_missing = [k for k in model_sd if k not in sd]
     if head_missing and require_head:
         other = any(n.startswith("dropped classifier") for n in notes)
         fail(f"{source} holds no classifier for this model ({', '.join(notes) or 'none in the file'}); "
@@ -395,19 +400,6 @@ def check_state_dict(sd, model, source, optional=lambda key: False):
         parts = [f"{n}: {short(v)}" for n, v in (("missing", missing), ("unexpected", unexpected),
                                                  ("shape mismatch", wrong)) if v]
         fail(f"{source} does not match the model: " + "; ".join(parts))
-
-
-def _hub_state_dict(name):
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        with suppress(Exception):  # honour an HF_HUB_OFFLINE set after huggingface_hub was imported
-            import huggingface_hub.constants as hfc
-            hfc.HF_HUB_OFFLINE = True
-    check_timm_name(name, f"hub:{name}")
-    try:
-        return timm.create_model(name, pretrained=True).state_dict()
-    except Exception as e:
-        fail(f"could not fetch hub:{name} ({type(e).__name__}); this needs the network or a filled Hugging Face "
-             f"cache (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); otherwise pass a local file")
 
 
 def saved_model_config(source, key=None, trust=False):
