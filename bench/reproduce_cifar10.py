@@ -530,9 +530,9 @@ def start(run, args, log_path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
+    saved = sys.argv, os.getcwd(), torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    saved = sys.argv, os.getcwd()
     with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         print(header, flush=True)
         sys.argv = cmd[1:]
@@ -548,6 +548,7 @@ def start(run, args, log_path):
         finally:
             sys.argv = saved[0]
             os.chdir(saved[1])
+            torch.set_num_threads(saved[2])
 
 
 def execute(args, runs, plan, out, results_base, meta):
@@ -903,10 +904,13 @@ def main(argv=None):
     meta = {"profile": args.profile, "split": split, "seeds": seeds, "machine": machine_info(), "data": data_info,
             "command": " ".join(shlex.quote(a) for a in command)}
     os.makedirs(workdir, exist_ok=True)
-    signal.signal(signal.SIGTERM, stop)  # a scheduler's kill stops like Ctrl-C: time kept, children stopped
+    previous = signal.signal(signal.SIGTERM, stop)  # a scheduler's kill stops like Ctrl-C: time kept, runs stopped
     print(f"| profile {args.profile}, split {split}, seeds {seeds}: {len(runs)} runs in {workdir}; results in "
           f"{results_base}.json/.md", flush=True)
-    return 0 if execute(args, runs, plan, out, results_base, meta) else 1
+    try:
+        return 0 if execute(args, runs, plan, out, results_base, meta) else 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
