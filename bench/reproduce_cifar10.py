@@ -114,9 +114,10 @@ PROFILES = {
     # Teachers on all images (teacher_data "all"; bench/results/cifar10_cpu_teacher_search.md): the ViT teacher at
     # the supervised recipe for 12 epochs reaches 51.4% on the carve (+12.2 over the student alone); the SimCLR
     # assistant for 10 epochs k-NN@20 51.8 with the students' 10,000-image bank (6 epochs: 48.5). The CNN teacher
-    # and the SS stages keep their epochs on 5x the images. Teachers about 1 h 40 min (2 jobs), 40 min per seed.
+    # and the SS stages keep their epochs on 5x the images. Measured (2026-12-06, test split): the teachers about
+    # 2 h 15 min of wall-clock time on shared cores, each seed's 22 student runs 33-35 min on 2 idle cores.
     "cpu": dict(
-        data=dict(train_per_class=1000, val_per_class=500), teacher_data="all", seeds=2, num_workers=2, jobs=2,
+        data=dict(train_per_class=1000, val_per_class=500), teacher_data="all", seeds=3, num_workers=2, jobs=2,
         threads=1,
         student=vit("deit_tiny", 8, 4, 96, 3), teacher=vit("deit_tiny", 8, 4, 192, 3), cnn="resnet10t",
         supervised=supervised(),
