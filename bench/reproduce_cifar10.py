@@ -705,11 +705,10 @@ def collect(plan, meta, P):
             curves = [c for c in (metrics(f"{e['key']}_s{s}").get("block_knn20") for s in seeds) if c and None not in c]
             if curves:
                 e["per_block"] = [round(statistics.mean(c[i] for c in curves), 3) for i in range(len(curves[0]))]
-    names = {"teacher_vit": "teacher_vit", "teacher_vit_ss": "teacher_vit_ss", "teacher_cnn": "teacher_cnn",
-             "teacher_cnn_ss": "teacher_cnn_ss", "teacher_ssl_probe": "teacher_ssl",
-             "teacher_ssl_knn": "teacher_ssl (students' bank)"}
-    teachers = {label: {k: round(v, 3) for k, v in metrics(name).items() if isinstance(v, (int, float))}
-                for name, label in names.items() if stored.get(name)}
+    labels = {"teacher_ssl_probe": "teacher_ssl", "teacher_ssl_knn": "teacher_ssl (students' bank)"}
+    teachers = {labels.get(name, name): {k: round(v, 3) for k, v in metrics(name).items() if isinstance(v, (int, float))}
+                for name in ("teacher_vit", "teacher_vit_ss", "teacher_cnn", "teacher_cnn_ss", "teacher_ssl_probe",
+                             "teacher_ssl_knn") if stored.get(name)}
     # the teachers' gaps (#23): each teacher over the same student trained without one (the ViT teacher over the
     # student alone; the assistant's k-NN, with the students' bank when it trained on other images, over the plain
     # self-supervised student), and the assistant over the best student it teaches (AttnDistill's rows)
