@@ -27,6 +27,9 @@ from torchvision import transforms
 
 import common
 
+# the name checkpoints, logs and --resume checks carry: a copy of this file under another name is another script
+SCRIPT = os.path.basename(__file__)
+
 
 def get_args_parser():
     p = argparse.ArgumentParser("AttnDistill", add_help=False)
@@ -106,7 +109,7 @@ def main(args):
         common.fail(f"--aggregate none compares heads by index, but the student has {h_s} heads and the teacher {h_t}")
     if args.patch_align > 0 and s_grid != t_grid:
         common.fail(f"--patch_align needs the same patch grid (student {s_grid}x{s_grid}, teacher {t_grid}x{t_grid})")
-    ckpt = common.resume_checkpoint(args, "attn_distill.py")
+    ckpt = common.resume_checkpoint(args, SCRIPT)
     common.seed_everything(args.seed)
 
     # ---------------- data: one view, the same for student and teacher; no labels ----------------
@@ -150,7 +153,7 @@ def main(args):
     start_epoch = common.restore(ckpt, **state)
 
     # ---------------- training ----------------
-    common.start_run(args, "attn_distill.py")
+    common.start_run(args, SCRIPT)
     knn = {}
     for epoch in range(start_epoch, args.epochs):
         common.seed_everything(args.seed, epoch)
@@ -161,7 +164,7 @@ def main(args):
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             knn = common.knn_monitor(backbone, args, device)
             common.print0(f"| epoch {epoch}: k-NN top-1 {knn['knn_acc1']:.2f}")
-        common.end_epoch(args.output_dir, "attn_distill.py", args, epoch, train_stats, knn, args.save_every,
+        common.end_epoch(args.output_dir, SCRIPT, args, epoch, train_stats, knn, args.save_every,
                          model_config=backbone.model_config, **state)
     for t in list(taps.values()) + list((values or {}).values()):
         t.close()
@@ -361,4 +364,4 @@ def attn_distill_loss(student_rows, teacher_rows, temperature=10.0, aggregate=No
 
 
 if __name__ == "__main__":
-    common.run_main(main, argparse.ArgumentParser("attn_distill", parents=[get_args_parser()]))
+    common.run_main(main, argparse.ArgumentParser(SCRIPT, parents=[get_args_parser()]))

@@ -389,7 +389,12 @@ def load_weights(model, source, key=None, ckpt=None, require_head=False, trust=F
 
 
 def check_state_dict(sd, model, source, optional=lambda key: False):
-    """A clear error listing the missing (beyond `optional`), unexpected and mis-shaped keys of sd against model."""
+    """A clear error listing the missing (beyond `optional`), unexpected and mis-shaped keys of sd against model;
+    a tensor with NaN or inf is refused by name (else a teacher's NaN shows only as the first step's loss)."""
+    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        fail(f"{source}: non-finite values (NaN or inf) in {bad[0]}" + (f" and {len(bad) - 1} more tensors" if
+                                                                       len(bad) > 1 else "") + "; refusing to load it")
     model_sd = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(model_sd[k].shape)}" for k, v in sd.items()
              if k in model_sd and v.shape != model_sd[k].shape]
@@ -649,8 +654,10 @@ def build_dataset(args, split, transform, uint8=False):
         n = args.synthetic_size if is_train else max(args.synthetic_size // 4, 10)
         if name == "synthetic":
             return SyntheticShapes(n, seed=0 if is_train else 1, transform=transform)
-        return datasets.FakeData(n, (3, args.input_size, args.input_size), 10, transform,
-                                 random_offset=0 if is_train else 10 ** 6)
+        ds = datasets.FakeData(n, (3, args.input_size, args.input_size), 10, transform,
+                               random_offset=0 if is_train else 10 ** 6)
+        ds.classes = [str(c) for c in range(10)]  # FakeData has none; the scripts size their classifiers by it
+        return ds
     if not root:
         fail(f"--data_path is required for --dataset {name}")
     if name in ("cifar10", "cifar100"):
@@ -695,10 +702,14 @@ def train_labels(ds, folder, train):
 
 def load_rgb(path):
     """An image file as RGB; an unreadable one stops the run with its path (from workers too), never skipped."""
+    import numpy as np  # torchvision's dependency
     from PIL import Image
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            img = Image.open(f)
+            if img.mode.startswith("I"):  # 16-bit (or 32-bit integer) grey: PIL's convert clips it at 255, near white
+                img = Image.fromarray(high_byte(torch.from_numpy(np.asarray(img).astype(np.int32))).numpy(), "L")
+            return img.convert("RGB")
     except Exception as e:
         fail(f"cannot read image {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
@@ -850,9 +861,15 @@ def load_uint8(path):
     try:
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec: PIL if they go
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+            img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+        return img if img.dtype == torch.uint8 else high_byte(img.to(torch.int32))  # 16-bit PNG: uint16
     except (RuntimeError, AttributeError):  # BMP, TIFF, ... (or no decoder); an unreadable file fails in load_rgb
         return to_uint8(load_rgb(path))
+
+
+def high_byte(x):
+    """16-bit integer levels -> uint8: the high byte, as PIL reads a 16-bit RGB PNG (so both pipelines agree)."""
+    return (x.clamp(0, 65535) >> 8).to(torch.uint8)
 
 
 def to_uint8(img):
@@ -1359,6 +1376,38 @@ RESUME_FREE = ("resume", "output_dir", "data_path", "log_every", "save_every", "
                "compile", "compile_backend", "compile_mode")
 
 
+_LOCK = {}  # the output_dir lock this process holds: {"dir": its real path, "file": the open lock file}
+
+
+def lock_output_dir(out, hold=True):
+    """One run per output_dir: rank 0 holds an exclusive flock on output_dir/.lock until this process starts another
+    run or ends; the kernel drops it when the process dies, so a killed run leaves nothing stuck. A second run into
+    the folder stops with one line. hold=False only looks (an existing lock file, nothing written). No lock where
+    flock is missing (Windows) or the folder is not writable (start_run reports that)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    path, lock = os.path.realpath(out), os.path.join(out, ".lock")
+    if not is_main_process() or _LOCK.get("dir") == path or not (hold or os.path.isfile(lock)):
+        return
+    try:
+        f = open(lock, "a+" if hold else "r")
+    except OSError:
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        fail(f"--output_dir {out} is in use by another run (it holds {lock}); wait for it to end or pick another "
+             "--output_dir")
+    if not hold:
+        return f.close()
+    if _LOCK:
+        _LOCK["file"].close()  # this process's previous run is over
+    _LOCK.update(dir=path, file=f)  # the file stays empty: a folder copied with it is unchanged by a later run
+
+
 def resume_checkpoint(args, script, free=()):
     """Read only: the checkpoint to resume or None. --resume auto: output_dir/checkpoint.pth if any (same script, args
     equal up to RESUME_FREE and `free`); none: refused if there is one; PATH: same script, changed args printed."""
@@ -1372,6 +1421,7 @@ def resume_checkpoint(args, script, free=()):
              "max-autotune-no-cudagraphs")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         fail(f"--output_dir {args.output_dir} exists and is not a folder")
+    lock_output_dir(args.output_dir, hold=False)  # another run writing here: refused before any work (start_run locks)
     own = os.path.join(args.output_dir, "checkpoint.pth")
     free = set(RESUME_FREE) | set(free)
     current = {k: v for k, v in vars(args).items() if k not in free}
@@ -1417,7 +1467,8 @@ def restore(ckpt, **state):
 
 
 def start_run(args, script):
-    """After all checks: make output_dir, prove it writable, delete killed writes' temp files, print args, versions."""
+    """After all checks: make output_dir, prove it writable, lock it, delete killed writes' temp files, print args,
+    versions."""
     out = args.output_dir
     if is_main_process():
         try:
@@ -1427,6 +1478,7 @@ def start_run(args, script):
             os.remove(probe)
         except OSError as e:
             fail(f"--output_dir {out} is not writable ({type(e).__name__}: {e.strerror or e})")
+        lock_output_dir(out)
         for f in os.listdir(out):
             if ".pth.tmp" in f:  # atomic_save's temp file of an interrupted write
                 os.remove(os.path.join(out, f))

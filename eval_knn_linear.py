@@ -41,6 +41,9 @@ from torchvision import transforms
 
 import common
 
+# the name checkpoints, logs and --resume checks carry: a copy of this file under another name is another script
+SCRIPT = os.path.basename(__file__)
+
 
 def get_args_parser():
     p = argparse.ArgumentParser("k-NN and linear-probe evaluation", add_help=False)
@@ -123,7 +126,7 @@ def main(args):
     specs = feature_specs(args)
     model, other = prepare_look_inside(args, device) if look else (None, None)  # checks, before any work
     if only_look:  # on rank 0
-        common.start_run(args, "eval_knn_linear.py")
+        common.start_run(args, SCRIPT)
         return look_inside(args, model, other, device) if common.is_main_process() else None
 
     # ---------------- features ----------------
@@ -154,7 +157,7 @@ def main(args):
         transform = common.build_transform(args, is_train=False, stats=stats)
         train_set = common.build_dataset(args, "train", transform)
         val_set = common.build_dataset(args, "val", transform)
-        common.start_run(args, "eval_knn_linear.py")  # output_dir writable, before the extraction
+        common.start_run(args, SCRIPT)  # output_dir writable, before the extraction
         cache = {"specs": specs, "weights": args.weights,
                  "num_classes": len(getattr(train_set, "classes", [])) or 10}
         for split, ds in (("train", train_set), ("val", val_set)):
@@ -556,4 +559,4 @@ def save_heatmap(mat, path, title):
     img.save(path)
 
 if __name__ == "__main__":
-    common.run_main(main, argparse.ArgumentParser("eval_knn_linear", parents=[get_args_parser()]))
+    common.run_main(main, argparse.ArgumentParser(SCRIPT, parents=[get_args_parser()]))

@@ -32,6 +32,9 @@ from torchvision import transforms
 
 import common
 
+# the name checkpoints, logs and --resume checks carry: a copy of this file under another name is another script
+SCRIPT = os.path.basename(__file__)
+
 DEFAULTS = {"mocov3": dict(alpha_max=1.0, blr=1.5e-4), "byol": dict(alpha_max=0.8, blr=1.5e-4),
             "simclr": dict(alpha_max=0.8, blr=1.3e-4)}
 
@@ -89,7 +92,7 @@ def main(args):
 
     # ---------------- backbone, heads, momentum teacher (checks the depth) ----------------
     student, heads, teacher, taps, mid = build_models(args, device)
-    ckpt = common.resume_checkpoint(args, "sdssl.py")
+    ckpt = common.resume_checkpoint(args, SCRIPT)
     common.seed_everything(args.seed)
 
     # ---------------- data ----------------
@@ -119,7 +122,7 @@ def main(args):
                   f"pred loss {args.pred_loss and args.framework != 'simclr'}")
 
     # ---------------- training ----------------
-    common.start_run(args, "sdssl.py")
+    common.start_run(args, SCRIPT)
     knn = {}
     for epoch in range(start_epoch, args.epochs):
         common.seed_everything(args.seed, epoch)
@@ -130,7 +133,7 @@ def main(args):
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             knn = common.knn_monitor(teacher["backbone"] if teacher is not None else student, args, device)
             common.print0(f"| epoch {epoch}: k-NN top-1 {knn['knn_acc1']:.2f}")
-        common.end_epoch(args.output_dir, "sdssl.py", args, epoch, train_stats, knn, args.save_every,
+        common.end_epoch(args.output_dir, SCRIPT, args, epoch, train_stats, knn, args.save_every,
                          model_config=student.model_config, **state)
     taps.close()
     common.export_backbone(student, os.path.join(args.output_dir, "student_backbone.pth"))
@@ -540,4 +543,4 @@ class PILGaussianBlur:
 
 
 if __name__ == "__main__":
-    common.run_main(main, argparse.ArgumentParser("sdssl", parents=[get_args_parser()]))
+    common.run_main(main, argparse.ArgumentParser(SCRIPT, parents=[get_args_parser()]))

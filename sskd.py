@@ -28,6 +28,9 @@ from torchvision import transforms
 
 import common
 
+# the name checkpoints, logs and --resume checks carry: a copy of this file under another name is another script
+SCRIPT = os.path.basename(__file__)
+
 
 def get_args_parser():
     p = argparse.ArgumentParser("SSKD", add_help=False)
@@ -96,7 +99,7 @@ def main(args):
         common.fail("--train_fraction must be in (0, 1] and --label_noise in [0, 1)")
     if args.ss_epochs < 1:
         common.fail(f"--ss_epochs must be at least 1, got {args.ss_epochs}")
-    ckpt = common.resume_checkpoint(args, "sskd.py")
+    ckpt = common.resume_checkpoint(args, SCRIPT)
     common.seed_everything(args.seed)
 
     # ---------------- data: 4 views per image ----------------
@@ -153,7 +156,7 @@ def main(args):
     start_epoch = common.restore(ckpt, **state)
 
     # ---------------- training ----------------
-    common.start_run(args, "sskd.py")
+    common.start_run(args, SCRIPT)
     test_stats = {}
     for epoch in range(start_epoch, epochs):
         common.seed_everything(args.seed, epoch)
@@ -165,7 +168,7 @@ def main(args):
             test_stats = ss_accuracy(teacher, t_ss, val_loader, device, args) if teacher_ss else \
                 common.evaluate(student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in test_stats.items()))
-        common.end_epoch(args.output_dir, "sskd.py", args, epoch, train_stats, test_stats, args.save_every,
+        common.end_epoch(args.output_dir, SCRIPT, args, epoch, train_stats, test_stats, args.save_every,
                          model_config=state["model"].model_config, **state)
     if not test_stats:  # every epoch had already run (a finished run resumed)
         test_stats = ss_accuracy(teacher, t_ss, val_loader, device, args) if teacher_ss else \
@@ -426,4 +429,4 @@ def data_regime(dataset, fraction, noise, num_classes, seed):
 
 
 if __name__ == "__main__":
-    common.run_main(main, argparse.ArgumentParser("sskd", parents=[get_args_parser()]))
+    common.run_main(main, argparse.ArgumentParser(SCRIPT, parents=[get_args_parser()]))

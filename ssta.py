@@ -34,6 +34,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import common
 
+# the name checkpoints, logs and --resume checks carry: a copy of this file under another name is another script
+SCRIPT = os.path.basename(__file__)
+
 
 def get_args_parser():
     p = argparse.ArgumentParser("SSTA head-level attention distillation", add_help=False)
@@ -135,7 +138,7 @@ def main(args):
     if early < 1:
         common.fail(f"the distillation would be empty: it stops at epoch {early} (--early_stop_epoch, default a third of "
                     f"--epochs {args.epochs}); give --early_stop_epoch >= 1 or more --epochs")
-    ckpt = common.resume_checkpoint(args, "ssta.py")
+    ckpt = common.resume_checkpoint(args, SCRIPT)
     start_epoch = ckpt["epoch"] if ckpt is not None else 0
     common.seed_everything(args.seed)
 
@@ -187,7 +190,7 @@ def main(args):
         teacher_classifier(args, "ta", teachers["ta"], device, num_classes)  # a bad --ta_probe: an error now
 
     # ---------------- head selection (cached in output_dir/heads.json) ----------------
-    common.start_run(args, "ssta.py")  # every check has passed: output_dir is written from here on
+    common.start_run(args, SCRIPT)  # every check has passed: output_dir is written from here on
     heads = {}
     if teachers:
         attending = {n: t for n, t in teachers.items() if n == "ta" or args.teacher_loss == "head"}  # maps read
@@ -237,7 +240,7 @@ def main(args):
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             test_stats = common.evaluate(student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: top-1 {test_stats['acc1']:.2f}  top-5 {test_stats['acc5']:.2f}")
-        common.end_epoch(args.output_dir, "ssta.py", args, epoch, train_stats, test_stats, args.save_every,
+        common.end_epoch(args.output_dir, SCRIPT, args, epoch, train_stats, test_stats, args.save_every,
                          model_config=student.model_config, **state)
     for t in taps.values():
         t.close()
@@ -512,4 +515,4 @@ def check_tokens(student, teacher, name):
 
 
 if __name__ == "__main__":
-    common.run_main(main, argparse.ArgumentParser("ssta", parents=[get_args_parser()]))
+    common.run_main(main, argparse.ArgumentParser(SCRIPT, parents=[get_args_parser()]))

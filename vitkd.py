@@ -30,6 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import common
 
+# the name checkpoints, logs and --resume checks carry: a copy of this file under another name is another script
+SCRIPT = os.path.basename(__file__)
+
 
 def get_args_parser():
     p = argparse.ArgumentParser("ViTKD / NKD / KD / supervised DeiT training", add_help=False)
@@ -121,7 +124,7 @@ def main(args):
         common.fail(f"--teacher {args.teacher} needs --teacher_weights (a file, hub:NAME, or 'random' for smoke tests)")
     if not 0 < args.mask_ratio < 1:
         common.fail("--mask_ratio must be in (0, 1)")
-    ckpt = common.resume_checkpoint(args, "vitkd.py")
+    ckpt = common.resume_checkpoint(args, SCRIPT)
     common.seed_everything(args.seed)
 
     # ---------------- data ----------------
@@ -184,7 +187,7 @@ def main(args):
                        common.ViTTaps(m, token_blocks=[-1], norm=True)) for name, m in (("student", student), ("teacher", teacher))}
 
     # ---------------- training ----------------
-    common.start_run(args, "vitkd.py")
+    common.start_run(args, SCRIPT)
     common.print0(f"| training {args.epochs - start_epoch} epochs of {len(loader)} iterations")
     test_stats = {}
     for epoch in range(start_epoch, args.epochs):
@@ -197,7 +200,7 @@ def main(args):
             test_stats = common.evaluate(HeadsApart(student), val_loader, device, args.amp, HeadsApart.heads) if token \
                 else common.evaluate(student, val_loader, device, args.amp)
             common.print0(f"| epoch {epoch}: " + "  ".join(f"{k} {v:.2f}" for k, v in test_stats.items() if k != "loss"))
-        common.end_epoch(args.output_dir, "vitkd.py", args, epoch, train_stats, test_stats, args.save_every,
+        common.end_epoch(args.output_dir, SCRIPT, args, epoch, train_stats, test_stats, args.save_every,
                          model_config=student.model_config, **state)
     for pair in (taps or {}).values():
         for t in pair:
@@ -420,4 +423,4 @@ class CrossBlock(nn.Module):
 
 
 if __name__ == "__main__":
-    common.run_main(main, argparse.ArgumentParser("vitkd", parents=[get_args_parser()]))
+    common.run_main(main, argparse.ArgumentParser(SCRIPT, parents=[get_args_parser()]))

@@ -11,6 +11,8 @@ file (a stale mutation is reported, never skipped silently), timeout = the run t
     python bench/mutate.py --list              # the mutations, numbered
     python bench/mutate.py                     # all of them, one line each, then caught / valid (percent)
     python bench/mutate.py --only 3 17 --jobs 2 --timeout 300 --out mutation.json
+    python bench/mutate.py --k pinned          # every mutation against the pinned values alone (#30)
+    python bench/mutate.py --k all             # every mutation against the whole suite
 """
 import argparse
 import json
@@ -205,8 +207,9 @@ def copy_repo(dest, files):
         shutil.copy2(src, os.path.join(dest, rel))
 
 
-def run_one(index, mutation, files, timeout, python):
+def run_one(index, mutation, files, timeout, python, k=None):
     path, old, new, expr, what = mutation
+    expr = k or expr
     row = {"id": index, "file": path, "tests": expr, "bug": what}
     with open(os.path.join(ROOT, path)) as f:
         text = f.read()
@@ -221,7 +224,7 @@ def run_one(index, mutation, files, timeout, python):
         with open(os.path.join(tmp, path), "w") as f:
             f.write(text.replace(old, new))
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
-        cmd = [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_smoke.py", "-k", expr]
+        cmd = [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_smoke.py"] + (["-k", expr] if expr != "all" else [])
         try:
             p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
             lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip()]
@@ -250,6 +253,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=300, help="seconds per mutation (default 300)")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs pytest (default: this one)")
+    ap.add_argument("--k", default=None, help="run every mutation against this pytest -k expression instead of its own "
+                    "('all': the whole suite; 'pinned': the pinned values alone)")
     args = ap.parse_args(argv)
     chosen = list(range(len(MUTATIONS))) if not args.only else args.only
     bad = [i for i in chosen if not 0 <= i < len(MUTATIONS)]
@@ -270,7 +275,7 @@ def main(argv=None):
         results.append(row)
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = [pool.submit(run_one, i, MUTATIONS[i], files, args.timeout, args.python) for i in chosen]
+        futures = [pool.submit(run_one, i, MUTATIONS[i], files, args.timeout, args.python, args.k) for i in chosen]
         for fut in futures:  # in order
             report(fut.result())
     results.sort(key=lambda r: r["id"])
