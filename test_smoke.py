@@ -3264,6 +3264,691 @@ def test_a_copied_script_writes_and_resumes_under_its_own_name(tmp_path, monkeyp
 
 
 # ---------------------------------------------------------------------------------------------
+# #33: every loss target traced to its source network, every method's modules equal to their definition
+# ---------------------------------------------------------------------------------------------
+# [section: target-sources]
+# Target sources: one training step of each script's main at lr 0 (nothing moves), with the networks it built and the
+# batch each saw captured; every logged term recomputed here from the networks' own tensors (our hooks, attention maps
+# from q and k by hand) with the documented formula; the network a target must come from perturbed in a second step,
+# which must move that term by what the hand computation predicts and leave the terms that do not read it unchanged.
+# At initialisation a wrong source can equal the right one (SDSSL's momentum teacher is a copy of the student), so
+# each test also checks that the plausible wrong source gives another value. Module definitions: each extra module's
+# layer sequence (type, widths, activation, norm, bias, eps) against the paper's / official code's, written out here.
+CPU = torch.device("cpu")
+
+
+def first_step_of(monkeypatch, tmp_path, module, flags, perturb=None):
+    """One step of module.main at lr 0 (fp32): (logged first-step terms, the networks {'student', teacher labels},
+    the batch each network's patch embedding saw first). perturb: {name: fn(model)} applied right after building."""
+    perturb = perturb or {}
+    nets, inputs, inside = {}, {}, [0]
+    create, build = common.create_model, common.build_teacher
+
+    def keep(name, m):
+        nets[name] = m
+        with torch.no_grad():
+            perturb.get(name, lambda m: None)(m)
+
+        def first_input(mod, a):  # returns None: the input goes on unchanged
+            inputs.setdefault(name, a[0].detach().clone())
+        m.patch_embed.register_forward_pre_hook(first_input)
+        return m
+
+    def create_(*a, **kw):
+        m = create(*a, **kw)
+        return keep("student", m) if not inside[0] and "student" not in nets else m
+
+    def build_(*a, **kw):
+        inside[0] += 1
+        try:
+            m = build(*a, **kw)
+        finally:
+            inside[0] -= 1
+        return keep(kw.get("label", a[6] if len(a) > 6 else "teacher"), m)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(common, "create_model", create_)
+        mp.setattr(common, "build_teacher", build_)
+        losses = first_step_losses(module, flags + ["--lr", "0", "--amp", "off"], tmp_path)
+    return losses, nets, inputs
+
+
+def blocks_by_hand(model, x):
+    """Every block's input and output (our own hooks) and the final-norm tokens of a timm ViT."""
+    ins, outs, handles = {}, {}, []
+    for i, b in enumerate(model.blocks):
+        handles.append(b.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0])))
+        handles.append(b.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o)))
+    try:
+        final = model.forward_features(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return ins, outs, final
+
+
+def attention_by_hand(block, x):
+    """B x H x N x N post-softmax attention of a timm block on its input x: softmax(q k^T / sqrt(d)) of norm1(x)."""
+    a = block.attn
+    B, N, C = x.shape
+    qkv = F.linear(block.norm1(x), a.qkv.weight, a.qkv.bias).reshape(B, N, 3, a.num_heads, C // a.num_heads)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    return (q @ k.transpose(-2, -1) / math.sqrt(C // a.num_heads)).softmax(-1)
+
+
+def scale_head_queries(block, head, factor):
+    """Multiply the query weights of one head of a block: only that head's attention map changes."""
+    d = block.attn.qkv.weight.shape[1] // block.attn.num_heads
+    block.attn.qkv.weight[head * d:(head + 1) * d] *= factor
+
+
+def kl_rows(p_t, p_s):
+    """KL(teacher || student) of each row (last axis) of probability tensors."""
+    return (p_t * (p_t.log() - p_s.log())).sum(-1)
+
+
+def kd_by_hand(s, t, T):
+    """Hinton KD: batch mean of KL(softmax(t / T) || softmax(s / T)), times T^2."""
+    return kl_rows((t / T).softmax(-1), (s / T).softmax(-1)).mean() * T * T
+
+
+def approx(x, rel=1e-5, abs=1e-7):
+    return pytest.approx(float(x), rel=rel, abs=abs)
+
+
+def same(x):
+    """Unmoved: equal up to 1e-6 relative (in practice bit for bit on one machine)."""
+    return pytest.approx(float(x), rel=1e-6, abs=1e-9)
+
+
+def far(a, b, rel=1e-3):
+    """a and b differ clearly (the test can see the wrong source)."""
+    return abs(float(a) - float(b)) > rel * max(abs(float(a)), abs(float(b)), 1e-6)
+
+
+# ---- ViTKD (+ NKD, KD, DeiT's distillation token) -------------------------------------------------------------
+VITKD_NETS = ["--student", "deit_tiny", "--depth", "3", "--patch_size", "8", "--teacher", "deit_tiny", "--teacher_weights",
+              "random", "--teacher_depth", "3", "--teacher_patch_size", "8"]  # equal widths: identity adapters
+
+
+def nkd_by_hand(s, t, y, tau=1.0, gamma=1.0):
+    """NKD: -T_y log S_y - gamma tau^2 sum_{i != y} T'_i log S'_i (T', S': softmax over the non-target classes / tau)."""
+    first = -(t.softmax(1).gather(1, y[:, None]) * s.log_softmax(1).gather(1, y[:, None])).squeeze(1)
+    others = torch.ones_like(s, dtype=torch.bool).scatter_(1, y[:, None], False)
+    C = s.shape[1]
+    s_o, t_o = s[others].view(-1, C - 1) / tau, t[others].view(-1, C - 1) / tau
+    second = -(t_o.softmax(1) * s_o.log_softmax(1)).sum(1)
+    return (first + gamma * tau ** 2 * second).mean()
+
+
+def sharpen(t):
+    """A random teacher's logits are nearly uniform: a larger classifier makes them decisive."""
+    t.head.weight.mul_(30.0)
+
+
+def vitkd_step(monkeypatch, tmp_path, perturb=sharpen):
+    seen = {}
+    mask_of, nkd = vitkd.ViTKDLoss.random_mask, vitkd.nkd_loss
+
+    def record_mask(self, batch, device):  # the module and its mask
+        seen["vitkd"], seen["mask"] = self, mask_of(self, batch, device)
+        return seen["mask"]
+
+    def record_target(logits_s, logits_t, target, *rest):  # NKD's target class (the soft label's argmax under Mixup)
+        seen.setdefault("y", target)
+        return nkd(logits_s, logits_t, target, *rest)
+    monkeypatch.setattr(vitkd.ViTKDLoss, "random_mask", record_mask)
+    monkeypatch.setattr(vitkd, "nkd_loss", record_target)
+    flags = SUP_STEP + VITKD_NETS + ["--nkd", "--kd_weight", "0.5", "--kd_temperature", "2", "--alpha_vitkd", "1e-3",
+                                     "--beta_vitkd", "1e-3"]
+    losses, nets, inputs = first_step_of(monkeypatch, tmp_path, vitkd, flags, {"teacher": perturb})
+    return losses, nets, inputs, seen
+
+
+def vitkd_by_hand(nets, inputs, seen):
+    """L_lr, L_gen, NKD, KD of the step from the networks' own tensors; also the terms with the student as the source."""
+    S, T, vk, mask = nets["student"], nets["teacher"], seen["vitkd"], seen["mask"]
+    x = inputs["student"]
+    assert torch.equal(inputs["teacher"], x)  # the teacher sees the student's (mixed) batch
+    with torch.no_grad():
+        _, s_out, s_final = blocks_by_hand(S, x)
+        _, t_out, t_final = blocks_by_hand(T, x)
+        s_logits, t_logits = S.forward_head(s_final), T.forward_head(t_final)
+        B = len(x)
+
+        def mimic(target_low):  # blocks 0 and 1, full block output (FFN-out), patch tokens only, no final norm
+            return vk.alpha * sum(((fc(s_out[l][:, 1:]) - target_low[l][:, 1:]) ** 2).sum()
+                                  for l, fc in enumerate(vk.mimic_adapters)) / B
+
+        def gen(target_high):  # the last block after the final norm, patch tokens only, masked places only
+            xs = torch.where(mask[..., None], vk.mask_token, vk.gen_adapter(s_final[:, 1:]))
+            P, D = xs.shape[1:]
+            g = vk.generator(xs.transpose(1, 2).reshape(B, D, vk.side, vk.side)).flatten(2).transpose(1, 2)
+            return vk.beta * (((g - target_high[:, 1:]) ** 2).sum(-1) * mask).sum() / B / vk.mask_ratio
+        y = seen["y"]
+        right = dict(mimic=mimic(t_out), gen=gen(t_final), nkd=nkd_by_hand(s_logits, t_logits, y),
+                     kd=0.5 * kd_by_hand(s_logits, t_logits, 2.0))
+        wrong = dict(mimic=mimic(s_out), gen=gen(s_final), nkd=nkd_by_hand(s_logits, s_logits, y),
+                     kd=0.5 * kd_by_hand(s_logits, s_logits, 2.0))
+    return right, wrong
+
+
+def test_vitkd_target_source_mimic_generation_nkd_kd(tmp_path, monkeypatch):
+    """ViTKD's mimic targets are the teacher's blocks 0 and 1 (block outputs, patch tokens), its generation target the
+    teacher's last block after the final norm; NKD's and KD's targets the teacher's logits on the same batch. Perturbing
+    the teacher's final norm and last block moves L_gen, NKD and KD by what the hand computation predicts and leaves
+    L_lr and the cross-entropy exactly as they were."""
+    base, nets, inputs, seen = vitkd_step(monkeypatch, tmp_path / "a")
+    right, wrong = vitkd_by_hand(nets, inputs, seen)
+    for k in ("mimic", "gen", "nkd", "kd"):
+        assert base[f"train_{k}"] == approx(right[k]), k
+        assert far(right[k], wrong[k]), k  # the student as the source would show
+
+    def perturb(t):  # the final norm and the last block's MLP: the deep target and the logits, not blocks 0 and 1
+        sharpen(t)
+        t.norm.weight.mul_(1.5)
+        t.norm.bias.add_(0.2)
+        t.blocks[-1].mlp.fc2.weight.mul_(3.0)
+    moved, nets2, inputs2, seen2 = vitkd_step(monkeypatch, tmp_path / "b", perturb)
+    right2, _ = vitkd_by_hand(nets2, inputs2, seen2)
+    assert torch.equal(seen2["mask"], seen["mask"]) and torch.equal(inputs2["student"], inputs["student"])
+    assert moved["train_mimic"] == same(base["train_mimic"]) and moved["train_ce"] == same(base["train_ce"])
+    for k in ("gen", "nkd", "kd"):
+        assert far(moved[f"train_{k}"], base[f"train_{k}"]) and moved[f"train_{k}"] == approx(right2[k]), k
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_vitkd_target_source_distillation_token(tmp_path, monkeypatch, kind):
+    """DeiT's distillation token learns the teacher's logits (soft: KL at T / (B x C); hard: CE to the teacher's
+    argmax), not the student's own class head; the class head alone learns the labels."""
+    flags = SUP_STEP + ["--student", "deit_tiny_distilled_patch16_224", "--depth", "2", "--patch_size", "8", "--teacher",
+                        "deit_tiny", "--teacher_weights", "random", "--teacher_depth", "2", "--teacher_patch_size", "8",
+                        "--alpha_vitkd", "0", "--beta_vitkd", "0", "--distill_token", kind, "--kd_temperature", "2"]
+    losses, nets, inputs = first_step_of(monkeypatch, tmp_path, vitkd, flags, {"teacher": sharpen})
+    S, T, x = nets["student"], nets["teacher"], inputs["student"]
+    assert torch.equal(inputs["teacher"], x)
+    with torch.no_grad():
+        tokens = S.forward_features(x)
+        cls, dist = S.head(tokens[:, 0]), S.head_dist(tokens[:, 1])
+        t = T(x)
+
+    def token(target):
+        if kind == "hard":
+            return 0.5 * F.cross_entropy(dist, target.argmax(1))
+        return 0.5 * kl_rows((target / 2).softmax(1), (dist / 2).softmax(1)).sum() * 4 / dist.numel()
+    assert losses["train_token"] == approx(token(t))
+    if kind == "hard":
+        assert (t.argmax(1) != cls.argmax(1)).any()
+    assert far(token(t), token(cls))
+
+
+# ---- SSTA ------------------------------------------------------------------------------------------------------
+SSTA_FLAGS = SUP_STEP + ["--student", "deit_tiny", "--depth", "3", "--embed_dim", "48", "--patch_size", "8", "--drop_path",
+                         "0", "--teacher", "deit_tiny", "--teacher_weights", "random", "--teacher_depth", "3",
+                         "--teacher_patch_size", "8", "--ta", "deit_tiny", "--ta_weights", "random", "--ta_depth", "3",
+                         "--ta_patch_size", "8", "--distill_layers", "-2", "-1", "--heads_teacher", "1", "2", "--heads_ta",
+                         "2", "0", "--early_stop_epoch", "1", "--beta", "0.7", "--lambda_ta", "1.3"]
+SSTA_HEADS = {"teacher": [1, 2], "ta": [2, 0]}  # per distilled block (1, 2) of each network
+
+
+def ssta_by_hand(nets, inputs):
+    """beta sum_l KL(teacher's chosen head || student head 0) + lambda sum_l KL(assistant's chosen head || student
+    head 1), per query row, mean over batch and rows, from maps computed by hand."""
+    x = inputs["student"]
+    maps = {}
+    with torch.no_grad():
+        for name in ("student", "teacher", "ta"):
+            assert torch.equal(inputs[name], x)
+            ins, _, _ = blocks_by_hand(nets[name], x)
+            maps[name] = {l: attention_by_hand(nets[name].blocks[l], ins[l]) for l in (1, 2)}
+
+    def term(name, student_head, w):
+        return w * sum(kl_rows(maps[name][l][:, h].clamp_min(1e-8), maps["student"][l][:, student_head].clamp_min(1e-8))
+                       .mean() for l, h in zip((1, 2), SSTA_HEADS[name]))
+    return {"teacher": term("teacher", 0, 0.7), "ta": term("ta", 1, 1.3)}, maps
+
+
+def test_ssta_target_source_teacher_and_assistant_maps(tmp_path, monkeypatch):
+    """Student head 0's target is the supervised teacher's chosen head, head 1's the assistant's chosen head, in the
+    paired blocks. Query weights of the teacher's unchosen head and of the assistant's chosen head scaled in the last
+    distilled block: the teacher's term does not move, the assistant's moves as predicted."""
+    base, nets, inputs = first_step_of(monkeypatch, tmp_path / "a", ssta, SSTA_FLAGS)
+    right, maps = ssta_by_hand(nets, inputs)
+    for name in ("teacher", "ta"):
+        assert base[f"train_{name}"] == approx(right[name]), name
+    # the wrong sources would show: the other teacher, another head, the student's own head
+    other = {"teacher": "ta", "ta": "teacher"}
+    for name, sh in (("teacher", 0), ("ta", 1)):
+        for wrong in (maps[other[name]][2][:, SSTA_HEADS[name][1]], maps[name][2][:, (SSTA_HEADS[name][1] + 1) % 3],
+                      maps["student"][2][:, 2]):
+            t = maps[name][2][:, SSTA_HEADS[name][1]]
+            assert far(kl_rows(t, maps["student"][2][:, sh]).mean(), kl_rows(wrong, maps["student"][2][:, sh]).mean())
+    perturb = {"teacher": lambda t: scale_head_queries(t.blocks[2], 0, 4.0),  # chosen in block 2: head 2
+               "ta": lambda t: scale_head_queries(t.blocks[2], 0, 4.0)}  # chosen in block 2: head 0
+    moved, nets2, inputs2 = first_step_of(monkeypatch, tmp_path / "b", ssta, SSTA_FLAGS, perturb)
+    right2, _ = ssta_by_hand(nets2, inputs2)
+    assert moved["train_teacher"] == same(base["train_teacher"]) and moved["train_ce"] == same(base["train_ce"])
+    assert far(moved["train_ta"], base["train_ta"]) and moved["train_ta"] == approx(right2["ta"])
+
+
+# ---- SSKD ------------------------------------------------------------------------------------------------------
+def sskd_teacher_file(path, seed):
+    """A deit_tiny teacher (2 blocks, patch 8, 10 classes) with an SS module as stage 2 leaves it; seed: the SS module's."""
+    torch.manual_seed(7)  # not the student's seed (0): another network
+    model = common.create_model("deit_tiny", num_classes=10, img_size=32, patch_size=8, depth=2)
+    with torch.no_grad():
+        sharpen(model)
+    torch.manual_seed(seed)
+    torch.save({"model": model.state_dict(), "ss_head": sskd.SSHead(model.num_features).state_dict()}, path)
+    return str(path)
+
+
+def selective_by_hand(scores, positive, ratio):
+    """Rows kept by SSKD's selective transfer: rank of the positive among the row's scores (0 = the top); every row at
+    rank 0, then the int(n_wrong x ratio) wrong rows of smallest rank (ties: lower row first)."""
+    ranks = [(scores[r] > scores[r, positive[r]]).sum().item() for r in range(len(scores))]
+    wrong = sorted((k, r) for r, k in enumerate(ranks) if k > 0)
+    kept = {r for r, k in enumerate(ranks) if k == 0} | {r for _, r in wrong[:int(len(wrong) * ratio)]}
+    return torch.tensor([r in kept for r in range(len(scores))])
+
+
+def sskd_step(monkeypatch, tmp_path, teacher_file):
+    heads, levels = [], []
+    Head, error_levels = sskd.SSHead, sskd.error_levels
+
+    class Recorded(Head):
+        def __init__(self, dim):
+            super().__init__(dim)
+            heads.append(self)
+
+    def record_levels(scores, positive):  # the first call ranks L_T's rows: its positives are the labels
+        levels.append(positive)
+        return error_levels(scores, positive)
+    monkeypatch.setattr(sskd, "SSHead", Recorded)
+    monkeypatch.setattr(sskd, "error_levels", record_levels)
+    flags = ONE_STEP + ["--student", "deit_tiny", "--depth", "2", "--patch_size", "8", "--teacher", "deit_tiny",
+                        "--teacher_weights", teacher_file, "--teacher_depth", "2", "--teacher_patch_size", "8",
+                        "--epochs", "1", "--decay_epochs", "--ratio_tf", "0.5", "--ratio_ss", "0.75"]
+    losses, nets, inputs = first_step_of(monkeypatch, tmp_path, sskd, flags)
+    return losses, nets, inputs, heads, levels[0]
+
+
+def sskd_by_hand(nets, inputs, heads, y):
+    """KD on the normal views, L_T on the transformed views (the teacher's logits of the same views; rows chosen by the
+    teacher's rank of the label), L_ss (the teacher SS module's similarities of the teacher's features; rows chosen by
+    the teacher's rank of the positive). Also each with the plausible wrong source."""
+    t_ss, s_ss = heads
+    x = inputs["student"]
+    assert torch.equal(inputs["teacher"], x) and len(x) == 32  # 8 images x 4 rotations
+    with torch.no_grad():
+        feat = {n: nets[n].forward_features(x)[:, 0] for n in ("student", "teacher")}  # final-norm CLS
+        logits = {n: nets[n].head(feat[n]) for n in feat}
+        s, t = logits["student"], logits["teacher"]
+        normal, transformed = torch.arange(0, 32, 4), torch.tensor([i for i in range(32) if i % 4])
+
+        def sims(z):
+            z = F.normalize(z, dim=1)
+            return z[transformed] @ z[normal].T
+        sim_s, sim_t = sims(s_ss(feat["student"])), sims(t_ss(feat["teacher"]))
+        pos = torch.arange(8).repeat_interleave(3)
+
+        def tf(target):
+            keep = selective_by_hand(target, y, 0.5)
+            return 2.7 * kd_by_hand(s[transformed][keep], target[keep], 4.0)
+
+        def ss(target):
+            keep = selective_by_hand(target, pos, 0.75)
+            return 10.0 * kd_by_hand(sim_s[keep], target[keep], 0.5)
+        right = dict(kd=0.9 * kd_by_hand(s[normal], t[normal], 4.0), tf=tf(t[transformed]), ss=ss(sim_t))
+        wrong = dict(kd=0.9 * kd_by_hand(s[normal], s[normal], 4.0), tf=tf(t[normal].repeat_interleave(3, 0)),
+                     ss=ss(sims(t_ss(feat["student"]))))
+    return right, wrong
+
+
+def test_sskd_target_source_kd_tf_and_ss(tmp_path, monkeypatch):
+    """SSKD: KD's target is the teacher's logits of the normal views, L_T's the teacher's logits of the same transformed
+    views, L_ss's the teacher SS module's similarities of the teacher's features, and selective transfer ranks by the
+    teacher. Another SS module in the teacher's file moves L_ss as predicted and nothing else."""
+    base, nets, inputs, heads, y = sskd_step(monkeypatch, tmp_path / "a", sskd_teacher_file(tmp_path / "t1.pth", 1))
+    assert len(heads) == 2 and y.tolist() == [v for v in y[::3].tolist() for _ in range(3)]
+    right, wrong = sskd_by_hand(nets, inputs, heads, y)
+    for k in ("kd", "tf", "ss"):
+        assert base[f"train_{k}"] == approx(right[k]), k
+        assert far(right[k], wrong[k]), k
+    moved, nets2, inputs2, heads2, y2 = sskd_step(monkeypatch, tmp_path / "b", sskd_teacher_file(tmp_path / "t2.pth", 2))
+    right2, _ = sskd_by_hand(nets2, inputs2, heads2, y2)
+    assert all(moved[f"train_{k}"] == same(base[f"train_{k}"]) for k in ("ce", "kd", "tf"))
+    assert far(moved["train_ss"], base["train_ss"]) and moved["train_ss"] == approx(right2["ss"])
+
+
+# ---- SDSSL -----------------------------------------------------------------------------------------------------
+def sd_by_hand(student, heads, teacher, mid, views, alpha, args):
+    """L_ssl, alpha L_isd, L_pred written out: per view the student's per-layer final-norm CLS through its own projector
+    and predictor (BatchNorm over that view's rows), against the momentum teacher's projection of the OTHER view
+    (MoCo v3: 2 tau x CE of cosine logits / tau; BYOL: 2 - 2 cos); SimCLR: NT-Xent against the final projections."""
+    x1, x2 = views
+    tau, n_mid = args.tau, len(mid)
+    with torch.no_grad():
+        def cls_per_block(x):
+            outs = student.forward_intermediates(x, norm=True, return_prefix_tokens=True, output_fmt="NLC",
+                                                 intermediates_only=True)
+            return [prefix[:, 0] for _, prefix in outs]
+        if args.framework == "simclr":
+            f = cls_per_block(torch.cat([x1, x2]))  # one run on both views: every BatchNorm sees 2B rows
+            z = one_mlp(heads.last_proj, 0, f[-1])
+            anchors = torch.cat([one_mlp(heads.mid_proj, j, f[l]) for j, l in enumerate(mid)])
+
+            def nt_xent(a, c):
+                n = len(c)
+                logits = F.normalize(a, dim=1) @ F.normalize(c, dim=1).T / tau
+                i = torch.arange(len(a)) % n
+                logits[torch.arange(len(a)), i] = float("-inf")
+                return F.cross_entropy(logits, (i + n // 2) % n)
+            return {"ssl": nt_xent(z, z), "isd": alpha * nt_xent(anchors, z)}
+        if args.framework == "mocov3":
+            def loss(q, k):
+                logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / tau
+                return F.cross_entropy(logits, torch.arange(len(q)) % len(k)) * 2 * tau
+        else:
+            def loss(q, k):
+                return (2 - 2 * F.cosine_similarity(q, k.repeat(len(q) // len(k), 1), dim=-1)).mean()
+        q_mid, q_last, z = [], [], []
+        for x in (x1, x2):
+            f = cls_per_block(x)
+            h = [one_mlp(heads.mid_proj, j, f[l]) for j, l in enumerate(mid)] + [one_mlp(heads.last_proj, 0, f[-1])]
+            q = [one_mlp(heads.pred, j, hj) for j, hj in enumerate(h)]
+            q_mid.append(torch.cat(q[:-1]))
+            q_last.append(q[-1])
+            z.append(one_mlp(teacher["proj"], 0, teacher["backbone"](x)))
+        return {"ssl": sum(loss(q_last[v], z[1 - v]) for v in (0, 1)),
+                "isd": alpha * sum(loss(q_mid[v], z[1 - v]) for v in (0, 1)),
+                "pred": (n_mid + 1) * sum(loss(torch.cat([q_mid[v], q_last[v]]), z[1 - v]) for v in (0, 1))}
+
+
+@pytest.mark.parametrize("framework", ["mocov3", "byol", "simclr"])
+def test_sdssl_target_source_isd_ssl_pred_per_framework(framework):
+    """SD-MoCo v3 / SD-BYOL: L_ssl, L_isd and L_pred all target the momentum teacher's projection of the other view.
+    The teacher starts as a copy of the student (then its target equals the student's own last-layer projection), so it
+    is moved first. Perturbing the student's last projector leaves L_isd exactly as it was; perturbing the teacher's
+    projector moves every term as the hand computation predicts. SD-SimCLR: the targets are the final projections."""
+    args = sd_args("--framework", framework)
+    student, heads, teacher, taps, mid = sdssl.build_models(args, CPU)
+    views, alpha = sd_batch(), 0.5
+    g = torch.Generator().manual_seed(1)
+
+    def jitter(m, scale):  # every weight matrix of a BatchedMLP, in place
+        with torch.no_grad():
+            for w in m.weights:
+                w.add_(scale * w.std() * torch.randn(w.shape, generator=g))
+
+    def step():
+        with torch.no_grad():
+            out = sdssl.sdssl_losses(student, heads, teacher, taps, mid, len(student.blocks) - 1, views, alpha, args)
+        return {k: v.item() for k, v in out.items()}
+    try:
+        if teacher is not None:
+            jitter(teacher["proj"], 1.0)  # the momentum teacher after some steps: no longer the student
+        base = step()
+        hand = sd_by_hand(student, heads, teacher, mid, views, alpha, args)
+        assert set(base) == set(hand)
+        for k in hand:
+            assert base[k] == approx(hand[k]), k
+        jitter(heads.last_proj, 1.0)  # the student's own last-layer projector
+        moved = step()
+        assert far(moved["ssl"], base["ssl"])
+        if framework == "simclr":  # the intermediate layers' targets are the final projections
+            assert far(moved["isd"], base["isd"])
+            assert moved["isd"] == approx(sd_by_hand(student, heads, teacher, mid, views, alpha, args)["isd"])
+            jitter(heads.mid_proj, 1.0)
+            assert step()["ssl"] == same(moved["ssl"])
+            return
+        assert moved["isd"] == same(base["isd"])  # not a target of the intermediate layers
+        jitter(teacher["proj"], 0.5)
+        again, hand = step(), sd_by_hand(student, heads, teacher, mid, views, alpha, args)
+        for k in hand:
+            assert far(again[k], moved[k]) and again[k] == approx(hand[k]), k
+    finally:
+        taps.close()
+
+
+# ---- AttnDistill -----------------------------------------------------------------------------------------------
+AD_FLAGS = ONE_STEP + ["--student", "deit_tiny", "--depth", "2", "--patch_size", "8", "--teacher", "deit_tiny",
+                       "--teacher_weights", "random", "--teacher_depth", "2", "--teacher_patch_size", "8", "--epochs", "1",
+                       "--warmup_epochs", "0", "--lambda_attn", "1"]  # equal widths and heads: heads compared by index
+
+
+def attn_distill_step(monkeypatch, tmp_path, perturb=None, extra=()):
+    made, Student = [], attn_distill.StudentWithProjector
+
+    class Recorded(Student):
+        def __init__(self, *a):
+            super().__init__(*a)
+            made.append(self)
+    monkeypatch.setattr(attn_distill, "StudentWithProjector", Recorded)
+    losses, nets, inputs = first_step_of(monkeypatch, tmp_path, attn_distill, AD_FLAGS + list(extra), perturb)
+    return losses, made[0], nets, inputs
+
+
+def attn_distill_by_hand(model, nets, inputs):
+    """L_c = MSE(LayerNorm(P(student's last-block CLS, before its final norm)), teacher's final-norm CLS); L_a = KL of the
+    clamped, renormalised CLS-query rows of the last blocks, teacher || student, summed over keys and heads, / B."""
+    S, T, x = nets["student"], nets["teacher"], inputs["student"]
+    assert model.backbone is S
+    with torch.no_grad():
+        s_in, s_out, s_final = blocks_by_hand(S, x)
+        t_in, _, t_final = blocks_by_hand(T, x)
+        c_s = model.norm(model.projector(s_out[len(S.blocks) - 1][:, :1]))[:, 0]
+        rows = {n: attention_by_hand(m.blocks[-1], ins[len(m.blocks) - 1])[:, :, 0]
+                for n, m, ins in (("student", S, s_in), ("teacher", T, t_in))}
+
+        def attn(t_rows):
+            s, t = (r.clamp(1e-5, 0.996) for r in (rows["student"], t_rows))
+            s, t = s / s.sum(-1, keepdim=True), t / t.sum(-1, keepdim=True)
+            return kl_rows(t, s).sum() / len(x)
+        right = dict(cls=F.mse_loss(c_s, t_final[:, 0]), attn=attn(rows["teacher"]))
+        wrong = dict(cls=F.mse_loss(c_s, s_final[:, 0]), attn=attn(rows["student"]))
+    return right, wrong
+
+
+def test_attn_distill_target_source_cls_and_attention(tmp_path, monkeypatch):
+    """AttnDistill: L_c's target is the teacher's final-norm CLS token, L_a's the CLS-query row of the teacher's last
+    block. The teacher's final norm perturbed: L_c moves as predicted, L_a stays; the student's own final norm
+    perturbed: neither moves (the student's CLS goes through P and a norm of its own). Without L_a ('PA only') the
+    same CLS target."""
+    alone, model, nets, inputs = attn_distill_step(monkeypatch, tmp_path / "pa", extra=["--lambda_attn", "0"])
+    assert "train_attn" not in alone and alone["train_cls"] == approx(attn_distill_by_hand(model, nets, inputs)[0]["cls"])
+    assert torch.equal(inputs["teacher"], inputs["student"])  # the teacher saw the student's batch
+    base, model, nets, inputs = attn_distill_step(monkeypatch, tmp_path / "a")
+    right, wrong = attn_distill_by_hand(model, nets, inputs)
+    for k in ("cls", "attn"):
+        assert base[f"train_{k}"] == approx(right[k]), k
+        assert far(right[k], wrong[k]), k
+
+    def student_norm(s):
+        s.norm.weight.mul_(2.0)
+        s.norm.bias.add_(0.5)
+
+    def teacher_norm(t):
+        t.norm.weight.mul_(1.5)
+        t.norm.bias.add_(0.2)
+    moved, model2, nets2, inputs2 = attn_distill_step(monkeypatch, tmp_path / "b", {"student": student_norm})
+    assert moved.keys() == base.keys() and all(moved[k] == same(base[k]) for k in base)
+    moved, model2, nets2, inputs2 = attn_distill_step(monkeypatch, tmp_path / "c", {"teacher": teacher_norm})
+    right2, _ = attn_distill_by_hand(model2, nets2, inputs2)
+    assert moved["train_attn"] == same(base["train_attn"])
+    assert far(moved["train_cls"], base["train_cls"]) and moved["train_cls"] == approx(right2["cls"])
+
+
+# ---- module definitions ----------------------------------------------------------------------------------------
+def layer_list(modules):
+    """(type, widths..., settings) of each layer of a sequence of modules: what a module definition compares."""
+    out = []
+    for m in modules:
+        if isinstance(m, nn.Linear):
+            out.append(("Linear", m.in_features, m.out_features, m.bias is not None))
+        elif isinstance(m, nn.Conv2d):
+            out.append(("Conv2d", m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.groups,
+                        m.bias is not None))
+        elif isinstance(m, nn.LayerNorm):
+            out.append(("LayerNorm", tuple(m.normalized_shape), m.eps, m.elementwise_affine))
+        elif isinstance(m, nn.BatchNorm1d):
+            out.append(("BatchNorm1d", m.num_features, m.eps, m.affine))
+        elif isinstance(m, nn.GELU):
+            out.append(("GELU", m.approximate))
+        else:
+            out.append((type(m).__name__,))
+    return out
+
+
+def test_attn_distill_module_definition_projector():
+    """P (the official models/mlp.py, 4 layers): LayerNorm(D_s, eps 1e-6) -> Linear(D_s, 2D_s) -> GELU ->
+    Linear(2D_s, D_s) -> GELU -> Linear(D_s, 2D_s) -> GELU -> Linear(2D_s, D_t), no activation after the last Linear;
+    then a separate LayerNorm(D_t, eps 1e-6). Other depths: the same alternation, the last Linear to D_t. Linear init
+    trunc-normal std 0.02, bias 0; LayerNorms weight 1, bias 0."""
+    ln, gelu = ("LayerNorm", (8,), 1e-6, True), ("GELU", "none")
+    lin = lambda a, b: ("Linear", a, b, True)  # noqa: E731
+    want = {1: [ln, lin(8, 12)],
+            2: [ln, lin(8, 16), gelu, lin(16, 12)],
+            4: [ln, lin(8, 16), gelu, lin(16, 8), gelu, lin(8, 16), gelu, lin(16, 12)],
+            8: [ln, lin(8, 16), gelu, lin(16, 8), gelu, lin(8, 16), gelu, lin(16, 8), gelu, lin(8, 16), gelu, lin(16, 8),
+                gelu, lin(8, 16), gelu, lin(16, 12)]}
+    for k, layers in want.items():
+        p = attn_distill.build_projector(8, 12, k)
+        assert isinstance(p, nn.Sequential) and layer_list(p) == layers, k
+    torch.manual_seed(0)
+    backbone = common.create_model("deit_tiny", num_classes=0, img_size=32, patch_size=8, depth=1, embed_dim=48)
+    model = attn_distill.StudentWithProjector(backbone, 72, 4)
+    assert layer_list(model.projector) == [("LayerNorm", (48,), 1e-6, True), lin(48, 96), gelu, lin(96, 48), gelu,
+                                           lin(48, 96), gelu, lin(96, 72)]
+    assert layer_list([model.norm]) == [("LayerNorm", (72,), 1e-6, True)]
+    for m in list(model.projector) + [model.norm]:
+        if isinstance(m, nn.Linear):
+            assert torch.equal(m.bias, torch.zeros_like(m.bias)) and 0.018 < m.weight.std().item() < 0.022
+        elif isinstance(m, nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+    # the student's output: that sequence, in that order, on the last block's tokens (before the backbone's norm)
+    x = torch.randn(2, 3, 32, 32)
+    _, outs, _ = blocks_by_hand(backbone, x)
+    h = outs[0][:, :1]
+    for m in model.projector:
+        h = m(h)
+    torch.testing.assert_close(model(x), model.norm(h))
+    assert attn_distill.StudentWithProjector(backbone, 48, 0).projector is None  # --no-projector: nothing added
+
+
+def test_vitkd_module_definition_adapters_mask_token_generator():
+    """ViTKD (the official vitkd.py): per mimicked block a Linear(D_s, D_t) with bias (identity at equal widths); a third
+    one before generation; a mask token 1 x 1 x D_t of zeros; the generator Conv2d(D_t, D_t, 3, padding 1) -> ReLU ->
+    Conv2d(D_t, D_t, 3, padding 1), both with bias. Nothing else learns."""
+    m = vitkd.ViTKDLoss(48, 96, 16, num_mimic=2)
+    assert layer_list(m.mimic_adapters) == [("Linear", 48, 96, True)] * 2
+    assert layer_list([m.gen_adapter]) == [("Linear", 48, 96, True)]
+    assert m.mask_token.shape == (1, 1, 96) and torch.equal(m.mask_token, torch.zeros(1, 1, 96))
+    conv = ("Conv2d", 96, 96, (3, 3), (1, 1), (1, 1), 1, True)
+    assert isinstance(m.generator, nn.Sequential) and layer_list(m.generator) == [conv, ("ReLU",), conv]
+    n = 2 * (48 * 96 + 96) + (48 * 96 + 96) + 96 + 2 * (96 * 96 * 9 + 96)
+    assert sum(p.numel() for p in m.parameters()) == n
+    same = vitkd.ViTKDLoss(96, 96, 16, num_mimic=2)
+    assert layer_list(same.mimic_adapters) == [("Identity",)] * 2 and layer_list([same.gen_adapter]) == [("Identity",)]
+    assert not hasattr(vitkd.ViTKDLoss(48, 96, 16, alpha=0.0), "mimic_adapters")
+
+
+def test_sskd_module_definition_ss_head():
+    """SSKD's SS module (the official wrapper.py): Linear(F, F) -> ReLU -> Linear(F, F), with biases, on the feature."""
+    head = sskd.SSHead(24)
+    assert layer_list(head.net) == [("Linear", 24, 24, True), ("ReLU",), ("Linear", 24, 24, True)]
+    assert sum(p.numel() for p in head.parameters()) == 2 * (24 * 24 + 24)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(head(x), F.linear(F.relu(F.linear(x, head.net[0].weight, head.net[0].bias)),
+                                                 head.net[2].weight, head.net[2].bias))
+
+
+def ssta_map_taps():
+    g = torch.Generator().manual_seed(0)
+    return type("Taps", (), {"attn": {4: torch.randn(2, 3, 5, 5, generator=g).softmax(-1)}, "num_prefix_tokens": 1})()
+
+
+def test_ssta_module_definition_no_modules_and_head_targets(tmp_path, monkeypatch):
+    """SSTA adds no module (paper 2.5): the optimizer holds exactly the student's parameters. Its targets: one head's
+    full N x N map (CLS row and column kept), or for --head_mode avg the mean of the layer's heads (rows sum to 1)."""
+    taps = ssta_map_taps()
+    a = taps.attn[4]
+    assert torch.equal(ssta.teacher_map(taps, 4, 2), a[:, 2])
+    avg = ssta.teacher_map(taps, 4, "avg")
+    torch.testing.assert_close(avg, (a[:, 0] + a[:, 1] + a[:, 2]) / 3)
+    torch.testing.assert_close(avg.sum(-1), torch.ones(2, 5))
+    grouped = []
+    groups = common.param_groups
+    monkeypatch.setattr(common, "param_groups", lambda model, *a, **kw: grouped.append(model) or groups(model, *a, **kw))
+    _, nets, _ = first_step_of(monkeypatch, tmp_path, ssta, SSTA_FLAGS)
+    assert len(grouped) == 1 and grouped[0] is nets["student"]
+    assert all(p.requires_grad for p in nets["student"].parameters())
+
+
+def batched_layer_list(m, j):
+    """layer_list of MLP j of an SDSSL BatchedMLP (activations are not modules there: checked by the outputs)."""
+    out = []
+    for w, bn in zip(m.weights, m.norms):
+        out.append(("Linear", w.shape[1], w.shape[2], False))
+        if isinstance(bn, nn.BatchNorm1d):
+            out.append(("BatchNorm1d", bn.num_features // m.n, bn.eps, bn.affine))
+        else:
+            out.append((type(bn).__name__,))
+    return [layer for layer in out if layer != ("Identity",)]
+
+
+def sequential_of(layers):
+    made = {"Linear": lambda a, b, bias: nn.Linear(a, b, bias=bias), "ReLU": lambda: nn.ReLU(),
+            "BatchNorm1d": lambda c, eps, affine: nn.BatchNorm1d(c, eps=eps, affine=affine)}
+    return nn.Sequential(*[made[kind](*rest) for kind, *rest in layers])
+
+
+@pytest.mark.parametrize("framework", ["mocov3", "byol", "simclr"])
+def test_sdssl_module_definition_projectors_and_predictors(framework):
+    """SDSSL's heads (the official byol_pytorch.py): hidden layers Linear (no bias) -> BatchNorm1d (affine, eps 1e-5) ->
+    ReLU; the last Linear (no bias) then a BatchNorm1d without affine (MoCo v3, SimCLR) or nothing (BYOL). Projectors
+    D -> h -> h -> out (h: 2048 for the intermediate layers, 4096 for the last), predictors out -> 4096 -> out (none for
+    SimCLR); the momentum teacher's projector is the last projector's architecture. Widths reduced here, as the
+    parser's defaults are the paper's."""
+    d = sdssl.get_args_parser().parse_args([])
+    assert (d.proj_hidden, d.mid_proj_hidden, d.pred_hidden, d.out_dim, d.mid_proj_layers) == (4096, 2048, 4096, 256, 3)
+    args = sd_args("--framework", framework, "--mid_proj_hidden", "12", "--proj_hidden", "20", "--pred_hidden", "14",
+                   "--out_dim", "6")
+    student, heads, teacher, taps, mid = sdssl.build_models(args, CPU)
+    taps.close()
+    D = student.embed_dim
+    hidden = lambda a, b: [("Linear", a, b, False), ("BatchNorm1d", b, 1e-5, True), ("ReLU",)]  # noqa: E731
+    out = lambda a, b: [("Linear", a, b, False)] + ([] if framework == "byol" else [("BatchNorm1d", b, 1e-5, False)])  # noqa
+    want = {"mid_proj": hidden(D, 12) + hidden(12, 12) + out(12, 6), "last_proj": hidden(D, 20) + hidden(20, 20) + out(20, 6),
+            "pred": hidden(6, 14) + out(14, 6)}
+    assert len(mid) == 2 and heads.mid_proj.n == 2 and heads.last_proj.n == 1
+    if framework == "simclr":
+        assert heads.pred is None and teacher is None
+        del want["pred"]
+    else:
+        assert heads.pred.n == 3
+        want["teacher"] = want["last_proj"]
+    torch.manual_seed(0)
+    for name, layers in want.items():
+        m = teacher["proj"] if name == "teacher" else getattr(heads, name)
+        assert all(n.startswith(("weights.", "norms.")) for n, _ in m.named_parameters()), name  # no biases anywhere
+        x = torch.randn(m.n, 10, layers[0][1])
+        y = m.train()(x)
+        for j in range(m.n):
+            assert batched_layer_list(m, j) == [layer for layer in layers if layer != ("ReLU",)], (name, j)
+            ref = sequential_of(layers).train()
+            with torch.no_grad():
+                linears = [r for r in ref if isinstance(r, nn.Linear)]
+                for r, w in zip(linears, m.weights):
+                    r.weight.copy_(w[j].T)
+            torch.testing.assert_close(y[j], ref(x[j]), atol=1e-5, rtol=1e-5)  # BN affine at init: weight 1, bias 0
+    # Table 6's shallower intermediate projectors
+    for layers, dims in ((2, [D, 12, 6]), (1, [D, 6])):
+        a = sd_args("--framework", framework, "--mid_proj_layers", str(layers), "--mid_proj_hidden", "12", "--out_dim", "6")
+        assert sdssl.SDHeads(D, 2, a).mid_proj.dims == dims
+
+
+# ---------------------------------------------------------------------------------------------
 # bench/: every benchmark at a tiny size
 # ---------------------------------------------------------------------------------------------
 # [section: benches]
