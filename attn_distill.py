@@ -214,7 +214,6 @@ def train_one_epoch(model, teacher, taps, values, pairs, grids, aggregate, loade
                 losses["patch"] = F.mse_loss(out[:, npt[0]:].float(), t_tokens[:, npt[1]:].float())
             loss = args.cls_weight * losses["cls"] + args.lambda_attn * losses.get("attn", 0.0) + \
                 args.patch_align * losses.get("patch", 0.0)
-            common.check_finite(loss, f"at epoch {epoch} iteration {it}")
             meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
             scaler.scale(loss / args.accum_iter).backward()  # gradients accumulate over accum_iter steps
         if update:

@@ -613,10 +613,11 @@ class SyntheticShapes(torch.utils.data.Dataset):
     """Learnable shapes (10 classes, random colours, sizes, positions, noise) for offline runs; image i = f(seed, i)."""
     classes = ["disc", "square", "triangle", "cross", "ring", "diamond", "hgrating", "vgrating", "dgrating", "checker"]
 
+    _rendered = {}  # (seed, img_size, i) -> image (3 KB), shared by this process's datasets (and each worker's copy)
+
     def __init__(self, size, img_size=32, seed=0, transform=None):
         self.size, self.img_size, self.seed, self.transform = size, img_size, seed, transform
         self.targets = [i % 10 for i in range(size)]
-        self._cache = {}  # rendered images (3 KB each), per loader worker
 
     def __len__(self):
         return self.size
@@ -642,7 +643,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return transforms.functional.to_pil_image(img)
 
     def __getitem__(self, i):
-        img = self._cache[i] if i in self._cache else self._cache.setdefault(i, self.render(i))
+        key = (self.seed, self.img_size, i)
+        img = self._rendered[key] if key in self._rendered else self._rendered.setdefault(key, self.render(i))
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
@@ -1294,14 +1296,6 @@ def grad_scaler(device, amp):
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")
 
 
-def check_finite(loss, where=""):
-    """Stop every rank together if the loss is non-finite on any (a lone exit would hang the others); no write."""
-    bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device))
-    if bad.item() > 0:
-        fail(f"non-finite loss {where} on {int(bad.item())} rank(s); stopping all ranks. The last good "
-             "checkpoint (if any) is untouched in output_dir; try a lower lr, --amp off or gradient clipping")
-
-
 def kd_loss(logits_s, logits_t, temperature):
     """Hinton KD: KL(softmax(t / T) || softmax(s / T)), batch mean, times T^2 (fp32, teacher detached)."""
     log_s, log_t = ((z.float() / temperature).log_softmax(1) for z in (logits_s, logits_t.detach()))
@@ -1549,10 +1543,14 @@ def versions():
 
 
 class Meter:
-    """Running averages of named floats for the periodic training line, and the time spent waiting on the loader."""
+    """Running averages of the logged values for the periodic training line, the finite check, and the time spent
+    waiting on the loader. Tensor values are summed on their device: the host reads them (one all-reduce of the
+    non-finite count over ranks, one copy) only at a printed line and at the epoch's end, so a step makes no host
+    sync and the host can queue the next step while the device works on this one."""
 
     def __init__(self):
         self.sums, self.count, self.t0, self.wait = {}, 0, time.time(), 0.0
+        self.keys, self.pending, self.since = [], None, 0  # the tensor values' names, device sums, first unread step
 
     def timed(self, loader):
         """The loader's batches; the time blocked on each is the line's "data" share (a GPU waiting on data)."""
@@ -1566,18 +1564,40 @@ class Meter:
     def update(self, **values):
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        self.count += 1
 
     def log(self, epoch, it, steps, every, **values):
-        """Add floats / 0-d tensors; print every `every` iterations and the last. Call after check_finite: no sync."""
-        tensors = [k for k, v in values.items() if torch.is_tensor(v)]  # one device -> host copy for all of them
-        if tensors:
-            values.update(zip(tensors, torch.stack([values[k].detach().float() for k in tensors]).tolist()))
-        self.update(**values)
+        """Add floats / 0-d tensors; every `every` iterations and at the last, read the device sums: a non-finite
+        value on any rank (the loss first of all) stops every rank, naming the iterations since the last read, before
+        anything is saved; then print the line."""
+        keys = [k for k, v in values.items() if torch.is_tensor(v)]
+        if keys:
+            if keys != self.keys:  # another set of terms (rare): read the old sums first
+                self.read(f"at epoch {epoch} iterations {self.since}-{it - 1}")
+                self.keys = keys
+            step = torch.stack([values[k].detach().float() for k in keys])
+            self.pending = step.to(torch.float64 if step.device.type != "mps" else torch.float32) \
+                if self.pending is None else self.pending + step
+        self.update(**{k: v for k, v in values.items() if k not in keys})
+        self.count += 1
         if it % every == 0 or it == steps - 1:
+            self.read(f"at epoch {epoch} iterations {self.since}-{it}")
+            self.since = it + 1
             print0(self.line(f"epoch {epoch}", it, steps))
 
+    def read(self, where):
+        """The device sums to the host, after the finite check over every rank (each reads at the same steps)."""
+        if self.pending is None:
+            return
+        bad = all_reduce_sum((~torch.isfinite(self.pending)).any().to(self.pending.dtype).reshape(1))
+        bad, *sums = torch.cat([bad, self.pending]).tolist()
+        if bad > 0:
+            fail(f"non-finite loss {where} on {int(bad)} rank(s); stopping all ranks. The last good checkpoint (if "
+                 "any) is untouched in output_dir; try a lower lr, --amp off or gradient clipping")
+        self.update(**dict(zip(self.keys, sums)))
+        self.pending = None
+
     def averages(self):
+        self.read("at the epoch's end")
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
     def line(self, prefix, step, total):

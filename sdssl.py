@@ -188,7 +188,6 @@ def train_one_epoch(student, heads, teacher, taps, mid, loader, optimizer, scale
         with common.autocast(device, args.amp):
             losses = sdssl_losses(student, heads, teacher, taps, mid, last, views, alpha, args)
             loss = sum(losses.values())
-        common.check_finite(loss, f"at epoch {epoch} iteration {it}")
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, alpha=alpha, **losses)
         scaler.scale(loss).backward()
         if args.clip_grad > 0:
@@ -273,7 +272,7 @@ def nt_xent(anchors, z, tau, detach_columns=False):
     logits = a @ c.T / tau
     i = torch.arange(len(anchors), device=z.device) % n
     own, pos = i + n * common.get_rank(), (i + n // 2) % n + n * common.get_rank()
-    logits = logits.masked_fill(F.one_hot(own, logits.shape[1]).bool(), float("-inf"))
+    logits = logits.scatter(1, own[:, None], float("-inf"))  # not F.one_hot: it reads its input's range (a sync)
     return F.cross_entropy(logits, pos)
 
 

@@ -18,6 +18,7 @@ similarity; the student matches the teacher's row-softmax of those similarities.
 vgg13 -> vgg8 KD 72.98 -> SSKD 75.33.
 """
 import argparse
+import functools
 import os
 
 import torch
@@ -197,8 +198,7 @@ def train_one_epoch(student, s_ss, teacher, t_ss, loader, optimizer, scaler, sch
             g["lr"] = lr
         images, target = common.to_device(batch, device, loader)
         x = rotate_views(images) if all_views else images[:, 0]  # 4B image-major views, or the B normal views
-        normal = torch.arange(0, len(x), 4, device=device) if all_views else torch.arange(len(x), device=device)
-        transformed = torch.arange(len(x), device=device)[(torch.arange(len(x), device=device) % 4) != 0]
+        normal, transformed = view_rows(len(x), all_views, device)
         with common.autocast(device, args.amp):
             if teacher is not None:
                 with torch.no_grad():
@@ -224,7 +224,6 @@ def train_one_epoch(student, s_ss, teacher, t_ss, loader, optimizer, scaler, sch
                     keep = selective_mask(error_levels(sim_t, positives(len(normal), device)), args.ratio_ss)
                     losses["ss"] = args.ss_weight * sskd_ss_loss(sim_s, sim_t, args.ss_temperature, keep)
             loss = sum(losses.values())
-        common.check_finite(loss, f"at epoch {epoch} iteration {it}")
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
         scaler.scale(loss).backward()  # the official student.py: no gradient clipping
         scaler.step(optimizer)
@@ -341,6 +340,17 @@ def similarities(z, normal, transformed):
         return z[transformed] @ z[normal].T
 
 
+@functools.lru_cache(maxsize=None)
+def view_rows(n, all_views, device):
+    """(normal, transformed) row indices of n image-major views (each image's normal view, then its 3 transformed
+    ones), or of n normal views; made once per batch size (no boolean indexing: no host sync)."""
+    rows = torch.arange(n, device=device)
+    if not all_views:
+        return rows, rows[:0]
+    return rows[0::4], rows.view(-1, 4)[:, 1:].reshape(-1)
+
+
+@functools.lru_cache(maxsize=None)
 def positives(batch, device):
     """The positive column of each transformed row: its own image, row j -> j // 3."""
     return torch.arange(batch, device=device).repeat_interleave(3)
@@ -354,14 +364,12 @@ def error_levels(scores, positive):
 
 def selective_mask(levels, ratio):
     """Rows kept by selective transfer: all rows with level 0, plus the int(n_wrong x ratio) wrong rows
-    with the smallest levels (ties: lower row index first)."""
+    with the smallest levels (ties: lower row index first). On the device: no host sync."""
     wrong = levels > 0
-    k = int(int(wrong.sum()) * ratio)
-    keep = ~wrong
-    if k > 0:
-        order = torch.argsort(torch.where(wrong, levels, torch.full_like(levels, -1)), stable=True)
-        keep[order[int((~wrong).sum()):][:k]] = True
-    return keep
+    k = (wrong.sum().double() * ratio).floor()  # float64: Python's int(n x ratio) exactly
+    order = torch.argsort(torch.where(wrong, levels, torch.full_like(levels, -1)), stable=True)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    return ~wrong | (rank - (~wrong).sum() < k)  # a wrong row's place among the wrong ones, best first
 
 
 def sskd_ss_loss(sim_s, sim_t, temperature, keep):
@@ -370,10 +378,11 @@ def sskd_ss_loss(sim_s, sim_t, temperature, keep):
 
 
 def masked_kd(logits_s, logits_t, temperature, keep):
-    """KD over the kept rows only (batch mean over kept rows, x T^2); 0 when no row is kept."""
-    if not keep.any():
-        return logits_s.sum() * 0.0
-    return common.kd_loss(logits_s[keep], logits_t[keep], temperature)
+    """KD over the kept rows only (common.kd_loss's KL, mean over the kept rows, x T^2; 0 when no row is kept), as a
+    masked sum over all rows: no host sync."""
+    log_s, log_t = ((z.float() / temperature).log_softmax(1) for z in (logits_s, logits_t.detach()))
+    kl = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(1)
+    return (kl * keep).sum() / keep.sum().clamp_min(1) * temperature ** 2
 
 
 @torch.no_grad()
@@ -385,8 +394,7 @@ def ss_accuracy(teacher, t_ss, loader, device, args):
         if len(images) < 2:
             continue
         x = rotate_views(images.to(device))
-        normal = torch.arange(0, len(x), 4, device=device)
-        transformed = torch.arange(len(x), device=device)[(torch.arange(len(x), device=device) % 4) != 0]
+        normal, transformed = view_rows(len(x), True, device)
         with common.autocast(device, args.amp):
             sim = similarities(t_ss(features_and_logits(teacher, x)[0].float()), normal, transformed)
         hits += torch.tensor([(sim.argmax(1) == positives(len(normal), device)).sum().item(), len(transformed)],

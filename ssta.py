@@ -280,7 +280,6 @@ def train_one_epoch(student, teachers, token_teacher, taps, pairs, loader, crite
                                                                         args.kd_temperature)
             losses.update(ssta_losses(logits, t_out, taps, pairs, args))
             loss = sum(losses.values())
-        common.check_finite(loss, f"at epoch {epoch} iteration {it}")
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
         scaler.scale(loss).backward()
         if args.clip_grad > 0:

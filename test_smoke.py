@@ -100,7 +100,6 @@ def toy_main(args):
                 g["lr"] = lr
             with common.autocast(device, args.amp):
                 loss = F.cross_entropy(ddp(x.to(device)), y.to(device))
-            common.check_finite(loss, f"at epoch {epoch} iteration {it}")
             meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr)
             scaler.scale(loss).backward()
             if args.clip_grad > 0:
@@ -451,9 +450,15 @@ def test_schedule_lr_rule_param_groups_and_finite_check():
     assert {names[id(p)] for p in no_decay} >= {"student.pos_embed", "student.cls_token", "student.norm.weight",
                                                   "adapter.bias", "student.blocks.0.attn.qkv.bias"}
     assert {names[id(p)] for p in decay} == {n for n, p in extra.named_parameters() if p.ndim == 2} | {"student.patch_embed.proj.weight"}
-    with pytest.raises(common.UserError, match="non-finite loss at step 3"):
-        common.check_finite(torch.tensor(float("nan")), "at step 3")
-    common.check_finite(torch.tensor(1.0))
+    meter = common.Meter()  # the finite check reads the device sums at the printed lines (every 2, and the last)
+    meter.log(7, 0, 5, 2, loss=torch.tensor(1.0))
+    meter.log(7, 1, 5, 2, loss=torch.tensor(float("nan")))  # summed on the device, not read yet
+    with pytest.raises(common.UserError, match="non-finite loss at epoch 7 iterations 1-2 on 1 rank"):
+        meter.log(7, 2, 5, 2, loss=torch.tensor(3.0))
+    meter = common.Meter()
+    for it in range(3):
+        meter.log(0, it, 3, 2, loss=torch.tensor(float(it)), lr=0.5)
+    assert meter.averages() == {"loss": 1.0, "lr": 0.5} and meter.count == 3
     teacher, student = nn.Linear(2, 2), nn.Linear(2, 2)
     expect = 0.9 * teacher.weight.detach() + 0.1 * student.weight.detach()
     sdssl.ema_update(teacher, student, 0.9)
@@ -3946,6 +3951,96 @@ def test_sdssl_module_definition_projectors_and_predictors(framework):
     for layers, dims in ((2, [D, 12, 6]), (1, [D, 6])):
         a = sd_args("--framework", framework, "--mid_proj_layers", str(layers), "--mid_proj_hidden", "12", "--out_dim", "6")
         assert sdssl.SDHeads(D, 2, a).mid_proj.dims == dims
+
+
+# ---------------------------------------------------------------------------------------------
+# #31 item 2: no host sync in a training step
+# ---------------------------------------------------------------------------------------------
+# [section: host-syncs]
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts, on the CPU, what makes the host wait for a GPU: a tensor read as a Python number (item, bool, int,
+    float: aten._local_scalar_dense), tolist, and ops whose output size depends on the values (nonzero, masked_select,
+    a boolean-mask index). Not counted: the loader's work and the optimizer's step (its step counters live on the
+    host), both run with the mode paused."""
+    SIZED = {"nonzero", "masked_select", "unique", "_unique2", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.seen = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        flat = [a for x in list(args) + list((kwargs or {}).values()) for a in (x if isinstance(x, (list, tuple)) else [x])]
+        if name == "_local_scalar_dense" or name in self.SIZED and not (name == "repeat_interleave" and isinstance(
+                args[1] if len(args) > 1 else None, int)) or name in ("index", "index_put", "index_put_") and any(
+                torch.is_tensor(a) and a.dtype == torch.bool for a in flat[1:]):
+            self.count += 1
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def syncs_per_step(monkeypatch, run, steps):
+    """Host syncs counted from the log call of step 1 to that of step steps - 2 (whole steps: backward, optimizer,
+    the next forwards), with a line printed only at the first and the last step; -> syncs per step."""
+    mode, marks = HostSyncs(), []
+    log, timed, tolist = common.Meter.log, common.Meter.timed, torch.Tensor.tolist
+
+    def counted_log(self, epoch, it, n, every, **values):
+        assert n == steps
+        marks.append(mode.count)
+        return log(self, epoch, it, n, 10 ** 6, **values)
+
+    def paused_timed(self, loader):
+        it = timed(self, loader)
+        while True:
+            with _disable_current_modes():
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield batch
+
+    def counted_tolist(t):
+        mode.count += 1
+        mode.seen.append("tolist")
+        return tolist(t)
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    pre = register_optimizer_step_pre_hook(lambda *a: mode.__exit__(None, None, None) and None)
+    post = register_optimizer_step_post_hook(lambda *a: mode.__enter__() and None)
+    monkeypatch.setattr(common.Meter, "log", counted_log)
+    monkeypatch.setattr(common.Meter, "timed", paused_timed)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    try:
+        with mode:
+            run()
+    finally:
+        pre.remove()
+        post.remove()
+        monkeypatch.undo()
+    return (marks[steps - 2] - marks[1]) / (steps - 3), mode.seen
+
+
+@pytest.mark.parametrize("case", ["vitkd_nkd", "vitkd_cae", "ssta", "sskd_stages", "sdssl_mocov3", "sdssl_simclr",
+                                  "attn_distill", "attn_distill_all_noproj"])
+def test_a_training_step_waits_for_no_host_sync(tmp_path, monkeypatch, case):
+    """#31: a step of every script queues its work without reading the device: the finite check and the logged
+    values are summed on the device and read at the printed lines; SSKD's selective transfer is masks and sums,
+    its index tensors made once per batch size. 6 steps, counted from the second to the fifth (HostSyncs)."""
+    stages = AMP_CASES[case]
+    prev = None
+    for i, (module, flags) in enumerate(stages):
+        flags = [f.replace("{prev}", str(prev)) for f in flags] + ["--amp", "off", "--output_dir", str(tmp_path / str(i))]
+        args = argparse.ArgumentParser(parents=[module.get_args_parser()]).parse_args(flags)
+        if i < len(stages) - 1:
+            module.main(args)
+        else:
+            args.synthetic_size = 6 * args.batch_size
+            args = sdssl.framework_defaults(args) if module is sdssl else args
+            per_step, seen = syncs_per_step(monkeypatch, lambda: module.main(args), 6)
+            assert per_step == 0, seen
+        prev = tmp_path / str(i)
 
 
 # ---------------------------------------------------------------------------------------------

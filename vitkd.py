@@ -249,7 +249,6 @@ def train_one_epoch(student, teacher, vitkd, taps, loader, criterion, mixup, opt
             if args.kd_weight > 0:
                 losses["kd"] = args.kd_weight * kd_loss(logits, t_out, args.kd_temperature)
             loss = sum(losses.values())
-        common.check_finite(loss, f"at epoch {epoch} iteration {it}")
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, **losses)
         scaler.scale(loss).backward()
         if args.clip_grad > 0:  # over everything that learns: the student and the ViTKD modules
@@ -331,6 +330,8 @@ class ViTKDLoss(nn.Module):
         super().__init__()
         self.alpha, self.beta, self.mask_ratio, self.mimic, self.kind = alpha, beta, mask_ratio, mimic, generator
         self.num_patches = num_patches
+        # as the official code: int(P x (1 - mask_ratio)) tokens kept, the other P - int(P x (1 - mask_ratio)) masked
+        self.num_masked = num_patches - int(num_patches * (1 - mask_ratio))
         side = int(round(math.sqrt(num_patches)))
 
         def adapter():
@@ -359,7 +360,7 @@ class ViTKDLoss(nn.Module):
     def random_mask(self, batch, device):
         """B x P bool, True at the masked places, in random positions (MAE's shuffle): as the official code,
         int(P x (1 - mask_ratio)) tokens are kept and the other P - int(P x (1 - mask_ratio)) masked."""
-        n = self.num_patches - int(self.num_patches * (1 - self.mask_ratio))
+        n = self.num_masked
         rank = torch.rand(batch, self.num_patches, device=device).argsort(1).argsort(1)
         return rank < n
 
@@ -397,7 +398,7 @@ class ViTKDLoss(nn.Module):
             return self.gen_norm(x)
         # cae: the masked places (mask token + position) query the visible tokens and themselves
         order = mask.float().argsort(dim=1, stable=True)  # visible first, then masked, each in index order
-        n_vis = P - int(mask[0].sum())
+        n_vis = P - self.num_masked  # every row of the mask has that many (random_mask): no read of the mask
         x = x.gather(1, order[..., None].expand(-1, -1, D))
         visible, queries = x[:, :n_vis], x[:, n_vis:]
         for blk in self.generator:
