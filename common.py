@@ -46,6 +46,10 @@ def run_main(main, parser, argv=None):
         if is_dist():
             dist.destroy_process_group()
         sys.exit(2)
+    finally:  # the run is over: its output_dir is free (a process that goes on, e.g. a notebook, runs another)
+        if _LOCK:
+            _LOCK.pop("file").close()
+            _LOCK.clear()
 
 
 def print0(*args, **kwargs):

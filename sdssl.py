@@ -90,9 +90,10 @@ def main(args):
     if args.batch_size < 2:
         common.fail("--batch_size must be at least 2 per process: the heads' BatchNorm and the contrastive losses need several images")
 
+    ckpt = common.resume_checkpoint(args, SCRIPT)  # the run's own checks (epochs, compile, output_dir) before building
+
     # ---------------- backbone, heads, momentum teacher (checks the depth) ----------------
     student, heads, teacher, taps, mid = build_models(args, device)
-    ckpt = common.resume_checkpoint(args, SCRIPT)
     common.seed_everything(args.seed)
 
     # ---------------- data ----------------

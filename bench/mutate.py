@@ -31,6 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # hand, SSTA's CE weight and SD's alpha at step 0 through a logged step, L_pred as a sum over layers) a second full
 # pass caught 49 / 52; the three survivors (AttnDistill's CLS weight, SSKD's L_T label order, SD's EMA momentum
 # reaching 1) got tests too; the third full pass caught 52 / 52 (334 s on 2 cores, one busy with another job).
+# 2026-12-07 (#33): 19 new mutations (a target from another network, a module's layer sequence, every method):
+# 19 / 19 with their selected tests and 19 / 19 with the whole suite (--k all); the pinned values alone (--k pinned)
+# catch 32 of the 41 loss / schedule mutations (the 9 others are invisible at the pinned flags). Details and every
+# row: bench/results/mutation_pass.txt.
 # (file, exact original text (found exactly once), replacement, pytest -k expression, the bug it plants)
 MUTATIONS = [
     # ---- common.py: shared losses, schedules, safety checks, resume --------------------------------------------
