@@ -2435,7 +2435,9 @@ def test_sskd_fast_views_equal_pil_with_fixed_seeds():
             a = views(img)
             seed_all(i)
             b = norm(crops(img))
-            assert torch.equal(a, b) if size == 32 else levels(a, b) <= 1  # the same flip and offsets
+            # the same flip and offsets: equal at 32 px; resized, within one level (+ float rounding: 1.00002 under
+            # ATen's default capability)
+            assert torch.equal(a, b) if size == 32 else levels(a, b) <= 1.001
     paper = sskd.FourCrops(sskd.FourViews(32, "paper"))
     assert paper.batch is None and paper(imgs[0]).shape == (4, 3, 32, 32) and paper(imgs[0]).dtype == torch.uint8
     x = torch.stack([common.to_uint8(i) for i in smooth_images(16, 32, seed=7)])
