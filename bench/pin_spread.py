@@ -6,7 +6,7 @@ Runs the suite's pinned tests (`-k pinned`) once per setting, recording what the
 against the committed file, and the largest per kind (first_step: one step's losses; log: a short run's log lines).
 test_smoke.PIN_REL is chosen from these numbers.
 
-    python bench/pin_spread.py                          # avx2 and default (about 2 x 4 min on 2 cores)
+    python bench/pin_spread.py                          # avx2 and default (about 1 min each on 2 cores)
     python bench/pin_spread.py --settings default --keep /tmp/pins   # the recorded files kept there
 """
 import argparse
