@@ -47,9 +47,7 @@ def run_main(main, parser, argv=None):
             dist.destroy_process_group()
         sys.exit(2)
     finally:  # the run is over: its output_dir is free (a process that goes on, e.g. a notebook, runs another)
-        if _LOCK:
-            _LOCK.pop("file").close()
-            _LOCK.clear()
+        release_output_dir()
 
 
 def print0(*args, **kwargs):
@@ -1300,10 +1298,14 @@ def grad_scaler(device, amp):
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")
 
 
-def kd_loss(logits_s, logits_t, temperature):
-    """Hinton KD: KL(softmax(t / T) || softmax(s / T)), batch mean, times T^2 (fp32, teacher detached)."""
+def kd_loss(logits_s, logits_t, temperature, keep=None):
+    """Hinton KD: KL(softmax(t / T) || softmax(s / T)), batch mean, times T^2 (fp32, teacher detached). keep: a bool
+    mask of the rows to average over (SSKD's selective transfer; 0 when none is kept), a masked mean: no host sync."""
     log_s, log_t = ((z.float() / temperature).log_softmax(1) for z in (logits_s, logits_t.detach()))
-    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2
+    if keep is None:
+        return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2
+    kl = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(1)
+    return (kl * keep).sum() / keep.sum().clamp_min(1) * temperature ** 2
 
 
 def token_loss(dist_logits, teacher_logits, kind="hard", temperature=1.0):
@@ -1401,9 +1403,15 @@ def lock_output_dir(out, hold=True):
              "--output_dir")
     if not hold:
         return f.close()
-    if _LOCK:
-        _LOCK["file"].close()  # this process's previous run is over
+    release_output_dir()  # this process's previous run is over
     _LOCK.update(dir=path, file=f)  # the file stays empty: a folder copied with it is unchanged by a later run
+
+
+def release_output_dir():
+    """Let go of the output_dir this process holds, if any."""
+    if _LOCK:
+        _LOCK.pop("file").close()
+        _LOCK.clear()
 
 
 def resume_checkpoint(args, script, free=()):

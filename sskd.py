@@ -378,11 +378,8 @@ def sskd_ss_loss(sim_s, sim_t, temperature, keep):
 
 
 def masked_kd(logits_s, logits_t, temperature, keep):
-    """KD over the kept rows only (common.kd_loss's KL, mean over the kept rows, x T^2; 0 when no row is kept), as a
-    masked sum over all rows: no host sync."""
-    log_s, log_t = ((z.float() / temperature).log_softmax(1) for z in (logits_s, logits_t.detach()))
-    kl = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(1)
-    return (kl * keep).sum() / keep.sum().clamp_min(1) * temperature ** 2
+    """KD over the kept rows only (mean over the kept rows, x T^2; 0 when no row is kept), with no host sync."""
+    return common.kd_loss(logits_s, logits_t, temperature, keep)
 
 
 @torch.no_grad()

@@ -119,7 +119,7 @@ MUTATIONS = [
      "positive column of transformed views in view-major instead of image-major order"),
     ("sskd.py", "z = F.normalize(z.float(), dim=1)", "z = z.float()", "sskd_selective or sskd_stages",
      "SS similarities not normalised (dot products, not cosines)"),
-    ("sskd.py", "return (kl * keep).sum() / keep.sum().clamp_min(1) * temperature ** 2",
+    ("common.py", "return (kl * keep).sum() / keep.sum().clamp_min(1) * temperature ** 2",
      "return kl.mean() * temperature ** 2", "sskd_selective or sskd_stages",
      "masked KD ignores the selective-transfer mask"),
     ("sskd.py", "y = target.repeat_interleave(3)", "y = target.repeat(3)", "tf_labels_are_image_major",
