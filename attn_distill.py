@@ -132,8 +132,8 @@ def main(args):
     pairs = [(depth_s - 1, depth_t - 1)] if args.attn_layers == "last" else \
         [(i, round((i + 1) * depth_t / depth_s) - 1) for i in range(depth_s)]
     attn = args.lambda_attn > 0
-    taps = {"student": common.ViTTaps(backbone, attn_blocks=[s for s, _ in pairs] if attn else [], attn_rows=1),
-            "teacher": common.ViTTaps(teacher, attn_blocks=[t for _, t in pairs] if attn else [], attn_rows=1)}  # CLS rows only
+    taps = {"student": common.ViTTaps(backbone, attn_blocks=[s for s, _ in pairs] if attn else []),  # q and k: the CLS
+            "teacher": common.ViTTaps(teacher, attn_blocks=[t for _, t in pairs] if attn else [])}  # rows are made from them
     values = {"student": ValueNorms(backbone, [s for s, _ in pairs]),
               "teacher": ValueNorms(teacher, [t for _, t in pairs])} if attn and args.value_norm else None
     how = "heads by index" if aggregate is None else f"{aggregate} aggregation"
@@ -202,14 +202,16 @@ def train_one_epoch(model, teacher, taps, values, pairs, grids, aggregate, loade
                     t_tokens = teacher.forward_features(images)  # final-norm tokens; taps keep the attention
                 out = model(images, all_tokens=args.patch_align > 0)
             losses = {"cls": F.mse_loss(out[:, 0].float(), t_tokens[:, 0].float())}
-            if args.lambda_attn > 0:
-                la = 0.0
-                for s, t in pairs:
-                    rows_s = cls_rows(taps["student"].attn[s], npt[0], values["student"].norms[s] if values else None)
-                    rows_t = cls_rows(taps["teacher"].attn[t], npt[1], values["teacher"].norms[t] if values else None)
-                    rows_t = resize_cls_attention(rows_t, grids[1], grids[0])
-                    la = la + attn_distill_loss(rows_s, rows_t, args.attn_temperature, aggregate, args.attn_distance)
-                losses["attn"] = la / len(pairs)
+            if args.lambda_attn > 0:  # the CLS rows of every pair, one batched map per network: (pairs x B) x H x N
+                rows = {}
+                for who, blocks in (("student", [s for s, _ in pairs]), ("teacher", [t for _, t in pairs])):
+                    a = taps[who].maps(blocks, rows=1)[..., 0, :].flatten(0, 1)
+                    norms = torch.cat([values[who].norms[b] for b in blocks]) if values else None
+                    rows[who] = cls_rows(a, npt[who == "teacher"], norms)
+                rows_t = resize_cls_attention(rows["teacher"], grids[1], grids[0])
+                # attn_distill_loss divides by the rows: (pairs x B) rows give the mean over pairs of each pair's loss
+                losses["attn"] = attn_distill_loss(rows["student"], rows_t, args.attn_temperature, aggregate,
+                                                   args.attn_distance)
             if args.patch_align > 0:
                 losses["patch"] = F.mse_loss(out[:, npt[0]:].float(), t_tokens[:, npt[1]:].float())
             loss = args.cls_weight * losses["cls"] + args.lambda_attn * losses.get("attn", 0.0) + \
@@ -248,14 +250,9 @@ class StudentWithProjector(nn.Module):
         if self.projector is None:
             tokens = self.backbone.forward_features(x)
             return tokens if all_tokens else tokens[:, :1]
-        taps_out = {}
-        hook = self.backbone.blocks[-1].register_forward_hook(lambda m, i, o: taps_out.update(last=o))
-        try:
-            self.backbone.forward_features(x)
-        finally:
-            hook.remove()
-        tokens = taps_out["last"] if all_tokens else taps_out["last"][:, :1]
-        return self.norm(self.projector(tokens))
+        # forward_features without its final norm (P starts with its own LayerNorm): nothing computed and dropped
+        tokens = self.backbone.blocks(common.vit_embed(self.backbone, x))
+        return self.norm(self.projector(tokens if all_tokens else tokens[:, :1]))
 
 
 def build_projector(d_s, d_t, layers):
@@ -303,10 +300,10 @@ class ValueNorms:
 # attention rows and the loss
 # ---------------------------------------------------------------------------------------------
 def cls_rows(attn, num_prefix_tokens=1, value_norms=None):
-    """The CLS query's attention row of a B x H x N x N map (or of its first rows, ViTTaps' attn_rows), fp32,
+    """The CLS query's attention row (B x H x N) of a B x H x N x N map (or of its first rows), fp32,
     keys = [CLS, patches] (other prefix tokens, e.g. registers or a distillation token, dropped and the row
     renormalised); optionally weighted by the value norms (B x H x N) and L1-normalised."""
-    rows = attn[:, :, 0].float()
+    rows = (attn if attn.dim() == 3 else attn[:, :, 0]).float()  # B x H x N: the rows already
     if value_norms is not None:
         rows = rows * value_norms
     if num_prefix_tokens > 1 or value_norms is not None:

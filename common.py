@@ -1,5 +1,6 @@
 """What two or more scripts share: errors, distributed, models, ViT taps, data, training utilities, frozen features."""
 import argparse
+import collections.abc
 import datetime
 import functools
 import json
@@ -503,17 +504,19 @@ def export_backbone(model, path):
 
 # ---- 4. ViT taps ----------------------------------------------------------------------------
 class ViTTaps:
-    """Hooks on a timm ViT (Attention.forward kept; the blocks in `attn_blocks` leave fused SDPA). `with ViTTaps(vit,
+    """Hooks on a timm ViT that leave its forward as it is (fused attention everywhere). `with ViTTaps(vit,
     token_blocks=[0, -1], attn_blocks=[-1]) as taps: vit(x)` fills taps.tokens[i] (B x N x D with prefix tokens;
     where 'ffn': block output, 'mha': input + attention branch; `norm`: True / False / blocks through the final norm)
-    and taps.attn[i] (B x H x N x N softmax, with graph under grad); head_masks {block: (H,) or (B, H)} scale heads
-    before the projection. close() restores.
-    attn_rows=r keeps a copy of only the first r query rows (B x H x r x N; the CLS row: 1), so no full map stays."""
+    and keeps the queries and keys of the `attn_blocks` (their q_norm / k_norm outputs, which the fused attention
+    reads anyway). The attention a method reads is computed from them, only that: taps.maps(blocks, heads, rows) (one
+    batched matmul and softmax for several blocks), or taps.attn[i] (B x H x N x N, or B x H x r x N with attn_rows=r,
+    computed when read). Both keep the graph to q and k under grad. head_masks {block: (H,) or (B, H)} scale heads
+    before the projection. close() removes the hooks; what the last forward left stays readable."""
 
     def __init__(self, model, token_blocks=(), attn_blocks=(), where="ffn", norm=False, head_masks=None, attn_rows=None):
-        if not hasattr(model, "blocks") or not all(hasattr(b, "attn") and hasattr(b.attn, "attn_drop")
+        if not hasattr(model, "blocks") or not all(hasattr(b, "attn") and hasattr(b.attn, "q_norm")
                                                    for b in model.blocks):
-            fail(f"ViT taps need a timm VisionTransformer, got {type(model).__name__}")
+            fail(f"ViT taps need a timm VisionTransformer (blocks with attn.q_norm / k_norm), got {type(model).__name__}")
         if where not in ("ffn", "mha"):
             fail(f"where must be 'ffn' or 'mha', got {where!r}")
         self.model, depth, self.attn_rows = model, len(model.blocks), attn_rows
@@ -521,8 +524,9 @@ class ViTTaps:
         self.token_blocks = sorted({idx(i) for i in token_blocks})
         self.attn_blocks = sorted({idx(i) for i in attn_blocks})
         norm_set = set(self.token_blocks) if norm is True else {idx(i) for i in (norm or ())}
-        self.tokens, self.attn, self.head_masks, self.num_prefix_tokens = {}, {}, {}, model.num_prefix_tokens
-        self._handles, self._fused, self._inputs, self._mask_hooks = [], {}, None, {}
+        self.tokens, self.qk, self.head_masks, self.num_prefix_tokens = {}, {}, {}, model.num_prefix_tokens
+        self.attn = _AttentionMaps(self)
+        self._handles, self._inputs, self._mask_hooks = [], None, {}
         for i in self.token_blocks:
             blk, post = model.blocks[i], (model.norm if i in norm_set else None)
             if where == "ffn":
@@ -532,8 +536,8 @@ class ViTTaps:
                 self._handles.append(blk.drop_path1.register_forward_hook(self._save_block(i, post, add_input=True)))
         for i in self.attn_blocks:
             a = model.blocks[i].attn
-            self._fused[i], a.fused_attn = a.fused_attn, False
-            self._handles.append(a.attn_drop.register_forward_hook(self._save_attn(i)))
+            self._handles += [a.q_norm.register_forward_hook(self._save_qk(i, 0)),
+                              a.k_norm.register_forward_hook(self._save_qk(i, 1))]
         self.set_head_masks({idx(k): v for k, v in (head_masks or {}).items()})
 
     def _save_block(self, i, post, add_input=False):  # add_input: 'mha', block input + attention branch
@@ -545,11 +549,27 @@ class ViTTaps:
     def _save_input(self, module, inputs):
         self._inputs = inputs[0]
 
-    def _save_attn(self, i):
+    def _save_qk(self, i, which):  # B x H x N x d: a view of the block's qkv output, which its attention keeps anyway
         def hook(module, inputs, output):
-            a = inputs[0]
-            self.attn[i] = a if self.attn_rows is None else a[:, :, :self.attn_rows].clone()  # a view keeps the map
+            self.qk.setdefault(i, [None, None])[which] = output
         return hook
+
+    def maps(self, blocks, heads=None, rows=None, cls_patches=False):
+        """Softmax attention of `blocks`, stacked: L x B x H x r x N' (heads None: all), or L x B x r x N' with one
+        head per block (heads: a list of ints). rows: the first r query rows only (the CLS row: 1); cls_patches: the
+        queries and keys CLS and patches only (other prefix tokens dropped: the map a network without them would
+        have, i.e. the rows of the full map renormalised over those keys). As timm's unfused path computes it: q x
+        scale, q k^T, softmax, in the dtype autocast gives."""
+        q, k = ([self.qk[b][j] if heads is None else self.qk[b][j][:, h] for b, h in zip(blocks, heads or blocks)]
+                for j in (0, 1))
+        q, k = torch.stack(q), torch.stack(k)
+        npt = self.num_prefix_tokens
+        if cls_patches and npt > 1:
+            q, k = (torch.cat([t[..., :1, :], t[..., npt:, :]], -2) for t in (q, k))
+        if rows is not None:
+            q = q[..., :rows, :]
+        scale = self.model.blocks[blocks[0]].attn.scale  # the same in every block of a ViT
+        return ((q * scale) @ k.transpose(-2, -1)).softmax(-1)
 
     def set_head_masks(self, masks):
         """Replace the head masks: {block: (H,) or (B, H) tensor}; blocks left out are unmasked."""
@@ -574,15 +594,38 @@ class ViTTaps:
     def close(self):
         for h in self._handles + list(self._mask_hooks.values()):
             h.remove()
-        for i, fused in self._fused.items():
-            self.model.blocks[i].attn.fused_attn = fused
-        self._handles, self._mask_hooks, self._fused, self._inputs = [], {}, {}, None
+        self._handles, self._mask_hooks, self._inputs = [], {}, None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _AttentionMaps(collections.abc.Mapping):
+    """ViTTaps.attn: block -> its B x H x N x N softmax map (B x H x r x N with attn_rows), computed from the kept q and
+    k when read."""
+
+    def __init__(self, taps):
+        self.taps = taps
+
+    def __getitem__(self, i):
+        if i not in self.taps.qk:
+            raise KeyError(i)
+        return self.taps.maps([i], rows=self.taps.attn_rows)[0]
+
+    def __iter__(self):
+        return iter(sorted(self.taps.qk))
+
+    def __len__(self):
+        return len(self.taps.qk)
+
+
+def vit_embed(model, x):
+    """The start of timm's VisionTransformer.forward_features: patch embedding, position embedding with the prefix
+    tokens, patch dropout, pre-norm (then come the blocks and the final norm)."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
 
 
 # ---- 5. data --------------------------------------------------------------------------------
@@ -886,9 +929,11 @@ def to_uint8(img):
 class CropFlip:
     """RandomResizedCrop + horizontal flip of uint8 images with the reference's own parameter draws (`get_params`:
     timm's uses Python's random, torchvision's torch's). Called on an image: in a worker, with torchvision's
-    antialiased uint8 kernels (within 2 levels of PIL's). batch(x): equal-size images on the device (the memory
-    pipeline, crops never larger than the output: upsampling), by grid_sample (PyTorch's bicubic, a = -0.75; PIL's
-    resize uses a = -0.5), one flip draw per image."""
+    antialiased uint8 kernels (PIL's algorithm in 16-bit fixed point: 0.00-0.01 levels from PIL on average, at most
+    2). batch(x): equal-size images on the device (the memory pipeline), all the boxes drawn first, then one flip
+    draw per image (torch.rand(B)); each image cropped and resized as PIL does (pil_resize: its kernels, fixed point,
+    rounding and pass order; bit-exact with Pillow 13 when the height is not reduced, always so in the memory
+    pipeline), flipped after the resize as the reference flips."""
 
     def __init__(self, size, scale, ratio, interpolation, get_params, flip=0.5):
         self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
@@ -908,16 +953,59 @@ class CropFlip:
         return img.flip(-1) if torch.rand(1) < self.flip else img
 
     def batch(self, x):
-        B, _, H, W = x.shape
-        box = torch.tensor([self.get_params(x[0], self.scale, self.ratio) for _ in range(B)], dtype=torch.float32)
-        flip = torch.rand(B) < self.flip
-        (i, j, h, w), flip = box.to(x.device, non_blocking=True).unbind(1), flip.to(x.device, non_blocking=True)
-        ty, tx = ((torch.arange(n, device=x.device) + 0.5) / n for n in self.size)  # output pixel centres in (0, 1)
-        tx = torch.where(flip[:, None], 1 - tx, tx)
-        gx, gy = (j[:, None] + tx * w[:, None]) / W * 2 - 1, (i[:, None] + ty * h[:, None]) / H * 2 - 1
-        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
-        out = F.grid_sample(x.float(), grid, mode=self.interpolation.value, padding_mode="border", align_corners=False)
-        return out.round().clamp(0, 255)
+        box = torch.tensor([self.get_params(x[0], self.scale, self.ratio) for _ in range(len(x))], dtype=torch.float64)
+        flip = torch.rand(len(x)) < self.flip
+        return pil_resize(x, *params_to(x, box, flip), self.size, self.interpolation.value)
+
+
+def pil_resize_weights(start, length, size, out, mode):
+    """Resample.c's coefficients of Image.crop + Image.resize along one axis, per image: (n, out, size) integer
+    weights in units of 2^-22 (PIL's fixed point), zero outside the box [start, start + length) of each line of
+    `size` pixels. Output pixel o samples the box at c = (o + 0.5) length / out with PIL's filter (bicubic: Keys'
+    cubic, a = -0.5, support 2; bilinear: the triangle, support 1; both stretched by length / out above 1: the
+    antialiasing) over the box pixels whose centres PIL's rounded range takes; each row normalised to sum 1, then
+    rounded half away from zero. nearest: the box pixel under c. start, length: (n,) float64 on the device."""
+    scale = (length / out)[:, None, None]
+    centre = (torch.arange(out, device=length.device, dtype=length.dtype)[:, None] + 0.5) * scale  # (n, out, 1)
+    if mode == "nearest":
+        u, w = torch.floor(centre), torch.ones_like(centre)
+    else:  # the same double-precision operations as PIL, in its order, over at most `taps` pixels from the first
+        support = 2.0 if mode == "bicubic" else 1.0
+        taps = math.ceil(support * max(1.0, size / out)) * 2 + 1  # PIL's most for a box of at most `size` pixels
+        stretch = scale.clamp(min=1.0)
+        first = torch.floor(centre - support * stretch + 0.5).clamp(min=0)
+        end = torch.minimum(torch.floor(centre + support * stretch + 0.5), length[:, None, None])
+        u = first + torch.arange(taps, device=length.device, dtype=length.dtype)  # (n, out, taps): in the box
+        t = ((u - centre) + 0.5).mul_(1.0 / stretch).abs_()
+        if mode == "bicubic":  # Keys' cubic, a = -0.5, as PIL writes it
+            near, far = (1.5 * t - 2.5) * t * t + 1, (((t - 5) * t + 8) * t - 4) * -0.5
+            w = torch.where(t < 1, near, torch.where(t < 2, far, 0.0))
+        else:
+            w = (1 - t).clamp_(min=0)
+        w = torch.where(u < end, w, 0.0)
+        total = w.sum(-1, keepdim=True)
+        w = torch.where(total != 0, w / total, w)
+    w = w * 2.0 ** 22
+    w = torch.where(w < 0, torch.ceil(w - 0.5), torch.floor(w + 0.5))
+    index = (u + start[:, None, None]).clamp_(max=size - 1).long()  # taps past the box end: weight 0
+    return torch.zeros(*w.shape[:2], size, device=w.device, dtype=w.dtype).scatter_add_(2, index, w)
+
+
+def pil_resize(x, box, flip, size, mode="bicubic"):
+    """torchvision's resized_crop + hflip of PIL images (Image.crop(box), Image.resize(size, mode), flip) on a batch
+    of uint8 images (n, C, H, W) with a box (top, left, height, width: (n, 4) float64) and a flip flag (n,) each,
+    all on the device: PIL's two passes as batched matrix products, horizontal first, each a fixed-point sum
+    rounded half up and clipped to 0-255 (exact in float64; float32 on MPS), as Pillow <= 12 always does. Pillow 13
+    runs the vertical pass first for some boxes whose height it reduces (all of those whose width it does not):
+    there 0.05-0.1 levels apart on average, at most 1 (bilinear), 3 (bicubic, smooth images) or ~20 (bicubic,
+    noise); never in the memory pipeline, whose boxes are never larger than the output. -> float (0-255)."""
+    dtype = torch.float32 if x.device.type == "mps" else torch.float64
+    i, j, h, w = box.to(dtype).unbind(1)
+    rows = pil_resize_weights(i, h, x.shape[2], size[0], mode)
+    cols = pil_resize_weights(j, w, x.shape[3], size[1], mode)
+    cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    x = torch.einsum("nchw,nqw->nchq", x.to(dtype), cols).add_(2.0 ** 21).mul_(2.0 ** -22).floor_().clamp_(0, 255)
+    return torch.einsum("nph,nchq->ncpq", rows, x).add_(2.0 ** 21).mul_(2.0 ** -22).floor_().clamp_(0, 255).float()
 
 
 class MemoryImages(torch.utils.data.Dataset):
@@ -948,17 +1036,41 @@ class MemoryImages(torch.utils.data.Dataset):
 
 class OnDevice:
     """The device end of the fast / memory pipelines, run by to_device on each batch: (memory) gather the images,
-    crop.batch; then each of `steps` (uint8 -> normalised float, per-sample augmentation)."""
+    crop.batch; then each of `steps` (uint8 -> normalised float, per-sample augmentation). It times its own work for
+    the Meter's data share without waiting for the device: on CUDA a pair of events around each batch's work, read
+    by seconds() (which waits for them; the Meter calls it at its printed lines); elsewhere the host's time."""
 
     def __init__(self, steps, crop=None, memory=None):
         self.steps, self.crop, self.memory = list(steps), crop, memory
+        self.done, self.events = 0.0, []  # seconds of finished work; CUDA event pairs not read yet
 
     def __call__(self, batch):
+        cuda = (batch[0] if isinstance(batch, (list, tuple)) else batch).device.type == "cuda"
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t = time.perf_counter()
         if self.memory is not None:
             batch = self.crop.batch(self.memory.gather(batch))
         for step in self.steps:
             batch = step(batch)
+        if not cuda:
+            self.done += time.perf_counter() - t
+            return batch
+        end.record()
+        self.events.append((start, end))
+        while len(self.events) > 1 and self.events[0][1].query():  # fold the finished pairs (query does not wait)
+            start, end = self.events.pop(0)
+            self.done += start.elapsed_time(end) / 1000
         return batch
+
+    def seconds(self):
+        """The time spent so far (waits for the device to finish the queued batches' device part)."""
+        for start, end in self.events:
+            end.synchronize()
+            self.done += start.elapsed_time(end) / 1000
+        self.events = []
+        return self.done
 
 
 def build_train_data(args, reference, crop, steps, wrap=None, repeated_aug=False):
@@ -1068,8 +1180,9 @@ class DeviceRandAugment:
     """timm's RandAugment on a batch of integer-valued float images (0-255) on the device. timm's own RandAugment
     object draws every sample's ops and arguments (op set, per-op probability, magnitude noise, signs: its
     distribution by construction) with its ops swapped for recorders; the ops then run batched, grouped by (position,
-    op). Colour ops equal PIL's bit for bit; rotate / shear / translate resample with grid_sample's bicubic (a = -0.75;
-    PIL's affine bicubic: a = -1), filling with the same colour."""
+    op, and for the geometric ops the filter timm drew for the image). Colour ops equal PIL's bit for bit, and so do
+    rotate / shear / translate (pil_affine: PIL's affine filters, bicubic with a = -1, in float64, truncated;
+    nearest: PIL's generic path, whose fixed-point variant for rotations and shears can pick the neighbouring pixel)."""
     GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
     COLOUR = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
               "Brightness", "Sharpness")
@@ -1085,7 +1198,8 @@ class DeviceRandAugment:
     @staticmethod
     def record(name, log, *args, **kwargs):
         """An op's stand-in: note what timm drew (a random resampling filter as timm's geometric ops choose it)."""
-        if isinstance(kwargs.get("resample"), (list, tuple)):
+        geometric = DeviceRandAugment.kind(name) in DeviceRandAugment.GEOMETRIC
+        if geometric and isinstance(kwargs.get("resample"), (list, tuple)):
             kwargs = {**kwargs, "resample": random.choice(kwargs["resample"])}
         return log + [(name, args, kwargs)]
 
@@ -1097,19 +1211,36 @@ class DeviceRandAugment:
         x = x.float()
         draws = [self.ra([]) for _ in range(len(x))]  # per image: [(op name, args, kwargs), ...] of the ops applied
         for k in range(max(map(len, draws), default=0)):
-            groups = {}
+            # a colour op's images together; every geometric op of this position together (each image its own matrix),
+            # per filter and fill colour: one affine resampling instead of one per op
+            groups = {}  # key: [(image, op kind, its argument, kwargs), ...]
             for b, d in enumerate(draws):
                 if k < len(d):
-                    groups.setdefault(d[k][0], []).append((b, d[k]))
-            for name, items in groups.items():
-                idx = torch.tensor([b for b, _ in items])
-                args = torch.tensor([a[0] if a else 0.0 for _, (_, a, _) in items], dtype=torch.float64)
-                i, a = params_to(x, idx, args)
-                x[i] = self.apply(self.kind(name), x[i], a, items[0][1][2])
+                    name, args, kwargs = d[k]
+                    kind = self.kind(name)
+                    key = (("affine", kwargs.get("resample", 3), tuple(kwargs.get("fillcolor") or (128, 128, 128)))
+                           if kind in self.GEOMETRIC else (kind,))
+                    groups.setdefault(key, []).append((b, kind, args[0] if args else 0.0, kwargs))
+            for key, items in groups.items():
+                (i,) = params_to(x, torch.tensor([b for b, *_ in items]))
+                if key[0] == "affine":
+                    H, W = x.shape[2:]
+                    matrices = torch.tensor([pil_affine_matrix(kind, v, W, H) for _, kind, v, _ in items],
+                                            dtype=torch.float64)
+                    x[i] = pil_affine(x[i], *params_to(x, matrices, torch.tensor(key[2], dtype=torch.float64)), key[1])
+                else:
+                    x[i] = self.apply(key[0], x[i], [v for _, _, v, _ in items], items[0][3])
         return x
 
     @staticmethod
     def apply(kind, x, a, kwargs):
+        """Op `kind` on the images x (n, 3, H, W) with the arguments a (n floats, on the host) and timm's kwargs."""
+        if kind in DeviceRandAugment.GEOMETRIC:
+            H, W = x.shape[2:]
+            fill = torch.tensor(kwargs.get("fillcolor") or (128, 128, 128), dtype=torch.float64)
+            matrices = torch.tensor([pil_affine_matrix(kind, v, W, H) for v in a], dtype=torch.float64)
+            return pil_affine(x, *params_to(x, matrices, fill), kwargs.get("resample", 3))
+        (a,) = params_to(x, torch.tensor(a, dtype=torch.float64))
         if kind == "Invert":
             return 255 - x
         if kind == "Posterize":  # timm's levels reach 0 bits: black, as common._posterize
@@ -1133,27 +1264,65 @@ class DeviceRandAugment:
             step = (v.shape[2] - hist.gather(2, v.amax(2, keepdim=True))) // 255
             lut = ((step // 2 + hist.cumsum(2) - hist) // step.clamp(min=1)).clamp(max=255)
             return torch.where(step > 0, lut.gather(2, v), v).view_as(x).float()
-        # geometric: PIL's affine maps each output pixel centre to an input point; outside the image: the fill colour
-        n, _, H, W = x.shape
-        m = torch.zeros(n, 2, 3, dtype=torch.float64, device=x.device)
-        m[:, 0, 0] = m[:, 1, 1] = 1
-        if kind == "Rotate":  # Image.rotate(degrees) about the centre
-            t = -torch.deg2rad(a)
-            c, s = torch.cos(t), torch.sin(t)
-            m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = c, s, -s, c
-            m[:, 0, 2], m[:, 1, 2] = W / 2 - c * W / 2 - s * H / 2, H / 2 + s * W / 2 - c * H / 2
+
+
+def pil_affine_matrix(kind, v, W, H):
+    """The matrix (6 floats) that timm's op `kind` with argument v hands to PIL's Image.transform(AFFINE) for a W x H
+    image (output pixel centre -> input point); Rotate: Image.rotate's, about the centre, rounded as PIL rounds it."""
+    if kind == "Rotate":
+        t = -math.radians(v % 360.0)
+        c, s, d = round(math.cos(t), 15), round(math.sin(t), 15), round(-math.sin(t), 15)
+        return c, s, c * -(W / 2) + s * -(H / 2) + 0.0 + W / 2, d, c, d * -(W / 2) + c * -(H / 2) + 0.0 + H / 2
+    m = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    m[{"ShearX": 1, "ShearY": 3, "TranslateX": 2, "TranslateY": 5, "TranslateXRel": 2, "TranslateYRel": 5}[kind]] = (
+        v * W if kind == "TranslateXRel" else v * H if kind == "TranslateYRel" else v)
+    return tuple(m)
+
+
+def _cubic(v1, v2, v3, v4, d):
+    """PIL's affine bicubic (Keys' cubic, a = -1) at d in [0, 1) between v2 and v3: v2 + d (p2 + d (p3 + d p4)), with
+    p2 = -v1 + v3, p3 = 2 (v1 - v2) + v3 - v4, p4 = -v1 + v2 - v3 + v4, each rounding as PIL's (in place: fewer
+    allocations, the same operations)."""
+    p3 = (v1 - v2).mul_(2).add_(v3).sub_(v4)
+    return (v2 - v1).sub_(v3).add_(v4).mul_(d).add_(p3).mul_(d).add_(v3 - v1).mul_(d).add_(v2)
+
+
+def pil_affine(x, matrices, fill, resample=3):
+    """PIL's Image.transform(size, AFFINE, matrix, resample, fillcolor=fill) (Geometry.c's generic transform) on a
+    batch of integer-valued images (n, C, H, W), a matrix each ((n, 6) float64) and one fill colour ((C,)), all on
+    the device: output pixel (x, y) reads the input at (m0 (x + 0.5) + m1 (y + 0.5) + m2, m3 (x + 0.5) + ...), the
+    fill colour outside [0, W) x [0, H); inside, bilinear (2 x 2 taps) or bicubic (4 x 4, a = -1) around that point
+    with the taps clamped to the image, in float64 (float32 on MPS), truncated to 0-255 as PIL's cast to uint8;
+    nearest (0): the pixel under the point. -> float."""
+    n, C, H, W = x.shape
+    dtype = torch.float32 if x.device.type == "mps" else torch.float64
+    m = matrices.to(dtype).view(n, 6, 1, 1).unbind(1)
+    xs, ys = (torch.arange(k, device=x.device, dtype=dtype) + 0.5 for k in (W, H))
+    u, v = m[0] * xs + m[1] * ys[:, None] + m[2], m[3] * xs + m[4] * ys[:, None] + m[5]  # (n, H, W)
+    inside = ((u >= 0) & (u < W) & (v >= 0) & (v < H))[:, None]
+    flat = x.to(dtype).flatten(2)
+
+    def at(rows, cols):  # every tap in one gather: row offsets (n, r, H, W), columns (n, c, H, W) -> (n, C, r, c, H, W)
+        index = (rows[:, :, None] + cols[:, None]).view(n, 1, -1).expand(-1, C, -1)
+        return flat.gather(2, index).view(n, C, rows.shape[1], cols.shape[1], H, W)
+    if int(resample) == 0:
+        out = at(torch.floor(v).long().clamp_(0, H - 1).mul_(W)[:, None], torch.floor(u).long().clamp_(0, W - 1)[:, None])
+        out = out[:, :, 0, 0]
+    else:
+        u, v = u - 0.5, v - 0.5
+        x0, y0 = torch.floor(u), torch.floor(v)
+        dx, dy = (u - x0)[:, None, None], (v - y0)[:, None]
+        offsets = torch.arange(-1, 3, device=x.device) if int(resample) == 3 else torch.arange(2, device=x.device)
+        offsets = offsets.view(-1, 1, 1)
+        cols = (x0.long()[:, None] + offsets).clamp_(0, W - 1)
+        rows = (y0.long()[:, None] + offsets).clamp_(0, H - 1).mul_(W)
+        taps = at(rows, cols).unbind(3)  # per column tap: (n, C, rows, H, W); each row interpolated along x at once
+        if int(resample) == 2:
+            lerp = lambda a, b, d: (b - a).mul_(d).add_(a)  # noqa: E731  (a + (b - a) d)
+            out = lerp(*lerp(*taps, dx).unbind(2), dy)
         else:
-            at = {"ShearX": (0, 1), "ShearY": (1, 0), "TranslateX": (0, 2), "TranslateY": (1, 2),
-                  "TranslateXRel": (0, 2), "TranslateYRel": (1, 2)}[kind]
-            m[:, at[0], at[1]] = a * (W if kind == "TranslateXRel" else H if kind == "TranslateYRel" else 1)
-        ys, xs = torch.meshgrid(*(torch.arange(k, device=x.device) + 0.5 for k in (H, W)), indexing="ij")
-        src = torch.einsum("nij,hwj->nhwi", m, torch.stack([xs, ys, torch.ones_like(xs)], -1).double())
-        inside = ((src >= 0) & (src < torch.tensor([W, H], device=x.device))).all(-1, keepdim=True).permute(0, 3, 1, 2)
-        grid = (src / torch.tensor([W, H], device=x.device) * 2 - 1).float()
-        mode = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(kwargs.get("resample", 3)), "bicubic")
-        out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False).round().clamp(0, 255)
-        fill = torch.tensor(kwargs.get("fillcolor", (128, 128, 128)), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return torch.where(inside, out, fill)
+            out = _cubic(*_cubic(*taps, dx).unbind(2), dy)
+    return torch.where(inside, out.trunc_().clamp_(0, 255), fill.to(dtype).view(1, C, 1, 1)).float()
 
 
 def device_steps(reference):
@@ -1556,16 +1725,20 @@ def versions():
 
 class Meter:
     """Running averages of the logged values for the periodic training line, the finite check, and the time spent
-    waiting on the loader. Tensor values are summed on their device: the host reads them (one all-reduce of the
+    on data (waiting on the loader, and the fast pipelines' device part). Tensor values are summed on their device: the host reads them (one all-reduce of the
     non-finite count over ranks, one copy) only at a printed line and at the epoch's end, so a step makes no host
     sync and the host can queue the next step while the device works on this one."""
 
     def __init__(self):
         self.sums, self.count, self.t0, self.wait = {}, 0, time.time(), 0.0
         self.keys, self.pending, self.since = [], None, 0  # the tensor values' names, device sums, first unread step
+        self.on_device, self.device_from = None, 0.0  # the loader's device-part clock (OnDevice.seconds), its start
 
     def timed(self, loader):
-        """The loader's batches; the time blocked on each is the line's "data" share (a GPU waiting on data)."""
+        """The loader's batches; the time blocked on each, plus the time of the fast pipelines' device part (the
+        loader's OnDevice, run by to_device: its own clock, read at the printed lines), is the line's "data" share."""
+        self.on_device = getattr(getattr(loader, "on_device", None), "seconds", None)
+        self.device_from = self.on_device() if self.on_device else 0.0
         batches = iter(loader)
         for _ in range(len(loader)):
             t = time.perf_counter()
@@ -1616,7 +1789,8 @@ class Meter:
         elapsed = max(time.time() - self.t0, 1e-9)
         vals = "  ".join(f"{k} {v:.4g}" for k, v in self.averages().items())
         mem = f"  mem {torch.cuda.max_memory_allocated() / 2 ** 30:.1f}G" if torch.cuda.is_available() else ""
-        data = f"  data {100 * self.wait / elapsed:.0f}%"  # time waiting on the loader
+        device = self.on_device() - self.device_from if self.on_device else 0.0
+        data = f"  data {100 * (self.wait + device) / elapsed:.0f}%"  # waiting on the loader + the device part
         return f"{prefix} [{step}/{total}]  {vals}  {self.count / elapsed:.2f} it/s{data}{mem}"
 
 

@@ -427,8 +427,9 @@ def save_attention_maps(model, images, args, device):
         x = images[s:s + args.batch_size]
         with common.ViTTaps(model, attn_blocks=blocks) as taps, common.autocast(device, args.amp):
             model.forward_features(normalized(model, x.to(device)))
-        for b in blocks:
-            rows = cls_patch_rows(taps.attn[b], model.num_prefix_tokens)
+            cls = taps.maps(blocks, rows=1)  # L x B x H x 1 x N: only the CLS rows, from q and k
+        for b, a in zip(blocks, cls):
+            rows = cls_patch_rows(a, model.num_prefix_tokens)
             rows = torch.cat([rows, rows.mean(1, keepdim=True)], 1)  # heads 1..H, their mean
             rows = rows * keep_mass(rows, args.attention_threshold) if args.attention_threshold else rows
             maps = F.interpolate(rows.unflatten(-1, (gh, gw)), size=x.shape[-2:], mode="nearest").cpu()
@@ -488,22 +489,23 @@ def attention_statistics(model, other, dataset, args, device):
     dist, kl, cka = 0.0, torch.zeros(d1), {"cls": MinibatchCKA(), "patch": MinibatchCKA()}
     pick = {"cls": lambda t, m: t[:, 0], "patch": lambda t, m: t[:, m.num_prefix_tokens:].mean(1)}
     for x, _ in common.progress(loader, "look inside"):
-        taps = []
+        taps, maps = [], []  # maps: L x B x H x r x N of every block (r: all rows for the distance, else the CLS row)
         for m in models:
-            attn = range(len(m.blocks)) if same_grid or (args.attention_distance and m is model) else []
+            attn = list(range(len(m.blocks))) if same_grid or (args.attention_distance and m is model) else []
             with common.ViTTaps(m, token_blocks=range(len(m.blocks)) if other else [], attn_blocks=attn, norm=True) as t, \
                     common.autocast(device, args.amp):
                 m.forward_features(normalized(m, x.to(device)))
+                maps.append(t.maps(attn, rows=None if args.attention_distance and m is model else 1) if attn else None)
             taps.append(t)
         if args.attention_distance:
-            dist = dist + torch.stack([mean_attention_distance(taps[0].attn[b], model.num_prefix_tokens, grid).sum(0)
+            dist = dist + torch.stack([mean_attention_distance(maps[0][b], model.num_prefix_tokens, grid).sum(0)
                                        for b in range(d1)]).cpu()
         for name in cka if other is not None else ():
             cka[name].update(*(torch.stack([pick[name](t.tokens[b].float(), m) for b in range(len(m.blocks))])
                                for t, m in zip(taps, models)))
         for i, j in pairs.items() if same_grid else ():  # KL(other || evaluated) of the head-mean CLS rows
-            p, q = (cls_patch_rows(t.attn[b], m.num_prefix_tokens).mean(1).clamp_min(1e-12)
-                    for t, m, b in zip(taps, models, (i, j)))
+            p, q = (cls_patch_rows(a[b], m.num_prefix_tokens).mean(1).clamp_min(1e-12)
+                    for a, m, b in zip(maps, models, (i, j)))
             kl[i] += (q * (q.log() - p.log())).sum().cpu()
     out, path = {}, lambda f: os.path.join(args.output_dir, f)  # noqa: E731
     if args.attention_distance:

@@ -156,7 +156,7 @@ def build_models(args, device):
     mean, std = common.data_stats(args)
     student = common.create_model(args.arch, num_classes=0, img_size=args.input_size, patch_size=args.patch_size,
                                   depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads,
-                                  weight_init="moco", mean=mean, std=std)
+                                  weight_init="moco", global_pool="token", mean=mean, std=std)  # output: final-norm CLS
     student = mocov3_vit(student, args.sincos_pos_embed, args.frozen_patch_embed).to(device)
     depth = len(student.blocks)
     if depth < 2:
@@ -168,7 +168,7 @@ def build_models(args, device):
         # no gradient, moved only by EMA; kept in train mode like MoCo v3's momentum encoder (projector BN on batch stats)
         teacher = nn.ModuleDict({"backbone": copy.deepcopy(student), "proj": copy.deepcopy(heads.last_proj)})
         teacher.requires_grad_(False)
-    taps = common.ViTTaps(student, token_blocks=mid + [depth - 1], norm=True)  # per-layer final-norm CLS, one forward
+    taps = common.ViTTaps(student, token_blocks=mid)  # the distilled blocks' outputs (their CLS rows are normed here)
     return student, heads, teacher, taps, mid
 
 
@@ -177,7 +177,6 @@ def train_one_epoch(student, heads, teacher, taps, mid, loader, optimizer, scale
     heads.train()
     meter = common.Meter()
     steps = len(loader)
-    last = len(common.unwrap(student).blocks) - 1
     for it, batch in enumerate(meter.timed(loader)):
         step = epoch * steps + it
         lr = schedule(step)
@@ -187,7 +186,7 @@ def train_one_epoch(student, heads, teacher, taps, mid, loader, optimizer, scale
         # the ratio annealing: cosine from 0 to alpha_max over the whole run (no warm-up)
         alpha = args.alpha_max if args.alpha_const else common.cosine_schedule(step, total, 0.0, args.alpha_max)
         with common.autocast(device, args.amp):
-            losses = sdssl_losses(student, heads, teacher, taps, mid, last, views, alpha, args)
+            losses = sdssl_losses(student, heads, teacher, taps, mid, views, alpha, args)
             loss = sum(losses.values())
         meter.log(epoch, it, steps, args.log_every, loss=loss, lr=lr, alpha=alpha, **losses)
         scaler.scale(loss).backward()
@@ -204,14 +203,14 @@ def train_one_epoch(student, heads, teacher, taps, mid, loader, optimizer, scale
     return common.reduce_metrics(meter.averages(), device)
 
 
-def sdssl_losses(student, heads, teacher, taps, mid, last, views, alpha, args):
+def sdssl_losses(student, heads, teacher, taps, mid, views, alpha, args):
     """{'ssl', 'isd', 'pred'} for one batch of two views (pl_train_moco.py's training step). One backbone forward on both views
     and one heads forward, so that DDP sees each module once per step."""
     x1, x2 = views
     B = len(x1)
-    student(torch.cat([x1, x2]))  # the taps keep the per-layer final-norm CLS
-    f_mid = torch.stack([taps.tokens[l][:, 0] for l in mid]) if mid else None
-    f_last = taps.tokens[last][:, 0]
+    f_last = student(torch.cat([x1, x2]))  # the final-norm CLS (global_pool token, no head); the taps keep the blocks'
+    # the intermediate blocks' CLS through the same final norm: one LayerNorm over the stacked CLS rows only
+    f_mid = common.unwrap(student).norm(torch.stack([taps.tokens[l][:, 0] for l in mid])) if mid else None
     losses = {}
     if args.framework == "simclr":
         # the official SimCLR runs the network once on both views: every BatchNorm normalises the 2B rows together

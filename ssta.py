@@ -212,7 +212,7 @@ def main(args):
     # ---------------- taps: attention maps of the distilled blocks only ----------------
     taps = {}
     if teachers:
-        # unfused attention only where a head-level loss reads it; block outputs only for attention transfer
+        # q and k kept only where a head-level loss reads the maps; block outputs only for attention transfer
         maps = {"teacher": args.teacher_loss == "head", "ta": True}
         maps["student"] = any(maps[n] for n in teachers)
         tokens = {"teacher": args.teacher_loss == "at", "ta": False, "student": args.teacher_loss == "at" and "teacher" in teachers}
@@ -227,7 +227,7 @@ def main(args):
     common.print0(f"| distillation until epoch {early}, training until {args.epochs}")
     test_stats = {}
     for epoch in range(start_epoch, args.epochs):
-        if epoch == early and teachers:  # early stop: drop the teachers, back to fused attention everywhere
+        if epoch == early and teachers:  # early stop: drop the teachers and the taps: the plain student's step
             for t in taps.values():
                 t.close()
             teachers, taps = {}, {}
@@ -269,7 +269,7 @@ def train_one_epoch(student, teachers, token_teacher, taps, pairs, loader, crite
                 for name, t in teachers.items():
                     t_out[name] = t(images) if name == "teacher" and args.teacher_loss == "lkd" else t.forward_features(images)
                 token_logits = token_teacher(images) if token_teacher is not None else None  # all training long
-            # the taps fill taps[name].attn[block] (B x H x N x N maps) and .tokens[block] during these forwards
+            # the taps keep q and k of the distilled blocks (and .tokens[block] for --teacher_loss at) in these forwards
             logits = student(images)
             if token_teacher is not None:  # DeiT: the class head learns the labels, the distillation head the teacher
                 logits, dist_logits = logits
@@ -297,42 +297,62 @@ def train_one_epoch(student, teachers, token_teacher, taps, pairs, loader, crite
 def ssta_losses(logits, t_out, taps, pairs, args):
     """{teacher name: its weighted distillation term} for the teachers still teaching (t_out: their outputs, in the
     order teacher, assistant). Paper Eq. 5-7: per distilled pair, KL between the teacher head's map and the student
-    head's (beta for the supervised teacher, lambda for the assistant). --teacher_loss lkd: logit KD from the teacher
-    instead; at: attention transfer between the paired blocks' tokens."""
-    losses = {}
+    head's (beta for the supervised teacher, lambda for the assistant), summed over pairs. Only the selected heads'
+    maps are computed (from the taps' q and k): every pair of every teacher in one batched map per network and one
+    KL. --teacher_loss lkd: logit KD from the teacher instead; at: attention transfer between the paired blocks'
+    tokens."""
+    losses, head_level = {}, []
     for name, out in t_out.items():
-        w = args.beta if name == "teacher" else args.lambda_ta
         if name == "teacher" and args.teacher_loss == "lkd":
-            losses[name] = w * common.kd_loss(logits, out, args.kd_temperature)
-            continue
-        s_taps, npt = taps["student"], taps["student"].num_prefix_tokens
-        if name == "teacher" and args.teacher_loss == "at":
-            terms = [attention_transfer(s_taps.tokens[s], taps[name].tokens[t], npt) for s, t, _, _ in pairs[name]]
+            losses[name] = args.beta * common.kd_loss(logits, out, args.kd_temperature)
+        elif name == "teacher" and args.teacher_loss == "at":
+            npt = taps["student"].num_prefix_tokens
+            losses[name] = args.beta * sum(attention_transfer(taps["student"].tokens[s], taps[name].tokens[t], npt)
+                                           for s, t, _, _ in pairs[name])
         else:
-            terms = [attention_kd_loss(cls_and_patches(s_taps.attn[s][:, s_head], npt), teacher_map(taps[name], t, t_head),
-                                       reverse=args.kl == "reverse") for s, t, t_head, s_head in pairs[name]]
-        losses[name] = w * sum(terms)
-    return losses
+            head_level.append(name)
+    if head_level:
+        every = [p for name in head_level for p in pairs[name]]  # (student block, teacher block, t head, s head)
+        student_maps = taps["student"].maps([p[0] for p in every], [p[3] for p in every], cls_patches=True)
+        targets = torch.cat([teacher_maps(taps[name], pairs[name]) for name in head_level])
+        kl = attention_kd_loss(student_maps, targets, reverse=args.kl == "reverse")  # one value per pair
+        start = 0
+        for name in head_level:
+            n = len(pairs[name])
+            losses[name] = (args.beta if name == "teacher" else args.lambda_ta) * kl[start:start + n].sum()
+            start += n
+    return {name: losses[name] for name in t_out}  # in t_out's order
 
 
 def attention_kd_loss(student_attn, teacher_attn, reverse=False, eps=1e-8):
-    """B x N x N maps of one head each: KL(teacher || student) of every query row (summed over keys),
-    mean over batch and rows; fp32, probabilities clamped at eps (bf16 rows underflow). reverse=True:
-    KL(student || teacher)."""
+    """(..., B, N, N) maps of one head each: KL(teacher || student) of every query row (summed over keys), mean over
+    batch and rows: one value per leading index (a scalar for B x N x N). fp32, probabilities clamped at eps (bf16
+    rows underflow). reverse=True: KL(student || teacher)."""
     s, t = student_attn.float().clamp_min(eps), teacher_attn.float().detach().clamp_min(eps)
     p, q = (s, t) if reverse else (t, s)
-    return (p * (p.log() - q.log())).sum(-1).mean()
+    return (p * (p.log() - q.log())).sum(-1).mean((-2, -1))
+
+
+def teacher_maps(taps, pairs):
+    """The teacher's target maps of its distilled pairs, L x B x (1 + P) x (1 + P), CLS and patches: each block's
+    selected head, or the mean of its heads ('avg')."""
+    blocks, heads = [t for _, t, _, _ in pairs], [h for _, _, h, _ in pairs]
+    if "avg" not in heads:
+        return taps.maps(blocks, heads, cls_patches=True)
+    return torch.stack([teacher_map(taps, b, h) for b, h in zip(blocks, heads)])
 
 
 def teacher_map(taps, layer, head):
     """The teacher's target map in `layer`: one head (an int) or the mean of all heads ('avg'), over CLS and patches."""
-    a = taps.attn[layer]
-    return cls_and_patches(a.mean(1) if head == "avg" else a[:, head], taps.num_prefix_tokens)
+    if head != "avg":
+        return taps.maps([layer], [head], cls_patches=True)[0]
+    return cls_and_patches(taps.maps([layer])[0].mean(1), taps.num_prefix_tokens)
 
 
 def cls_and_patches(a, num_prefix_tokens):
     """B x N x N maps -> B x (1 + P) x (1 + P): prefix tokens other than CLS (DeiT's distillation token, registers)
-    dropped, rows and columns, and the rows renormalised (our choice: the paper does not say), so that every network's maps compare."""
+    dropped, rows and columns, and the rows renormalised (our choice: the paper does not say), so that every network's maps
+    compare. (ViTTaps.maps(..., cls_patches=True) gives the same from q and k, without the full map.)"""
     if num_prefix_tokens == 1:
         return a
     a = torch.cat([a[:, :1], a[:, num_prefix_tokens:]], 1)  # slices, no index tensor: no host-to-device copy per step
@@ -440,9 +460,6 @@ def head_importance(model, classify, need, layers, loader, device, amp="bf16"):
     count = torch.zeros(1, device=device, dtype=torch.float64)
     taps = common.ViTTaps(model)  # head masks only
 
-    def embed(images):  # the start of timm's VisionTransformer.forward_features (_pos_embed adds the prefix tokens)
-        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
-
     def run(x, outs, first, stop):  # blocks [first, stop) on all rows, keeping the outputs the classifier reads
         for b in range(first, stop):
             x = model.blocks[b](x)
@@ -475,7 +492,7 @@ def head_importance(model, classify, need, layers, loader, device, amp="bf16"):
         for images, target in common.progress(loader, "head selection"):
             images, target = images.to(device), target.to(device)
             with common.autocast(device, amp):
-                x = embed(images)
+                x = common.vit_embed(model, images)
                 outs = {}
                 x = run(x, outs, 0, layers[0])
                 all_outs = dict(outs)

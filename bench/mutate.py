@@ -34,7 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2026-12-07 (#33): 19 new mutations (a target from another network, a module's layer sequence, every method):
 # 19 / 19 with their selected tests and 19 / 19 with the whole suite (--k all); the pinned values alone (--k pinned)
 # catch 32 of the 41 loss / schedule mutations (the 9 others are invisible at the pinned flags). Details and every
-# row: bench/results/mutation_pass.txt.
+# row: bench/results/mutation_pass.txt. 2026-12-07 (#31): 9 mutations (84-92) of the attention from q and k, the device
+# augmentation and the data share.
 # (file, exact original text (found exactly once), replacement, pytest -k expression, the bug it plants)
 MUTATIONS = [
     # ---- common.py: shared losses, schedules, safety checks, resume --------------------------------------------
@@ -96,9 +97,9 @@ MUTATIONS = [
     ("ssta.py", "    return a / a.sum(-1, keepdim=True)\n\n\ndef attention_transfer",
      "    return a\n\n\ndef attention_transfer", "attention_kd_loss or drops_the_token",
      "maps without the distillation token not renormalised"),
-    ("ssta.py", "return cls_and_patches(a.mean(1) if head == \"avg\" else a[:, head], taps.num_prefix_tokens)",
-     "return cls_and_patches(a.mean(1) if head == \"avg\" else a[:, 0], taps.num_prefix_tokens)",
-     "attention_kd_loss or ssta_end_to_end", "teacher map always from head 0, not the selected head"),
+    ("ssta.py", "        return taps.maps(blocks, heads, cls_patches=True)",
+     "        return taps.maps(blocks, [0] * len(heads), cls_patches=True)",
+     "attention_kd_loss or ssta_end_to_end or ssta_target_source", "teacher map always from head 0, not the selected head"),
     ("ssta.py", "a_s = F.normalize(s_tokens[:, npt:].float().pow(2).mean(-1), dim=1)",
      "a_s = s_tokens[:, npt:].float().pow(2).mean(-1)", "attention_kd_loss or ssta_ablations or attention_transfer_by_hand",
      "attention transfer: student map not L2-normalised"),
@@ -190,7 +191,7 @@ MUTATIONS = [
     ("ssta.py", 'student_head = {"teacher": 0, "ta": 1} if args.assignment == "eq"',
      'student_head = {"teacher": 1, "ta": 0} if args.assignment == "eq"', "ssta",
      "SSTA: the assistant teaches student head 0 and the teacher head 1 (the paper: the opposite)"),
-    ("ssta.py", 'w = args.beta if name == "teacher" else args.lambda_ta', 'w = args.lambda_ta if name == "teacher" else args.beta',
+    ("ssta.py", '(args.beta if name == "teacher" else args.lambda_ta) * kl', '(args.lambda_ta if name == "teacher" else args.beta) * kl',
      "ssta_ce_weight", "SSTA: beta and lambda swapped between the teacher and the assistant"),
     ("attn_distill.py", "lr = common.resolve_lr(args, args.accum_iter)", "lr = common.resolve_lr(args)", "resume_exactly",
      "AttnDistill's lr scaled by the batch of one step, not by the accumulated batch (x accum_iter)"),
@@ -200,8 +201,7 @@ MUTATIONS = [
      'isd = isd + loss_fn(o["q_mid"].flatten(0, 1), out[1 - v]["h_last"])',
      "sdssl_target_source or prediction_loss_is_a_sum",
      "SD-MoCo v3 / SD-BYOL: L_isd's target is the student's own last-layer projection of the other view, not the momentum teacher's"),
-    ("attn_distill.py", 'rows_t = cls_rows(taps["teacher"].attn[t], npt[1], values["teacher"].norms[t] if values else None)',
-     'rows_t = cls_rows(taps["student"].attn[s], npt[0], values["student"].norms[s] if values else None)',
+    ("attn_distill.py", 'rows_t = resize_cls_attention(rows["teacher"], grids[1], grids[0])', 'rows_t = rows["student"].detach()',
      "attn_distill_target_source or attn_distill_on_cls_rows", "AttnDistill: L_a's target is the student's own CLS row"),
     ("attn_distill.py", "t_tokens = teacher.forward_features(images)  # final-norm tokens",
      "t_tokens = common.unwrap(model).backbone.forward_features(images)  # final-norm tokens",
@@ -222,7 +222,7 @@ MUTATIONS = [
      'common.token_loss(dist_logits, logits, args.distill_token, args.kd_temperature)',
      "vitkd_target_source or token_losses_by_hand",
      "DeiT's distillation token learns the student's own class head, not the teacher"),
-    ("ssta.py", "teacher_map(taps[name], t, t_head)", 'teacher_map(taps["ta"], t, t_head)',
+    ("ssta.py", "teacher_maps(taps[name], pairs[name])", 'teacher_maps(taps["ta"], pairs[name])',
      "ssta_target_source or attention_kd_loss", "SSTA: the supervised teacher's term reads the assistant's maps"),
     ("sskd.py", "masked_kd(logits[transformed], t_logits[transformed],", "masked_kd(logits[transformed], t_logits[normal].repeat_interleave(3, 0),",
      "sskd_target_source or sskd_selective", "SSKD: L_T's target is the teacher's prediction on the normal view, not on the same transformed view"),
@@ -241,7 +241,7 @@ MUTATIONS = [
      "vitkd_module_definition or vitkd_losses_match", "ViTKD's generator with a GELU between its convolutions, not a ReLU"),
     ("vitkd.py", "return nn.Linear(student_dim, teacher_dim) if student_dim", "return nn.Linear(student_dim, teacher_dim, bias=False) if student_dim",
      "vitkd_module_definition or vitkd_losses_match", "ViTKD's adapters without a bias"),
-    ("ssta.py", 'a.mean(1) if head == "avg"', 'a.sum(1) if head == "avg"',
+    ("ssta.py", 'taps.maps([layer])[0].mean(1)', 'taps.maps([layer])[0].sum(1)',
      "ssta_module_definition or attention_kd_loss", "SSTA --head_mode avg: the sum of the heads' maps (rows sum to H), not their mean"),
     ("sskd.py", "nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))",
      "nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))",
@@ -256,6 +256,35 @@ MUTATIONS = [
      "waits_for_no_host_sync", "the meter reads the device sums (and checks them) at every step"),
     ("sskd.py", "k = (wrong.sum().double() * ratio).floor()", "k = int(int(wrong.sum()) * ratio)",
      "waits_for_no_host_sync", "SSKD's selective transfer counts its wrong rows on the host"),
+    # ---- #31: the attention a method reads, from q and k; device augmentation equal to PIL; the data share --------
+    ("common.py", "        return ((q * scale) @ k.transpose(-2, -1)).softmax(-1)",
+     "        return (q @ k.transpose(-2, -1)).softmax(-1)",
+     "attention_from_q_and_k or taps", "the taps' maps without timm's 1 / sqrt(d) scale"),
+    ("common.py", "            q, k = (torch.cat([t[..., :1, :], t[..., npt:, :]], -2) for t in (q, k))",
+     "            q, k = (t[..., npt - 1:, :] for t in (q, k))",
+     "attention_from_q_and_k or drops_the_token or attention_kd_loss",
+     "cls_patches keeps the distillation token and drops CLS"),
+    ("ssta.py", "    return (p * (p.log() - q.log())).sum(-1).mean((-2, -1))",
+     "    return (p * (p.log() - q.log())).sum(-1).mean(-1).sum(-1)",
+     "attention_kd_loss or ssta_target_source or pinned", "SSTA's KL summed over the batch, not averaged"),
+    ("attn_distill.py", "                    a = taps[who].maps(blocks, rows=1)[..., 0, :].flatten(0, 1)",
+     "                    a = taps[who].maps(blocks, rows=2)[..., 1, :].flatten(0, 1)",
+     "attn_distill_target_source or cls_rows_trains or pinned", "AttnDistill reads the first patch's row, not the CLS row"),
+    ("sdssl.py", "    f_mid = common.unwrap(student).norm(torch.stack([taps.tokens[l][:, 0] for l in mid])) if mid else None",
+     "    f_mid = torch.stack([taps.tokens[l][:, 0] for l in mid]) if mid else None",
+     "sd_ or sdssl_target_source or pinned", "SDSSL's intermediate CLS rows without the final norm"),
+    ("common.py", "    return torch.where(inside, out.trunc_().clamp_(0, 255), fill.to(dtype).view(1, C, 1, 1)).float()",
+     "    return torch.where(inside, out.round_().clamp_(0, 255), fill.to(dtype).view(1, C, 1, 1)).float()",
+     "device_randaugment", "RandAugment's geometric ops round where PIL's affine truncates"),
+    ("common.py", "            near, far = (1.5 * t - 2.5) * t * t + 1, (((t - 5) * t + 8) * t - 4) * -0.5",
+     "            near, far = (1.25 * t - 2.25) * t * t + 1, (((t - 5) * t + 8) * t - 4) * -0.75",
+     "memory_crops or transforms_equal_pil", "the memory crop's bicubic with a = -0.75 (PyTorch's), not PIL's -0.5"),
+    ("common.py", "                    key = ((\"affine\", kwargs.get(\"resample\", 3), tuple(kwargs.get(\"fillcolor\") or (128, 128, 128)))",
+     "                    key = ((\"affine\", 3, tuple(kwargs.get(\"fillcolor\") or (128, 128, 128)))",
+     "device_randaugment", "every image of a geometric group resampled bicubic, whatever filter timm drew for it"),
+    ("common.py", "        data = f\"  data {100 * (self.wait + device) / elapsed:.0f}%\"",
+     "        data = f\"  data {100 * self.wait / elapsed:.0f}%\"",
+     "data_share", "the data share leaves out the device part of the fast pipelines"),
 ]
 
 
