@@ -5,15 +5,18 @@
   python bench/gpu_check.py --only vitkd_kd ssta --no-compile
 
 Synthetic data, random teachers (`--teacher_weights random`), except SSKD's chain of three stages.
+  0. first, so that a call cut short still answers it: the central configuration (the first --compile_cases case)
+     timed alone, eager and compiled; the MFU; the loader on real JPEGs, pil vs fast (each described below).
   1. correctness, --jobs cases at a time: one step with --amp bf16 and one with --amp off, whose logged training
      losses (the first step's) must agree within --tol (relative; on a CPU both run in fp32: the scripts' autocast
      is CUDA-only); then 1 epoch, and the same folder resumed to 2 epochs: the log must hold both epochs, finite.
   2. timing, each case alone on the device: 1 eager epoch, its steady-state it/s (median step), warm-up seconds,
      peak memory, data wait; for --compile_cases also 1 compiled epoch: its speed-up and warm-up (compilation).
-eval_knn_linear.py runs once on the backbone of the first vitkd case; then the share of time waiting on the loader
-on real JPEGs (bench_data.py's 500 x 375 files, vitkd.py's DeiT recipe, --pipeline pil and fast). Last, the model
-FLOP utilisation of a DeiT-S student's training step in bf16 (random tensors on the device, no loader; FLOPs
-counted by torch's FlopCounterMode, peak from PEAK_TFLOPS). Output: a table, and OUT/gpu_check.json (rewritten after every stage).
+eval_knn_linear.py runs once on the backbone of the first vitkd case. The loader check of stage 0: the share of time
+waiting on the loader (and the device part of the fast pipeline) on real JPEGs (bench_data.py's 500 x 375 files,
+vitkd.py's DeiT recipe, --pipeline pil and fast). The MFU: the model FLOP utilisation of a DeiT-S student's training
+step in bf16 (random tensors on the device, no loader; FLOPs counted by torch's FlopCounterMode, peak from
+PEAK_TFLOPS). Output: a table, and OUT/gpu_check.json (rewritten after every stage).
 """
 import argparse
 import json
@@ -278,6 +281,35 @@ def main():
                 json.dump(report, f, indent=1)
             os.replace(os.path.join(args.out, "gpu_check.json.tmp"), os.path.join(args.out, "gpu_check.json"))
 
+    # 0. the central configuration first, so that a call cut short still answers it: the first --compile case (vitkd's
+    #    ViTKD step) timed alone, eager and compiled; the MFU of a DeiT-S step, eager and compiled; the loader on real
+    #    JPEGs, pil vs fast
+    central = next((n for n in args.compile_cases if n in names and "{prev}" not in " ".join(all_cases[n][1])), None)
+    if args.timing and central:
+        script, flags = all_cases[central]
+        results[central] = {"script": script, "flags_used": flags, "epochs_flag": ["--epochs"]}
+        print(f"[{central}] timing first (the central configuration)" + (" + --compile" if args.compile else ""),
+              flush=True)
+        try:
+            measure(central, results[central], args, common_flags, log)
+        except Exception as e:  # noqa: BLE001
+            results[central]["timing_error"] = str(e)[-2000:]
+            print(f"[{central}] timing FAILED: {str(e)[-600:]}", flush=True)
+        save()
+    print("[mfu] DeiT-S training step, bf16", flush=True)
+    results["mfu_eager"] = mfu_check(args)
+    save()
+    if args.compile:
+        results["mfu_compiled"] = mfu_check(args, args.compile_backend)
+        save()
+    if args.jpeg_steps:
+        print("[jpeg] loader wait on real JPEGs, --pipeline pil and fast", flush=True)
+        try:
+            results["jpeg_loader"] = jpeg_wait(args, log)
+        except Exception as e:  # noqa: BLE001
+            results["jpeg_loader"] = {"error": str(e)[-2000:]}
+        save()
+
     # 1. correctness, --jobs cases at a time; SSKD's stages are one chain
     chains, t0 = [], time.time()
     for n in names:
@@ -290,7 +322,8 @@ def main():
         prev = None
         for n in chain:
             try:
-                results[n] = check(n, *all_cases[n], args, common_flags, os.path.join(args.out, f"{n}.log"), prev)
+                results[n] = {**results.get(n, {}),  # the central case's timing is kept
+                              **check(n, *all_cases[n], args, common_flags, os.path.join(args.out, f"{n}.log"), prev)}
             except Exception as e:  # noqa: BLE001 (reported in the table and the JSON)
                 results[n] = {"error": str(e)[-2000:]}
                 print(f"[{n}] FAILED: {str(e)[-600:]}", flush=True)
@@ -308,7 +341,7 @@ def main():
     # 2. timing, one case at a time
     if args.timing:
         for n in names:
-            if "error" in results.get(n, {"error": "not run"}) or n not in args.timing_cases:
+            if "error" in results.get(n, {"error": "not run"}) or n not in args.timing_cases or n == central:
                 continue
             print(f"[{n}] timing" + (" + --compile" if args.compile and n in args.compile_cases else ""), flush=True)
             try:
@@ -328,19 +361,6 @@ def main():
             results["eval_knn_linear"] = {"seconds": sec}
         except Exception as e:  # noqa: BLE001
             results["eval_knn_linear"] = {"error": str(e)[-2000:]}
-        save()
-    if args.jpeg_steps:
-        print("[jpeg] loader wait on real JPEGs, --pipeline pil and fast", flush=True)
-        try:
-            results["jpeg_loader"] = jpeg_wait(args, log)
-        except Exception as e:  # noqa: BLE001
-            results["jpeg_loader"] = {"error": str(e)[-2000:]}
-        save()
-    print("[mfu] DeiT-S training step, bf16", flush=True)
-    results["mfu_eager"] = mfu_check(args)
-    save()
-    if args.compile:
-        results["mfu_compiled"] = mfu_check(args, args.compile_backend)
         save()
     print(f"\n{dev}, torch {torch.__version__}, {args.input_size} px, batch {args.batch_size}")
     print(f"{'case':<16} {'bf16/fp32':>9} {'resume':>6} {'img/s':>8} {'data %':>6} {'peak GB':>7} {'compile x':>9} "

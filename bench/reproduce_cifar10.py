@@ -156,6 +156,19 @@ PROFILES = {
         eval=dict(batch_size=512, nb_knn=20, probe_epochs=100, probe_holdout=0.1),
     ),
 }
+# five times the cpu profile's student epochs (warm-up scaled with them, every other setting unchanged, nothing tuned
+# on the test split) for the rows of the three claims the 6-epoch table attributed to scale (#32): ViTKD + NKD against
+# alone / NKD / ViTKD, SSTA's early stop against none (it stops at a third of the epochs, as at 6), SDSSL against
+# its plain framework. teachers_from: the teachers are the cpu profile's runs (same commands, same folder
+# OUT/cpu_<split>), trained once for both; keys: the only student runs planned. Estimated from the cpu profile's
+# measured run times x5: about 2.7 h per seed on one core (8 h for 3 seeds, plus the teachers' 4.4 h when they are
+# not there yet).
+PROFILES["cpu_long"] = dict(
+    PROFILES["cpu"], teachers_from="cpu",
+    keys=("vitkd_alone", "vitkd_nkd", "vitkd_vitkd", "vitkd_vitkd_nkd", "ssta_ssta", "ssta_noes", "sdssl_plain",
+          "sdssl_plain_eval", "sdssl_sd", "sdssl_sd_eval"),
+    supervised={**PROFILES["cpu"]["supervised"], "epochs": 30, "warmup_epochs": 5},
+    ssl={**PROFILES["cpu"]["ssl"], "epochs": 30, "warmup_epochs": 5})
 # teacher_workers: the teachers' --num_workers (default num_workers). threads: OMP_NUM_THREADS of every run (on a
 # shared 2-core CPU one thread is up to 5x faster than two: OpenMP threads spin against the other run's).
 
@@ -350,39 +363,44 @@ class Run:
         return launcher + [self.script] + self.args
 
 
-def build_plan(P, workdir, data, images, seeds, teacher_data=None):
+def build_plan(P, workdir, data, images, seeds, teacher_data=None, teacher_workdir=None):
     """Every run of the profile in execution order: the teachers (on teacher_data = ({data flags}, images) when
-    they train on more images than the students), then seed by seed the central rows before the others."""
+    they train on more images than the students), then seed by seed the central rows before the others. A profile
+    with teachers_from takes its teachers' recipes from that profile and their folders from teacher_workdir (one
+    teacher serves both tables); with keys, only those student runs (and the teachers they need) are planned."""
     runs = []
     t_data, t_images = teacher_data or (data, images)
+    TP = PROFILES[P["teachers_from"]] if P.get("teachers_from") else P  # the teachers' profile
+    twork = teacher_workdir or workdir
 
     def add(key, script, recipe, kind, deps=(), seed=None, on_teacher_data=None):
         teacher = seed is None if on_teacher_data is None else on_teacher_data
         workers = P.get("teacher_workers", P["num_workers"]) if teacher else P["num_workers"]
         seed_flag = {} if kind == "eval" else {"seed": seed or 0}  # evaluations keep eval_knn_linear.py's seed
         recipe = {**recipe, **seed_flag, **(t_data if teacher else data), "num_workers": workers}
-        runs.append(Run(key, seed, script, recipe, kind, deps, workdir, t_images if teacher else images))
+        runs.append(Run(key, seed, script, recipe, kind, deps, workdir if seed is not None else twork,
+                        t_images if teacher else images))
 
-    def path(name, f):
-        return os.path.join(workdir, name, f)
+    def path(name, f):  # a run's file: the teachers' (no seed in the name) under their own folder
+        return os.path.join(workdir if name.rsplit("_s", 1)[-1].isdigit() else twork, name, f)
 
     def arch(a, flag="student"):
         return {flag: a["model"], **{k: v for k, v in a.items() if k != "model"}}
 
-    ssl_teacher = {**P["ssl"], **P["ssl_teacher"], "alpha_max": 0, "pred_loss": False}
+    ssl_teacher = {**TP["ssl"], **TP["ssl_teacher"], "alpha_max": 0, "pred_loss": False}
     assistant = path("teacher_ssl", "student_backbone.pth")
     # ---------------- teachers; the SSL assistant first: most runs wait on it and its probe ----------------
-    add("teacher_ssl", "sdssl.py", {**arch(P["teacher"], "arch"), **ssl_teacher}, "ssl")
-    add("teacher_ssl_probe", "eval_knn_linear.py", {"weights": assistant, **P["eval"]}, "eval", ["teacher_ssl"])
+    add("teacher_ssl", "sdssl.py", {**arch(TP["teacher"], "arch"), **ssl_teacher}, "ssl")
+    add("teacher_ssl_probe", "eval_knn_linear.py", {"weights": assistant, **TP["eval"]}, "eval", ["teacher_ssl"])
     if teacher_data:  # the assistant's k-NN with the students' bank and evaluation images: comparable with theirs
-        add("teacher_ssl_knn", "eval_knn_linear.py", {"weights": assistant, **P["eval"], "linear": False}, "eval",
+        add("teacher_ssl_knn", "eval_knn_linear.py", {"weights": assistant, **TP["eval"], "linear": False}, "eval",
             ["teacher_ssl"], on_teacher_data=False)
-    add("teacher_vit", "vitkd.py", {**arch(P["teacher"]), **P["supervised"], **P["teacher_supervised"]}, "sup")
+    add("teacher_vit", "vitkd.py", {**arch(TP["teacher"]), **TP["supervised"], **TP["teacher_supervised"]}, "sup")
     add("teacher_vit_ss", "sskd.py", {"stage": "teacher_ss", "teacher_weights": path("teacher_vit", "checkpoint.pth"),
-                                      **P["teacher_ss"]}, "ss", ["teacher_vit"])
-    add("teacher_cnn", "sskd.py", {"student": P["cnn"], **P["cnn_teacher"]}, "sup")
+                                      **TP["teacher_ss"]}, "ss", ["teacher_vit"])
+    add("teacher_cnn", "sskd.py", {"student": TP["cnn"], **TP["cnn_teacher"]}, "sup")
     add("teacher_cnn_ss", "sskd.py", {"stage": "teacher_ss", "teacher_weights": path("teacher_cnn", "checkpoint.pth"),
-                                      **P["teacher_ss"]}, "ss", ["teacher_cnn"])
+                                      **TP["teacher_ss"]}, "ss", ["teacher_cnn"])
     T = {"teacher_weights": path("teacher_vit", "checkpoint.pth")}
     TA = {"ta_weights": assistant, "ta_probe": path("teacher_ssl_probe", "linear_probe.pth")}
     student, sup = arch(P["student"]), {**arch(P["student"]), **P["supervised"]}
@@ -431,16 +449,18 @@ def build_plan(P, workdir, data, images, seeds, teacher_data=None):
         for key, extra in (("sdssl_plain", {"alpha_max": 0, "pred_loss": False}), ("sdssl_sd", {})):
             student_run(key, "sdssl.py", {**arch(P["student"], "arch"), **P["ssl"], **extra}, "ssl")
             evaluation(key, layers=list(range(P["student"]["depth"])))
+    if P.get("keys"):
+        runs = restrict(runs, keys=set(P["keys"]))
     order = {r.name: i for i, r in enumerate(runs)}
     return sorted(runs, key=lambda r: (r.seed is not None, r.seed or 0, r.key not in CENTRAL, order[r.name]))
 
 
-def restrict(runs, papers):
-    """The runs that the rows of `papers` read, and everything they depend on."""
-    keys = {r.key for r in ROWS if r.paper in papers} | ({"sdssl_plain_eval", "sdssl_sd_eval"} if "sdssl" in papers
-                                                        else set())
+def restrict(runs, papers=(), keys=(), names=()):
+    """The runs that the rows of `papers` read (or the runs of `keys`, or those named), and everything they depend on."""
+    keys = set(keys) | {r.key for r in ROWS if r.paper in papers} | (
+        {"sdssl_plain_eval", "sdssl_sd_eval"} if "sdssl" in papers else set())
     by_name = {r.name: r for r in runs}
-    want = {r.name for r in runs if r.key in keys}
+    want = {r.name for r in runs if r.key in keys or r.name in names}
     stack = list(want)
     while stack:
         for d in by_name[stack.pop()].deps:
@@ -694,6 +714,12 @@ def collect(plan, meta, P):
     complete = lambda e: e is not None and None not in e["values"]  # noqa: E731  (a value for every seed)
     for e in rows:  # holds: the mean beats every baseline row's mean (all seeds present on both sides)
         base = [next((b for b in rows if b["key"] == k and b["metric"] == e["metric"]), None) for k in e["baselines"]]
+        done = [i for i in range(len(seeds)) if base and None not in base and all(r["values"][i] is not None
+                                                                                    for r in [e] + base)]
+        if done and len(done) < len(seeds):  # a run cut short: the verdict over the seeds finished on every side
+            means = [statistics.mean(r["values"][i] for i in done) for r in [e] + base]
+            e["margin"], e["provisional"] = round(means[0] - max(means[1:]), 3), [seeds[i] for i in done]
+            e["holds"] = e["margin"] > 0
         if base and complete(e) and all(complete(b) for b in base):
             top = max(base, key=lambda b: b["mean"])
             e["margin"] = round(e["mean"] - top["mean"], 3)
@@ -769,6 +795,9 @@ def markdown(res):
             holds = {True: "yes", False: "**no**", None: "" if not r["baselines"] else "-"}[r["holds"]]
             if r.get("margin") is not None:
                 holds += f" ({r['margin']:+.2f}{', within noise' if r.get('within_noise') else ''})"
+            if r.get("provisional"):
+                holds += f", provisional: seed{'s' if len(r['provisional']) > 1 else ''} " \
+                         f"{', '.join(map(str, r['provisional']))} of {len(r['values'])}"
             seeds = " / ".join(fmt(v, 1) for v in r["values"])
             L.append(f"| {r['method']} | {METRIC_NAMES[r['metric']]} | {r['claim']} | {ours} | {seeds} | {holds} |")
         curves = {r["key"]: r["per_block"] for r in rows if r.get("per_block")}
@@ -835,6 +864,9 @@ def get_args_parser():
                    help="where cifar10_<profile>[_val].json / .md go (default: --out; the README's tables: bench/results)")
     p.add_argument("--only", default=[], nargs="+", choices=sorted(PAPERS),
                    help="only these papers' rows (and the teachers they need)")
+    p.add_argument("--runs", default=[], nargs="+", metavar="NAME",
+                   help="only these runs (names as --dry_run prints them, e.g. teacher_vit vitkd_alone_s0) and what "
+                        "they need; with --only: both")
     p.add_argument("--nproc", default=1, type=int, help="processes per run (torchrun --nproc_per_node) when > 1")
     p.add_argument("--jobs", default=None, type=int, help="runs at a time (default: the profile's; one GPU can hold several)")
     p.add_argument("--runner", default=None, choices=["subprocess", "inprocess"],
@@ -884,8 +916,12 @@ def main(argv=None):
             data_info.update(teacher_root=troot.replace(out + "/", "$OUT/"), teacher_train_images=tntr)
     data["input_size"] = 32
     workdir = os.path.join(out, f"{args.profile}_{split}")
-    plan = build_plan(P, workdir, data, images, seeds, teacher_data)
-    runs = restrict(plan, set(args.only)) if args.only else plan
+    twork = os.path.join(out, f"{P['teachers_from']}_{split}") if P.get("teachers_from") else None
+    plan = build_plan(P, workdir, data, images, seeds, teacher_data, twork)
+    unknown = sorted(set(args.runs) - {r.name for r in plan})
+    if unknown:
+        sys.exit(f"error: --runs {unknown} are not runs of this plan (see --dry_run)")
+    runs = restrict(plan, set(args.only), names=set(args.runs)) if args.only or args.runs else plan
     results_base = os.path.join(os.path.abspath(args.results_dir or out),  # default: under --out, not the checkout
                                 f"cifar10_{args.profile}" + ("_val" if split == "val" else ""))
     if args.dry_run:
