@@ -2068,6 +2068,55 @@ def test_reproduce_cifar10_suite_end_to_end_and_resume(tmp_path, capsys):
     assert (tmp_path / "out" / "tiny_synthetic" / "vitkd_alone_s0" / "checkpoint.pth").stat().st_mtime_ns == stamp
 
 
+def test_reproduce_cpu_long_plan_runs_selection_and_provisional_verdicts(tmp_path):
+    """#32's cpu_long profile: the cpu profile's teachers (the same commands, in the cpu profile's folder, trained
+    once for both), only the rows of the three scale claims at 30 student epochs (warm-up 5); --runs keeps the named
+    runs and what they need; a row whose seeds did not all finish gets a verdict over the seeds finished on every side,
+    marked provisional with those seeds."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import reproduce_cifar10 as rc
+    data, images = {"dataset": "imagefolder", "data_path": "S", "input_size": 32}, (10000, 10000)
+    t_data = ({"dataset": "imagefolder", "data_path": "T", "input_size": 32}, (50000, 10000))
+    cpu = rc.build_plan(rc.PROFILES["cpu"], str(tmp_path / "cpu_test"), data, images, [0, 1, 2], t_data)
+    long = rc.build_plan(rc.PROFILES["cpu_long"], str(tmp_path / "cpu_long_test"), data, images, [0, 1, 2], t_data,
+                         str(tmp_path / "cpu_test"))
+    by = lambda plan: {r.name: r for r in plan}  # noqa: E731
+    teachers = [r for r in long if r.seed is None]
+    assert {r.name for r in teachers} == {"teacher_ssl", "teacher_ssl_probe", "teacher_vit"}
+    for r in teachers:  # the same run as the cpu profile's: command and folder
+        assert r.args == by(cpu)[r.name].args and r.dir == by(cpu)[r.name].dir
+    students = [r for r in long if r.seed is not None]
+    assert {r.key for r in students} == set(rc.PROFILES["cpu_long"]["keys"]) and len(students) == 30
+    for r in students:
+        assert r.dir.startswith(str(tmp_path / "cpu_long_test"))
+        if r.kind != "eval":
+            a = r.args
+            assert a[a.index("--epochs") + 1] == "30" and a[a.index("--warmup_epochs") + 1] == "5", r.name
+            same = by(cpu)[r.name].args  # otherwise the cpu profile's command (teachers included), with 30 / 5 epochs
+            diff = [(x, y) for x, y in zip(a, same) if x != y and x != r.dir]
+            want = [("30", "6"), ("30", "6"), ("5", "1")] if r.key == "ssta_noes" else [("30", "6"), ("5", "1")]
+            assert len(a) == len(same) and sorted(diff) == want, (r.name, diff)  # ssta_noes: its stop at the end
+    assert "early_stop_epoch" not in " ".join(by(long)["ssta_ssta_s0"].args)  # a third of the epochs, as at 6
+    assert by(long)["ssta_noes_s0"].args[by(long)["ssta_noes_s0"].args.index("--early_stop_epoch") + 1] == "30"
+    picked = rc.restrict(cpu, names={"vitkd_nkd_s1", "sskd_alone_s0"})
+    assert [r.name for r in picked] == [r.name for r in cpu if r.name in ("teacher_vit", "vitkd_nkd_s1", "sskd_alone_s0")]
+    # provisional verdicts: NKD over KD with seeds 0 and 2 finished on both sides, seed 1 only for KD
+    plan = [r for r in cpu if r.key in ("vitkd_alone", "vitkd_kd", "vitkd_nkd")]
+    values = {("vitkd_kd", 0): 40.0, ("vitkd_kd", 1): 41.0, ("vitkd_kd", 2): 42.0, ("vitkd_nkd", 0): 41.0,
+              ("vitkd_nkd", 2): 40.0, ("vitkd_alone", 0): 30.0, ("vitkd_alone", 1): 30.0, ("vitkd_alone", 2): 30.0}
+    for (key, seed), v in values.items():
+        d = tmp_path / "cpu_test" / f"{key}_s{seed}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"metrics": {"top1": v}, "seconds": 1.0}))
+    meta = {"seeds": [0, 1, 2], "profile": "cpu", "split": "test", "machine": {}, "command": "c"}
+    rows = {r["key"]: r for r in rc.collect(plan, meta, rc.PROFILES["cpu"])["rows"] if r["paper"] == "vitkd"}
+    nkd, kd = rows["vitkd_nkd"], rows["vitkd_kd"]
+    assert nkd["provisional"] == [0, 2] and nkd["margin"] == pytest.approx(40.5 - 41.0) and nkd["holds"] is False
+    assert kd["holds"] is True and "provisional" not in kd and kd["margin"] == pytest.approx(11.0)  # all 3 seeds
+    md = rc.markdown({**rc.collect(plan, meta, rc.PROFILES["cpu"]), "machine": {}, "command": "c"})
+    assert "**no** (-0.50), provisional: seeds 0, 2 of 3 |" in md
+
+
 # ---------------------------------------------------------------------------------------------
 # loading and evaluating what users hold: MoCo v3 / MAE / DeiT files, pos_embed resampling, recipe defaults,
 # mismatched class lists and a full disk (#22)
