@@ -119,7 +119,7 @@ def main(args):
         teacher = common.build_teacher(args.teacher, args.teacher_weights, args.teacher_key, mean_std, args.teacher_mean,
                                        args.teacher_std, num_classes=num_classes, img_size=args.input_size,
                                        trust=args.trust_checkpoint, **common.shape_args(args, "teacher_")).to(device)
-        t_ss = SSHead(teacher.num_features).to(device)
+        t_ss = SSHead(feature_width(teacher)).to(device)
         saved = common.read_checkpoint(args.teacher_weights, args.trust_checkpoint) if os.path.isfile(args.teacher_weights) else {}
         if "ss_head" in saved:
             t_ss.load_state_dict(saved["ss_head"])
@@ -135,7 +135,7 @@ def main(args):
         student = common.create_model(args.student, num_classes=num_classes, drop_path_rate=args.drop_path,
                                       img_size=args.input_size, patch_size=args.patch_size, depth=args.depth,
                                       embed_dim=args.embed_dim, num_heads=args.num_heads, mean=mean_std[0], std=mean_std[1]).to(device)
-        s_ss = SSHead(student.num_features).to(device) if kd and args.ss_weight > 0 else None
+        s_ss = SSHead(feature_width(student)).to(device) if kd and args.ss_weight > 0 else None
         trainable = nn.ModuleDict({"student": student, **({"ss": s_ss} if s_ss is not None else {})})
         epochs, decay = args.epochs, args.decay_epochs
     ddp = common.get_world_size() > 1
@@ -308,6 +308,13 @@ def features_and_logits(model, x):
     """(pooled pre-logit feature, logits) of any timm model (ViT: final-norm CLS; CNN: global pool)."""
     feat = model.forward_head(model.forward_features(x), pre_logits=True)
     return feat, model.get_classifier()(feat)
+
+
+def feature_width(model):
+    """Width of features_and_logits' feature: timm's head_hidden_size where a layer after the pooling widens it before
+    the classifier (MobileNetV3, LCNet, GhostNet, HGNetV2: e.g. lcnet_050 1280, its num_features 256), else
+    num_features (ViTs, ResNets: the same number)."""
+    return getattr(model, "head_hidden_size", None) or model.num_features
 
 
 class WithFeatures(nn.Module):

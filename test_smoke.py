@@ -4445,5 +4445,240 @@ def test_bench_harness_counts_ops_and_host_syncs_per_step():
     assert base[1] == 0 and more[0] - base[0] == 2 and more[1] == 1, (base, more)  # the meter itself reads nothing
 
 
+# ---------------------------------------------------------------------------------------------
+# sskd.py across architectures: a CNN teacher (BatchNorm, global pool) for a ViT student, piece by piece against a
+# hand computation from the files sskd.py writes (timm alone, the teacher's own normalisation written out)
+# ---------------------------------------------------------------------------------------------
+# [section: sskd-cross-architecture]
+CNN_MEAN, CNN_STD = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)  # the CNN teacher's data normalisation: not the student's
+CNN_STATS = ["--mean", *map(str, CNN_MEAN), "--std", *map(str, CNN_STD)]
+# 64 px: at 32 px the last feature map of test_resnet (as of resnet10t) is 1 x 1 (stride 32) and any pooling is the same
+CNN_STEP = ONE_STEP + ["--input_size", "64"]
+
+
+@pytest.fixture(scope="module")
+def sskd_cnn_files(tmp_path_factory):
+    """A test_resnet teacher as sskd.py makes it: stage 1 (one step, data normalised with CNN_STATS), then stage 2 (one
+    step at the default lr, the same data). -> (stage-1 checkpoint, stage-2 checkpoint)."""
+    out = tmp_path_factory.mktemp("sskd_cnn")
+    common.run_main(sskd.main, argparse.ArgumentParser(parents=[sskd.get_args_parser()]), CNN_STEP + CNN_STATS + [
+        "--student", "test_resnet", "--epochs", "1", "--decay_epochs", "--output_dir", str(out / "t")])
+    common.run_main(sskd.main, argparse.ArgumentParser(parents=[sskd.get_args_parser()]), CNN_STEP + CNN_STATS + [
+        "--stage", "teacher_ss", "--teacher_weights", str(out / "t" / "checkpoint.pth"), "--ss_epochs", "1",
+        "--ss_decay_epochs", "--output_dir", str(out / "ss")])
+    return str(out / "t" / "checkpoint.pth"), str(out / "ss" / "checkpoint.pth")
+
+
+def sskd_cnn_step(monkeypatch, out, flags):
+    """One step of sskd.py at lr 0 (fp32) -> (logged first-step terms, what it saw): 'teacher' (the built one),
+    'student' (student stage), 'heads' (SS modules as made: the teacher's first) and 'head_in' ((head index, input) per
+    call), 'raw' (the loader's B x 4 batch) and 'views' (rotate_views' 4B output), 'stem' (the input of the teacher's
+    first convolution, after any re-normalisation), 'student_in' (the student's patch embedding input), 'bn' (every
+    BatchNorm's .training at each teacher forward), 'positives' (error_levels' positive column of each call)."""
+    seen = dict(heads=[], head_in=[], raw=[], views=[], stem=[], student_in=[], bn=[], positives=[])
+    Head, rotate, build, With, levels = (sskd.SSHead, sskd.rotate_views, common.build_teacher, sskd.WithFeatures,
+                                         sskd.error_levels)
+
+    class Recorded(Head):
+        def __init__(self, dim):
+            super().__init__(dim)
+            seen["heads"].append(self)
+
+        def forward(self, x):
+            seen["head_in"].append((seen["heads"].index(self), x.detach().clone()))
+            return super().forward(x)
+
+    class Student(With):
+        def __init__(self, model):
+            super().__init__(model)
+            seen["student"] = model
+            model.patch_embed.register_forward_pre_hook(lambda m, a: seen["student_in"].append(a[0].detach().clone()))
+
+    def rotate_views(x):
+        seen["raw"].append(x.detach().clone())
+        seen["views"].append(rotate(x))
+        return seen["views"][-1]
+
+    def build_teacher(*a, **kw):
+        t = seen["teacher"] = build(*a, **kw)
+        stem = next(m for m in t.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3)
+        stem.register_forward_pre_hook(lambda m, a: seen["stem"].append(a[0].detach().clone()))  # after the re-normalising one
+        for m in t.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.register_forward_pre_hook(lambda m, a: seen["bn"].append(m.training))
+        return t
+
+    with monkeypatch.context() as mp:
+        mp.setattr(sskd, "SSHead", Recorded)
+        mp.setattr(sskd, "WithFeatures", Student)
+        mp.setattr(sskd, "rotate_views", rotate_views)
+        mp.setattr(sskd, "error_levels", lambda scores, positive: seen["positives"].append(positive) or levels(scores, positive))
+        mp.setattr(common, "build_teacher", build_teacher)
+        losses = first_step_losses(sskd, flags + ["--lr", "0", "--amp", "off"], out)
+    return losses, seen
+
+
+def cnn_teacher_by_hand(state, views, data=common.input_stats(""), train_mode=False, renormalise=True):
+    """The test_resnet teacher of `state` built by timm alone, in eval mode (train_mode: BatchNorm on batch statistics,
+    a plausible wrong mode), on the views re-normalised by hand from the data's (mean, std) to CNN_MEAN / CNN_STD ->
+    (global average pool of its last feature map, fc of it, its input, the network, its last feature map).
+    renormalise=False: the data's normalisation, a wrong one."""
+    import timm
+    net = timm.create_model("test_resnet", num_classes=10)
+    net.load_state_dict(state)
+    net.train(train_mode)
+    (dm, ds), (om, os_) = ((torch.tensor(v).view(1, 3, 1, 1) for v in st) for st in (data, (CNN_MEAN, CNN_STD)))
+    x = (views * ds + dm - om) / os_ if renormalise else views
+    with torch.no_grad():
+        fmap = net.forward_features(x)
+        feat = fmap.mean((2, 3))
+        return feat, F.linear(feat, net.fc.weight, net.fc.bias), x, net, fmap
+
+
+def ss_head_by_hand(sd, z):
+    """SSKD's SS module written out: Linear, ReLU, Linear."""
+    return F.linear(F.relu(F.linear(z, sd["net.0.weight"], sd["net.0.bias"])), sd["net.2.weight"], sd["net.2.bias"])
+
+
+def sims_by_hand(z):
+    """Cosine of each transformed view (rows 4b+1..4b+3) with every normal view (rows 4b), image-major."""
+    z = F.normalize(z, dim=1)
+    n = torch.arange(len(z))
+    return z[n % 4 != 0] @ z[n % 4 == 0].T
+
+
+def test_sskd_cnn_features_and_logits_are_the_global_pool_and_fc():
+    """features_and_logits of a CNN: the global average pool of its last feature map (timm's pooled pre-logits, width
+    num_features) and fc of it = the model's own output, BatchNorm on its running statistics in eval mode; of a ViT:
+    the final-norm CLS token, not the patch mean."""
+    torch.manual_seed(0)
+    cnn = common.create_model("test_resnet", num_classes=10)
+    with torch.no_grad():
+        for m in cnn.modules():  # running statistics far from batch statistics: eval and train modes differ
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    cnn.eval()
+    x = torch.randn(4, 3, 64, 64)  # a 2 x 2 last feature map (1 x 1 at 32 px)
+    with torch.no_grad():
+        feat, logits = sskd.features_and_logits(cnn, x)
+        fmap = cnn.forward_features(x)
+        pooled = fmap.mean((2, 3))
+        assert fmap.shape[2:] == (2, 2) and not torch.allclose(pooled, fmap.amax((2, 3)), atol=1e-3)
+        assert feat.shape == (4, cnn.num_features) and torch.allclose(feat, pooled, atol=1e-6)
+        assert torch.allclose(logits, F.linear(pooled, cnn.fc.weight, cnn.fc.bias), atol=1e-5)
+        assert torch.allclose(logits, cnn(x), atol=1e-5)
+        cnn.train()
+        assert far(sskd.features_and_logits(cnn, x)[0].sum(), feat.sum())  # the test tells the modes apart
+        vit = common.create_model("deit_tiny", num_classes=10, img_size=32, patch_size=8, depth=2).eval()
+        feat, logits = sskd.features_and_logits(vit, x[..., :32, :32])
+        tokens = vit.forward_features(x[..., :32, :32])
+        assert torch.equal(feat, tokens[:, 0]) and torch.allclose(logits, vit.head(tokens[:, 0]), atol=1e-6)
+        assert not torch.allclose(feat, tokens[:, 1:].mean(1), atol=1e-3)
+
+
+def test_sskd_cnn_stage2_scores_the_eval_mode_pooled_features_of_the_four_rotations(tmp_path, monkeypatch, sskd_cnn_files):
+    """Stage 2 (teacher_ss) with the CNN file of stage 1, on data normalised otherwise (ImageNet's): its first-step
+    loss is CE(cosines of the SS module on the pooled features of the eval-mode teacher, on its own normalisation of
+    the 4 rotations, image-major, positive = own image) by hand; every BatchNorm in eval mode, running statistics
+    unchanged in the file."""
+    stage1, _ = sskd_cnn_files
+    losses, seen = sskd_cnn_step(monkeypatch, tmp_path / "ss", CNN_STEP + [
+        "--stage", "teacher_ss", "--teacher_weights", stage1, "--ss_epochs", "1", "--ss_decay_epochs"])
+    raw, views = seen["raw"][0], seen["views"][0]
+    B = len(raw)
+    assert raw.shape == (B, 4, 3, 64, 64) and views.shape == (4 * B, 3, 64, 64)
+    assert all(torch.equal(views[4 * b + k], torch.rot90(raw[b, k], k, dims=(1, 2))) for b in range(B) for k in range(4))
+    state = common.read_checkpoint(stage1)["model"]
+    feat, _, x_own, net, fmap = cnn_teacher_by_hand(state, views)
+    torch.testing.assert_close(seen["stem"][0], x_own)  # the teacher sees its own training normalisation
+    assert seen["bn"] and not any(seen["bn"])  # every BatchNorm of every teacher forward in eval mode
+    head_in = next(x for i, x in seen["head_in"] if i == 0)
+    assert len(seen["heads"]) == 1 and head_in.shape == (4 * B, net.num_features) and fmap.shape[2:] == (2, 2)
+    torch.testing.assert_close(head_in, net.forward_head(fmap, pre_logits=True))  # timm's pooled pre-logits
+    torch.testing.assert_close(head_in, feat)
+    sd = {k: v.detach() for k, v in seen["heads"][0].state_dict().items()}  # lr 0: the head as it started
+    pos = torch.arange(B).repeat_interleave(3)
+    right = F.cross_entropy(sims_by_hand(ss_head_by_hand(sd, feat)), pos)
+    assert losses["train_ss_ce"] == approx(right)
+    for wrong in (cnn_teacher_by_hand(state, views, train_mode=True)[0], cnn_teacher_by_hand(state, views, renormalise=False)[0]):
+        assert far(F.cross_entropy(sims_by_hand(ss_head_by_hand(sd, wrong)), pos), right)
+    after = common.read_checkpoint(str(tmp_path / "ss" / "checkpoint.pth"))
+    assert set(after["model"]) == set(state) and all(torch.equal(after["model"][k], v) for k, v in state.items())
+    assert any("running_mean" in k for k in state) and after["model_config"]["mean"] == CNN_MEAN
+
+
+def test_sskd_cnn_student_stage_targets_by_hand(tmp_path, monkeypatch, sskd_cnn_files):
+    """The student stage with the CNN's stage-2 file, data normalised otherwise (ImageNet's): KD, L_T and L_ss of the
+    first step equal the hand computation from the file (the eval-mode teacher on its own normalisation of the very
+    views the student sees, pooled features through the file's SS module, selective transfer by the teacher); the
+    teacher's BatchNorm stays in eval mode and its running statistics do not move over the epoch; the teacher's SS
+    module is the file's, frozen."""
+    file = common.read_checkpoint(sskd_cnn_files[1])
+    with torch.no_grad():  # sharpen: a one-step teacher's logits are near uniform, their KD near 0 (float32 cancels)
+        file["model"]["fc.weight"].mul_(30.0)
+    torch.save(file, tmp_path / "sharp.pth")
+    losses, seen = sskd_cnn_step(monkeypatch, tmp_path / "s", CNN_STEP + STUDENT + [
+        "--student", "deit_tiny", "--teacher_weights", str(tmp_path / "sharp.pth"), "--epochs", "1", "--decay_epochs",
+        "--ratio_tf", "0.5", "--ratio_ss", "0.75"])
+    views, teacher, (t_ss, s_ss), student = seen["views"][0], seen["teacher"], seen["heads"], seen["student"]
+    B = len(views) // 4
+    assert torch.equal(seen["student_in"][0], views)  # one batch of views for both networks
+    feat_t, logits_t, x_own, net, fmap = cnn_teacher_by_hand(file["model"], views)
+    torch.testing.assert_close(seen["stem"][0], x_own)
+    assert teacher.model_config["mean"] == CNN_MEAN and teacher.model_config["std"] == CNN_STD
+    assert seen["bn"] and not any(seen["bn"]) and not teacher.training and not t_ss.training
+    sd = teacher.state_dict()
+    assert set(sd) == set(file["model"]) and all(torch.equal(sd[k], v) for k, v in file["model"].items())  # after the epoch
+    assert all(torch.equal(t_ss.state_dict()[k], v) for k, v in file["ss_head"].items())
+    assert not any(p.requires_grad for p in t_ss.parameters())
+    t_in = next(x for i, x in seen["head_in"] if i == 0)
+    torch.testing.assert_close(t_in, net.forward_head(fmap, pre_logits=True))
+    y, pos = seen["positives"][0], torch.arange(B).repeat_interleave(3)
+    assert torch.equal(seen["positives"][1], pos) and y.tolist() == [v for v in y[::3].tolist() for _ in range(3)]
+    with torch.no_grad():
+        tokens = student.forward_features(views)[:, 0]
+        s = student.head(tokens)
+        sim_s = sims_by_hand(s_ss(tokens))
+    n = torch.arange(4 * B)
+    normal, transformed = n % 4 == 0, n % 4 != 0
+
+    def by_hand(feat, logits):
+        sim_t = sims_by_hand(ss_head_by_hand(file["ss_head"], feat))
+        keep_tf, keep_ss = selective_by_hand(logits[transformed], y, 0.5), selective_by_hand(sim_t, pos, 0.75)
+        return dict(kd=0.9 * kd_by_hand(s[normal], logits[normal], 4.0),
+                    tf=2.7 * kd_by_hand(s[transformed][keep_tf], logits[transformed][keep_tf], 4.0),
+                    ss=10.0 * kd_by_hand(sim_s[keep_ss], sim_t[keep_ss], 0.5))
+    right = by_hand(feat_t, logits_t)
+    train_mode = by_hand(*cnn_teacher_by_hand(file["model"], views, train_mode=True)[:2])
+    data_norm = by_hand(*cnn_teacher_by_hand(file["model"], views, renormalise=False)[:2])
+    for k in ("kd", "tf", "ss"):
+        assert losses[f"train_{k}"] == approx(right[k]), k
+    assert all(far(right[k], wrong[k]) for wrong in (train_mode, data_norm) for k in ("kd", "ss"))
+
+
+def test_sskd_cnn_ss_module_is_as_wide_as_the_pooled_pre_logits(tmp_path):
+    """A CNN whose head widens the pooled feature (lcnet_050: pool, 1x1 conv 256 -> 1280, then the classifier; timm's
+    num_features 256, head_hidden_size 1280): the SS modules (the teacher's in stage 2, the teacher's and a CNN
+    student's in the student stage) take the width of the feature they score, not num_features."""
+    run = lambda out, *f: common.run_main(sskd.main, argparse.ArgumentParser(parents=[sskd.get_args_parser()]),  # noqa: E731
+                                          ONE_STEP + ["--output_dir", str(tmp_path / out), *f])
+    run("t", "--student", "lcnet_050", "--epochs", "1", "--decay_epochs")
+    net = common.create_model("lcnet_050", num_classes=10).eval()
+    with torch.no_grad():
+        width = sskd.features_and_logits(net, torch.randn(2, 3, 32, 32))[0].shape[1]
+    assert width == 1280 != net.num_features  # the case this test is about
+    run("ss", "--stage", "teacher_ss", "--teacher_weights", str(tmp_path / "t" / "checkpoint.pth"), "--ss_epochs", "1",
+        "--ss_decay_epochs")
+    ss = common.read_checkpoint(str(tmp_path / "ss" / "checkpoint.pth"))
+    assert ss["ss_head"]["net.0.weight"].shape == (width, width)
+    run("s", "--student", "lcnet_050", "--teacher_weights", str(tmp_path / "ss" / "checkpoint.pth"), "--epochs", "1",
+        "--decay_epochs")
+    s = common.read_checkpoint(str(tmp_path / "s" / "checkpoint.pth"))
+    assert s["ss"]["net.0.weight"].shape == (width, width)
+    log = json.loads((tmp_path / "s" / "log.txt").read_text().splitlines()[0])
+    assert all(math.isfinite(log[f"train_{k}"]) for k in ("kd", "tf", "ss"))
+
+
 if __name__ == "__main__":
     ddp_worker(sys.argv[1:])

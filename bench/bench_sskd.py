@@ -41,7 +41,8 @@ def main():
     student = common.create_model(opts.student, num_classes=100, img_size=opts.input_size, depth=opts.depth).to(device)
     teacher = common.build_teacher(opts.teacher, "random", num_classes=100, img_size=opts.input_size,
                                    depth=opts.depth).to(device)
-    s_ss, t_ss = sskd.SSHead(student.num_features).to(device), common.freeze(sskd.SSHead(teacher.num_features).to(device))
+    s_ss = sskd.SSHead(sskd.feature_width(student)).to(device)
+    t_ss = common.freeze(sskd.SSHead(sskd.feature_width(teacher)).to(device))
     x = torch.randn(opts.images, 4, 3, opts.input_size, opts.input_size, device=device)
     y = torch.randint(0, 100, (opts.images,), device=device)
     mods = torch.nn.ModuleDict({"student": student, "ss": s_ss})

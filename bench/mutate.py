@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 19 / 19 with their selected tests and 19 / 19 with the whole suite (--k all); the pinned values alone (--k pinned)
 # catch 32 of the 41 loss / schedule mutations (the 9 others are invisible at the pinned flags). Details and every
 # row: bench/results/mutation_pass.txt. 2026-12-07 (#31): 9 mutations (84-92) of the attention from q and k, the device
-# augmentation and the data share.
+# augmentation and the data share; 4 (93-96) of SSKD's cross-architecture path (#32).
 # (file, exact original text (found exactly once), replacement, pytest -k expression, the bug it plants)
 MUTATIONS = [
     # ---- common.py: shared losses, schedules, safety checks, resume --------------------------------------------
@@ -285,6 +285,16 @@ MUTATIONS = [
     ("common.py", "        data = f\"  data {100 * (self.wait + device) / elapsed:.0f}%\"",
      "        data = f\"  data {100 * self.wait / elapsed:.0f}%\"",
      "data_share", "the data share leaves out the device part of the fast pipelines"),
+    # ---- #32: SSKD across architectures (a CNN teacher for a ViT student), what the older tests let through ------
+    ("common.py", "    model.train = lambda mode=True: model\n", "    model.train = lambda mode=True: nn.Module.train(model, mode)\n",
+     "sskd_cnn_", "a frozen teacher can be switched back to train mode (BatchNorm on batch statistics)"),
+    ("common.py", "        return (x * made[key][0] + made[key][1],) + tuple(inputs[1:])", "        return inputs",
+     "sskd_cnn_", "the teacher sees the data's normalisation, not its own"),
+    ("sskd.py", "        if \"ss_head\" in saved:\n            t_ss.load_state_dict(saved[\"ss_head\"])",
+     "        if \"ss_head\" in saved:\n            pass",
+     "sskd_cnn_", "the teacher's trained SS module is not loaded (a random one scores the views)"),
+    ("sskd.py", "    return getattr(model, \"head_hidden_size\", None) or model.num_features", "    return model.num_features",
+     "sskd_cnn_", "SS modules sized by num_features (wrong for CNNs that widen the pooled feature, e.g. lcnet_050)"),
 ]
 
 
