@@ -1467,13 +1467,16 @@ def grad_scaler(device, amp):
     return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and amp == "fp16")
 
 
-def kd_loss(logits_s, logits_t, temperature, keep=None):
+def kd_loss(logits_s, logits_t, temperature, keep=None, rows=False):
     """Hinton KD: KL(softmax(t / T) || softmax(s / T)), batch mean, times T^2 (fp32, teacher detached). keep: a bool
-    mask of the rows to average over (SSKD's selective transfer; 0 when none is kept), a masked mean: no host sync."""
+    mask of the rows to average over (SSKD's selective transfer; 0 when none is kept), a masked mean: no host sync.
+    rows=True: each row's KL times T^2 (R,), for a caller that weighs the rows itself (one KL for several terms)."""
     log_s, log_t = ((z.float() / temperature).log_softmax(1) for z in (logits_s, logits_t.detach()))
-    if keep is None:
+    if keep is None and not rows:
         return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2
     kl = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(1)
+    if rows:
+        return kl * temperature ** 2
     return (kl * keep).sum() / keep.sum().clamp_min(1) * temperature ** 2
 
 

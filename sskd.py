@@ -208,15 +208,19 @@ def train_one_epoch(student, s_ss, teacher, t_ss, loader, optimizer, scaler, sch
                 losses = {"ss_ce": F.cross_entropy(sim, positives(len(normal), device))}
             else:
                 feat, logits = student(x)
+                per_image = logits.unflatten(0, (-1, 4 if all_views else 1))  # (B, views, C): row 0 the normal view
                 ce_weight = args.ce_weight if teacher is not None else 1.0  # lambda1 only next to the teacher's losses
-                losses = {"ce": ce_weight * F.cross_entropy(logits[normal].float(), target)}
-                if teacher is not None:
-                    losses["kd"] = args.kd_weight * common.kd_loss(logits[normal], t_logits[normal], args.kd_temperature)
+                losses = {"ce": ce_weight * F.cross_entropy(per_image[:, 0].float(), target)}
+                if teacher is not None:  # one KL per row of every view; KD reads the normal rows, L_T the others
+                    kl = common.kd_loss(logits, t_logits, args.kd_temperature, rows=True).view(len(target), -1)
+                    losses["kd"] = args.kd_weight * kl[:, 0].mean()
                 if teacher is not None and args.tf_weight > 0:
                     y = target.repeat_interleave(3)  # transformed rows of image b: 4b+1 .. 4b+3
-                    keep = selective_mask(error_levels(t_logits[transformed].float(), y), args.ratio_tf)
-                    losses["tf"] = args.tf_weight * masked_kd(logits[transformed], t_logits[transformed],
-                                                              args.tf_temperature, keep)
+                    t_rows = t_logits.unflatten(0, (-1, 4))[:, 1:].flatten(0, 1)
+                    keep = selective_mask(error_levels(t_rows.float(), y), args.ratio_tf)
+                    if args.tf_temperature != args.kd_temperature:  # L_T at its own temperature: its own KL
+                        kl = common.kd_loss(logits, t_logits, args.tf_temperature, rows=True).view(len(target), -1)
+                    losses["tf"] = args.tf_weight * (kl[:, 1:] * keep.view(-1, 3)).sum() / keep.sum().clamp_min(1)
                 if s_ss is not None:
                     with torch.no_grad():
                         sim_t = similarities(t_ss(t_feat.float()), normal, transformed)
