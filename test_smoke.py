@@ -4680,5 +4680,19 @@ def test_sskd_cnn_ss_module_is_as_wide_as_the_pooled_pre_logits(tmp_path):
     assert all(math.isfinite(log[f"train_{k}"]) for k in ("kd", "tf", "ss"))
 
 
+def test_a_frozen_teacher_stays_in_eval_mode_when_a_parent_trains():
+    """common.freeze: no gradients, eval mode, and neither its own train() nor a parent module's switches it back (a
+    CNN teacher's BatchNorm would normalise with batch statistics and update its running ones)."""
+    teacher = common.freeze(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    parent = nn.ModuleDict({"teacher": teacher, "head": nn.Linear(2, 2)})
+    parent.train()
+    teacher.train()
+    assert parent.training and parent["head"].training and not teacher.training and not teacher[1].training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    before = teacher[1].running_mean.clone()
+    teacher(torch.randn(2, 3, 8, 8) + 5)
+    assert torch.equal(teacher[1].running_mean, before)
+
+
 if __name__ == "__main__":
     ddp_worker(sys.argv[1:])

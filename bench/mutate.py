@@ -288,7 +288,7 @@ MUTATIONS = [
      "data_share", "the data share leaves out the device part of the fast pipelines"),
     # ---- #32: SSKD across architectures (a CNN teacher for a ViT student), what the older tests let through ------
     ("common.py", "    model.train = lambda mode=True: model\n", "    model.train = lambda mode=True: nn.Module.train(model, mode)\n",
-     "sskd_cnn_", "a frozen teacher can be switched back to train mode (BatchNorm on batch statistics)"),
+     "sskd_cnn_ or frozen_teacher", "a frozen teacher can be switched back to train mode (BatchNorm on batch statistics)"),
     ("common.py", "        return (x * made[key][0] + made[key][1],) + tuple(inputs[1:])", "        return inputs",
      "sskd_cnn_", "the teacher sees the data's normalisation, not its own"),
     ("sskd.py", "        if \"ss_head\" in saved:\n            t_ss.load_state_dict(saved[\"ss_head\"])",
