@@ -17,7 +17,8 @@ import torch
 
 import statistics
 
-from harness import count_per_step, device_and_amp, parse_args, report, report_counts, report_paired, rounds
+from harness import (count_per_step, device_and_amp, optimizer_step, parse_args, report, report_counts, report_paired,
+                     rounds)
 import attn_distill
 import common
 
@@ -69,10 +70,7 @@ def main():
                 for _ in range(steps):
                     with common.autocast(device, args.amp):
                         loss = backbone.forward_features(x)[:, 0].float().square().mean()
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
+                    optimizer_step(loss, opt, scaler)
 
             def teacher_forward():
                 for _ in range(steps):

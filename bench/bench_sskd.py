@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 import statistics
 
-from harness import count_per_step, device_and_amp, parse_args, report, report_counts, report_paired, rounds
+from harness import (count_per_step, device_and_amp, optimizer_step, parse_args, report, report_counts, report_paired,
+                     rounds)
 import common
 import sskd
 
@@ -61,10 +62,7 @@ def main():
             for _ in range(steps):
                 with common.autocast(device, args.amp):
                     loss = F.cross_entropy(wrapped(sskd.rotate_views(x))[1].float(), y4)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
+                optimizer_step(loss, opt, scaler)
 
         def teacher_forward():
             for _ in range(steps):

@@ -285,17 +285,19 @@ def main():
     #    ViTKD step) timed alone, eager and compiled; the MFU of a DeiT-S step, eager and compiled; the loader on real
     #    JPEGs, pil vs fast
     central = next((n for n in args.compile_cases if n in names and "{prev}" not in " ".join(all_cases[n][1])), None)
+
+    def timed(n):  # one case alone on the device (its results[n] holds the flags to run)
+        print(f"[{n}] timing" + (" + --compile" if args.compile and n in args.compile_cases else ""), flush=True)
+        try:
+            measure(n, results[n], args, common_flags, log)
+        except Exception as e:  # noqa: BLE001
+            results[n]["timing_error"] = str(e)[-2000:]
+            print(f"[{n}] timing FAILED: {str(e)[-600:]}", flush=True)
+        save()
     if args.timing and central:
         script, flags = all_cases[central]
         results[central] = {"script": script, "flags_used": flags, "epochs_flag": ["--epochs"]}
-        print(f"[{central}] timing first (the central configuration)" + (" + --compile" if args.compile else ""),
-              flush=True)
-        try:
-            measure(central, results[central], args, common_flags, log)
-        except Exception as e:  # noqa: BLE001
-            results[central]["timing_error"] = str(e)[-2000:]
-            print(f"[{central}] timing FAILED: {str(e)[-600:]}", flush=True)
-        save()
+        timed(central)
     print("[mfu] DeiT-S training step, bf16", flush=True)
     results["mfu_eager"] = mfu_check(args)
     save()
@@ -341,15 +343,8 @@ def main():
     # 2. timing, one case at a time
     if args.timing:
         for n in names:
-            if "error" in results.get(n, {"error": "not run"}) or n not in args.timing_cases or n == central:
-                continue
-            print(f"[{n}] timing" + (" + --compile" if args.compile and n in args.compile_cases else ""), flush=True)
-            try:
-                measure(n, results[n], args, common_flags, log)
-            except Exception as e:  # noqa: BLE001
-                results[n]["timing_error"] = str(e)[-2000:]
-                print(f"[{n}] timing FAILED: {str(e)[-600:]}", flush=True)
-            save()
+            if "error" not in results.get(n, {"error": "not run"}) and n in args.timing_cases and n != central:
+                timed(n)
     eval_src = next((n for n in names if n.startswith("vitkd") and "error" not in results.get(n, {"error": 1})), None)
     if eval_src:
         print("[eval_knn_linear] k-NN and linear probe of the first vitkd student", flush=True)

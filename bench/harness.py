@@ -219,6 +219,14 @@ def report_counts(title, rows, target=None):
     sys.stdout.flush()
 
 
+def optimizer_step(loss, optimizer, scaler):
+    """The end of a plain training step, as the scripts end theirs: scaled backward, step, scaler update, zero_grad."""
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def machine(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name()
