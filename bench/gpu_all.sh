@@ -66,7 +66,7 @@ PROFILE=(--profile gpu --data "$DATA"); [ "$TINY" = 1 ] && PROFILE=(--profile ti
 
 # 1. the first answers, from the reproduction's own runs (kept: stage 4 skips them): the ViT teacher at its recipe, the
 #    student alone on the default CUDA pipeline (its pipeline, img/s and data share), SSKD's student at blr 0.05
-FIRST_S=${FIRST_S:-210}
+FIRST_S=${FIRST_S:-180}
 stage first $((FIRST_S + 10)) python3 bench/reproduce_cifar10.py "${PROFILE[@]}" --runs teacher_vit vitkd_alone_s0 \
   sskd_alone_s0 --jobs 3 --runner subprocess --out "$WORK/repro" --results_dir "$WORK/first" --time_budget "$FIRST_S" --keep_going
 python3 - "$WORK/repro" <<'EOF' 2>&1 | tee -a "$SUMMARY"
@@ -91,7 +91,7 @@ TAIL=60 stage gpu_check "${GPU_CHECK_S:-170}" python3 bench/gpu_check.py --out "
 cp "$WORK/gpu_check/gpu_check.json" "$OUT/" 2>/dev/null
 
 # 3. the benches' ratios (ops, host syncs, paired times) at their GPU sizes
-stage benches "${BENCHES_S:-120}" python3 bench/run_benches.py --out "$OUT/benches.txt" --timeout 30 "${SIZE[@]}"
+stage benches "${BENCHES_S:-150}" python3 bench/run_benches.py --out "$OUT/benches.txt" --timeout 45 "${SIZE[@]}"
 
 # 4. the rest of the CIFAR-10 reproduction's gpu profile: teachers, every paper's central row at seed 0, the rest
 REPRO_S=$(( $(left) - 30 ))
