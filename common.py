@@ -1179,8 +1179,8 @@ class ColorJitter:
 class DeviceRandAugment:
     """timm's RandAugment on a batch of integer-valued float images (0-255) on the device. timm's own RandAugment
     object draws every sample's ops and arguments (op set, per-op probability, magnitude noise, signs: its
-    distribution by construction) with its ops swapped for recorders; the ops then run batched, grouped by (position,
-    op, and for the geometric ops the filter timm drew for the image). Colour ops equal PIL's bit for bit, and so do
+    distribution by construction) with its ops swapped for recorders; the ops then run batched, grouped by position
+    and colour op, the geometric ops of a position together (per filter timm drew and fill colour). Colour ops equal PIL's bit for bit, and so do
     rotate / shear / translate (pil_affine: PIL's affine filters, bicubic with a = -1, in float64, truncated;
     nearest: PIL's generic path, whose fixed-point variant for rotations and shears can pick the neighbouring pixel)."""
     GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
@@ -1224,22 +1224,25 @@ class DeviceRandAugment:
             for key, items in groups.items():
                 (i,) = params_to(x, torch.tensor([b for b, *_ in items]))
                 if key[0] == "affine":
-                    H, W = x.shape[2:]
-                    matrices = torch.tensor([pil_affine_matrix(kind, v, W, H) for _, kind, v, _ in items],
-                                            dtype=torch.float64)
-                    x[i] = pil_affine(x[i], *params_to(x, matrices, torch.tensor(key[2], dtype=torch.float64)), key[1])
+                    x[i] = self.affine(x[i], [(kind, v) for _, kind, v, _ in items], key[1], key[2])
                 else:
                     x[i] = self.apply(key[0], x[i], [v for _, _, v, _ in items], items[0][3])
         return x
 
     @staticmethod
+    def affine(x, ops, resample, fill):
+        """Geometric ops [(kind, argument), ...], one per image of x, as one PIL affine resampling (each image its own
+        matrix, drawn on the host and sent without blocking)."""
+        H, W = x.shape[2:]
+        matrices = torch.tensor([pil_affine_matrix(kind, v, W, H) for kind, v in ops], dtype=torch.float64)
+        return pil_affine(x, *params_to(x, matrices, torch.tensor(fill, dtype=torch.float64)), resample)
+
+    @staticmethod
     def apply(kind, x, a, kwargs):
         """Op `kind` on the images x (n, 3, H, W) with the arguments a (n floats, on the host) and timm's kwargs."""
         if kind in DeviceRandAugment.GEOMETRIC:
-            H, W = x.shape[2:]
-            fill = torch.tensor(kwargs.get("fillcolor") or (128, 128, 128), dtype=torch.float64)
-            matrices = torch.tensor([pil_affine_matrix(kind, v, W, H) for v in a], dtype=torch.float64)
-            return pil_affine(x, *params_to(x, matrices, fill), kwargs.get("resample", 3))
+            return DeviceRandAugment.affine(x, [(kind, v) for v in a], kwargs.get("resample", 3),
+                                            kwargs.get("fillcolor") or (128, 128, 128))
         (a,) = params_to(x, torch.tensor(a, dtype=torch.float64))
         if kind == "Invert":
             return 255 - x
