@@ -1180,9 +1180,10 @@ class DeviceRandAugment:
     """timm's RandAugment on a batch of integer-valued float images (0-255) on the device. timm's own RandAugment
     object draws every sample's ops and arguments (op set, per-op probability, magnitude noise, signs: its
     distribution by construction) with its ops swapped for recorders; the ops then run batched, grouped by position
-    and colour op, the geometric ops of a position together (per filter timm drew and fill colour). Colour ops equal PIL's bit for bit, and so do
-    rotate / shear / translate (pil_affine: PIL's affine filters, bicubic with a = -1, in float64, truncated;
-    nearest: PIL's generic path, whose fixed-point variant for rotations and shears can pick the neighbouring pixel)."""
+    and colour op, the geometric ops of a position together (per filter timm drew and fill colour). Colour ops equal
+    PIL's bit for bit, and so do rotate / shear / translate (pil_affine: PIL's affine filters, bicubic with a = -1,
+    in float64, truncated; nearest: PIL's generic path, whose fixed-point variant for rotations and shears can pick
+    the neighbouring pixel)."""
     GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
     COLOUR = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd", "Color", "Contrast",
               "Brightness", "Sharpness")
@@ -1731,9 +1732,10 @@ def versions():
 
 class Meter:
     """Running averages of the logged values for the periodic training line, the finite check, and the time spent
-    on data (waiting on the loader, and the fast pipelines' device part). Tensor values are summed on their device: the host reads them (one all-reduce of the
-    non-finite count over ranks, one copy) only at a printed line and at the epoch's end, so a step makes no host
-    sync and the host can queue the next step while the device works on this one."""
+    on data (waiting on the loader, and the fast pipelines' device part). Tensor values are summed on their device:
+    the host reads them (one all-reduce of the non-finite count over ranks, one copy) only at a printed line and at
+    the epoch's end, so a step makes no host sync and the host can queue the next step while the device works on
+    this one."""
 
     def __init__(self):
         self.sums, self.count, self.t0, self.wait = {}, 0, time.time(), 0.0
