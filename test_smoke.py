@@ -2098,6 +2098,24 @@ def test_reproduce_cpu_long_plan_runs_selection_and_provisional_verdicts(tmp_pat
             assert len(a) == len(same) and sorted(diff) == want, (r.name, diff)  # ssta_noes: its stop at the end
     assert "early_stop_epoch" not in " ".join(by(long)["ssta_ssta_s0"].args)  # a third of the epochs, as at 6
     assert by(long)["ssta_noes_s0"].args[by(long)["ssta_noes_s0"].args.index("--early_stop_epoch") + 1] == "30"
+    # cpu_cnn (the CNN teacher's rows taken apart): the cpu profile's CNN teacher and SS stage, plus a 3x SS stage and
+    # a CNN teacher trained by vitkd.py on the students' crops; none of these extra runs is in the cpu profile's plan
+    cnn = by(rc.build_plan(rc.PROFILES["cpu_cnn"], str(tmp_path / "cpu_cnn_test"), data, images, [0, 1, 2], t_data,
+                           str(tmp_path / "cpu_test")))
+    assert {n for n, r in cnn.items() if r.seed is None} == {"teacher_cnn", "teacher_cnn_ss", "teacher_cnn_ss_long",
+                                                             "teacher_cnn_crops"}
+    assert not {"teacher_cnn_ss_long", "teacher_cnn_crops", "sskd_kd_cnn_s0", "vitkd_token_crops_s0"} & set(by(cpu))
+    for n in ("teacher_cnn", "teacher_cnn_ss", "sskd_sskd_cnn_s1", "vitkd_token_s2", "sskd_alone_s0"):
+        assert cnn[n].args[:-1] == by(cpu)[n].args[:-1] and (n.startswith("teacher") or cnn[n].dir != by(cpu)[n].dir)
+    ss, ss_long = by(cpu)["teacher_cnn_ss"].args, cnn["teacher_cnn_ss_long"].args
+    assert [(x, y) for x, y in zip(ss, ss_long) if x != y][:2] == [("2", "6"), ("1", "4")] and len(ss) == len(ss_long)
+    crops = cnn["teacher_cnn_crops"]
+    assert crops.script == "vitkd.py" and crops.args[crops.args.index("--student") + 1] == "resnet10t"
+    assert crops.args[crops.args.index("--epochs") + 1] == "10" and "T" in crops.args  # all the teachers' images
+    kd, sskd = cnn["sskd_kd_cnn_s1"].args, cnn["sskd_sskd_cnn_s1"].args
+    assert [x for x in kd if x not in sskd] == ["--tf_weight", "0", "--ss_weight", "0", cnn["sskd_kd_cnn_s1"].dir]
+    assert cnn["sskd_sskd_cnn_long_s0"].deps == ["teacher_cnn_ss_long"] and cnn["vitkd_token_crops_s0"].deps == [
+        "teacher_cnn_crops"] and crops.dir + "/checkpoint.pth" in cnn["vitkd_token_crops_s0"].args
     picked = rc.restrict(cpu, names={"vitkd_nkd_s1", "sskd_alone_s0"})
     assert [r.name for r in picked] == [r.name for r in cpu if r.name in ("teacher_vit", "vitkd_nkd_s1", "sskd_alone_s0")]
     # provisional verdicts: NKD over KD with seeds 0 and 2 finished on both sides, seed 1 only for KD
