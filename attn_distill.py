@@ -200,12 +200,13 @@ def train_one_epoch(model, teacher, taps, values, pairs, grids, aggregate, loade
             with common.autocast(device, args.amp):
                 with torch.no_grad():
                     t_tokens = teacher.forward_features(images)  # final-norm tokens; taps keep the attention
-                out = model(images, all_tokens=args.patch_align > 0)
-            losses = {"cls": F.mse_loss(out[:, 0].float(), t_tokens[:, 0].float())}
+                out = model(images, all_tokens=args.patch_align > 0)  # B x D_t (the CLS) or B x N x D_t
+            losses = {"cls": F.mse_loss((out[:, 0] if out.dim() == 3 else out).float(), t_tokens[:, 0].float())}
             if args.lambda_attn > 0:  # the CLS rows of every pair, one batched map per network: (pairs x B) x H x N
-                rows = {}
+                rows, one = {}, len(pairs) == 1  # one pair (the default): its block's map, nothing stacked
                 for who, blocks in (("student", [s for s, _ in pairs]), ("teacher", [t for _, t in pairs])):
-                    a = taps[who].maps(blocks, rows=1)[..., 0, :].flatten(0, 1)
+                    a = taps[who].maps(blocks[0] if one else blocks, rows=1)[..., 0, :]
+                    a = a if one else a.flatten(0, 1)
                     norms = torch.cat([values[who].norms[b] for b in blocks]) if values else None
                     rows[who] = cls_rows(a, npt[who == "teacher"], norms)
                 rows_t = resize_cls_attention(rows["teacher"], grids[1], grids[0])
@@ -245,14 +246,19 @@ class StudentWithProjector(nn.Module):
             self.projector = None
 
     def forward(self, x, all_tokens=False):
-        """(B, 1, D_t) from the CLS token, or (B, N, D_t) from all tokens. P works per token, so
-        projecting only the CLS gives the official values for L_c at a fraction of the cost."""
+        """(B, D_t) from the CLS token, or (B, N, D_t) from all tokens. P works per token, so projecting
+        only the CLS gives the official values for L_c at a fraction of the cost."""
         if self.projector is None:
             tokens = self.backbone.forward_features(x)
-            return tokens if all_tokens else tokens[:, :1]
+            return tokens if all_tokens else tokens[:, 0]
         # forward_features without its final norm (P starts with its own LayerNorm): nothing computed and dropped
         tokens = self.backbone.blocks(common.vit_embed(self.backbone, x))
-        return self.norm(self.projector(tokens if all_tokens else tokens[:, :1]))
+        if all_tokens:
+            return self.norm(self.projector(tokens))
+        # the CLS alone is B rows: P runs in fp32, outside autocast, at no cost in time, and a step dispatches no
+        # low-precision copies of its weights (4 ops fewer per Linear, forward and backward)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.norm(self.projector(tokens[:, 0].float()))
 
 
 def build_projector(d_s, d_t, layers):
@@ -348,7 +354,8 @@ def attn_distill_loss(student_rows, teacher_rows, temperature=10.0, aggregate=No
     head h is compared with head h (equal head counts). Both distributions clamped to [1e-5, 0.996] and
     L1-renormalised; KL(teacher || student) (or the squared error) summed over keys and heads, divided by
     the batch. fp32; the teacher carries no gradient."""
-    s, t = student_rows.float(), teacher_rows.detach().float()
+    s, t = student_rows.float(), teacher_rows.float()
+    t = t.detach() if t.requires_grad else t  # rows made under no_grad need no detach op
     if aggregate:
         s, t = aggregate_heads(s, temperature, aggregate), aggregate_heads(t, temperature, aggregate)
     elif s.shape != t.shape:

@@ -556,13 +556,19 @@ class ViTTaps:
 
     def maps(self, blocks, heads=None, rows=None, cls_patches=False):
         """Softmax attention of `blocks`, stacked: L x B x H x r x N' (heads None: all), or L x B x r x N' with one
-        head per block (heads: a list of ints). rows: the first r query rows only (the CLS row: 1); cls_patches: the
-        queries and keys CLS and patches only (other prefix tokens dropped: the map a network without them would
-        have, i.e. the rows of the full map renormalised over those keys). As timm's unfused path computes it: q x
-        scale, q k^T, softmax, in the dtype autocast gives."""
-        q, k = ([self.qk[b][j] if heads is None else self.qk[b][j][:, h] for b, h in zip(blocks, heads or blocks)]
-                for j in (0, 1))
-        q, k = torch.stack(q), torch.stack(k)
+        head per block (heads: a list of ints); `blocks` an int: that block's map, B x H x r x N' (nothing stacked).
+        rows: the first r query rows only (the CLS row: 1); cls_patches: the queries and keys CLS and patches only
+        (other prefix tokens dropped: the map a network without them would have, i.e. the rows of the full map
+        renormalised over those keys). As timm's unfused path computes it: q x scale, q k^T, softmax, in the dtype
+        autocast gives."""
+        single = isinstance(blocks, int)
+        if single:
+            q, k = self.qk[blocks]
+            blocks = [blocks]
+        else:
+            q, k = ([self.qk[b][j] if heads is None else self.qk[b][j][:, h] for b, h in zip(blocks, heads or blocks)]
+                    for j in (0, 1))
+            q, k = torch.stack(q), torch.stack(k)
         npt = self.num_prefix_tokens
         if cls_patches and npt > 1:
             q, k = (torch.cat([t[..., :1, :], t[..., npt:, :]], -2) for t in (q, k))
@@ -613,7 +619,7 @@ class _AttentionMaps(collections.abc.Mapping):
     def __getitem__(self, i):
         if i not in self.taps.qk:
             raise KeyError(i)
-        return self.taps.maps([i], rows=self.taps.attn_rows)[0]
+        return self.taps.maps(i, rows=self.taps.attn_rows)
 
     def __iter__(self):
         return iter(sorted(self.taps.qk))

@@ -7,6 +7,7 @@ Every bench_*.py has three sizes: its defaults (a CPU measurement), --gpu (the s
 bf16 autocast on CUDA) and --tiny (a CPU smoke run in seconds: 32 px, 2-3 blocks, tiny batches, 1 repeat;
 its ratios mean nothing). bench/run_benches.py runs them all; test_smoke.py runs them all with --tiny.
 """
+import contextlib
 import os
 import statistics
 import sys
@@ -141,9 +142,25 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def bf16_regions():
+    """The regions the scripts (and the benches' parts) autocast with common.autocast run under bf16 autocast, on the
+    CPU too (where common.autocast is a no-op); everything else, backward passes included, runs outside it, as in a
+    CUDA bf16 step. (Wrapping a whole step in autocast would also cast inside the backward of fp32 regions, which CUDA
+    does not do.)"""
+    import common
+    saved = common.autocast
+    common.autocast = lambda device, amp="bf16": contextlib.nullcontext() if amp == "off" else torch.autocast(
+        device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    try:
+        yield
+    finally:
+        common.autocast = saved
+
+
 def count_per_step(fn, steps, device):
-    """(ops, host syncs) per step of fn(), which runs `steps` steps, under bf16 autocast (on the CPU too: the op
-    stream of a CUDA bf16 step, casts included). A training loop (common.Meter.log every step) is counted in its
+    """(ops, host syncs) per step of fn(), which runs `steps` steps, with bf16 autocast where the scripts autocast
+    (bf16_regions; on the CPU too: the op stream of a CUDA bf16 step, casts included). A training loop (common.Meter.log every step) is counted in its
     steady state, from its second log call to its second-to-last (whole steps: backward, optimizer, the next
     forwards; its meter prints, and reads, only at the first and the last step: steps >= 4); anything else as the
     whole call / steps."""
@@ -168,7 +185,7 @@ def count_per_step(fn, steps, device):
     hooks = [register_optimizer_step_pre_hook(optimizer_flag(True)), register_optimizer_step_post_hook(optimizer_flag(False))]
     common.Meter.log, torch.Tensor.tolist = marked_log, counted_tolist
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16), mode:
+        with bf16_regions(), mode:
             fn()
     finally:
         common.Meter.log, torch.Tensor.tolist = log, tolist
@@ -184,9 +201,9 @@ def profiled_ops(fn, steps, device):
     """Host dispatches per step as the profiler sees them, which works under torch.compile too (a dispatch mode makes
     dynamo run eagerly): on CUDA the kernel launches and copies; elsewhere the outermost aten ops (an op's own
     sub-ops not counted again; an extern kernel inside a compiled graph counted) plus one per compiled graph call.
-    Under bf16 autocast, as count_per_step; the whole call / steps."""
+    With bf16 autocast where the scripts autocast, as count_per_step; the whole call / steps."""
     from torch.profiler import ProfilerActivity, profile
-    with torch.autocast(device.type, dtype=torch.bfloat16), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with bf16_regions(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     if device.type == "cuda":
