@@ -4461,6 +4461,28 @@ def test_bench_harness_counts_ops_and_host_syncs_per_step():
     base = harness.count_per_step(loop(False, False, meter=True), 6, cpu)
     more = harness.count_per_step(loop(True, True, meter=True), 6, cpu)
     assert base[1] == 0 and more[0] - base[0] == 2 and more[1] == 1, (base, more)  # the meter itself reads nothing
+    # bf16_regions: what the scripts autocast (common.autocast) runs in bf16 on the CPU too, and nothing else
+    lin = torch.nn.Linear(4, 4)
+    with harness.bf16_regions():
+        with common.autocast(cpu, "bf16"):
+            assert lin(x).dtype == torch.bfloat16
+        with common.autocast(cpu, "off"):
+            assert lin(x).dtype == torch.float32
+        assert lin(x).dtype == torch.float32  # outside the regions (where the scripts run backward): no autocast
+    with common.autocast(cpu, "bf16"):
+        assert lin(x).dtype == torch.float32  # restored: a no-op on the CPU
+    # profiled_ops: eager, the outermost aten ops; compiled, inductor's C++ kernel calls count (cpu_kernel_profile)
+    import torch._inductor.config as inductor_config
+    f = lambda: (x * 2 + 1).relu().sum()  # noqa: E731
+    assert harness.profiled_ops(f, 1, cpu) == 4
+    saved = inductor_config.cpp.enable_kernel_profile
+    try:
+        harness.cpu_kernel_profile()
+        g = torch.compile(f)
+        g()
+        assert harness.profiled_ops(g, 1, cpu) == 1  # the one fused kernel (the wrapper allocates without aten ops)
+    finally:
+        inductor_config.cpp.enable_kernel_profile = saved
 
 
 # ---------------------------------------------------------------------------------------------

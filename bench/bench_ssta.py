@@ -19,8 +19,8 @@ import statistics
 
 import torch
 
-from harness import (count_per_step, device_and_amp, parse_args, profiled_ops, report, report_counts, report_paired,
-                     rounds, timeit)
+from harness import (count_per_step, cpu_kernel_profile, device_and_amp, parse_args, profiled_ops, report, report_counts,
+                     report_paired, rounds, timeit)
 import common
 import ssta
 import vitkd
@@ -114,14 +114,15 @@ def main():
         small = fns(x[:2], y[:2], 3)
         names = {"plain": "student step", "teachers": "2 teacher forwards", "distill": "SSTA distillation step"}
         eager = {k: profiled_ops(small[k], 3, device) for k in names}
+        cpu_kernel_profile()
         common.compile_models(argparse.Namespace(compile=True, compile_backend="inductor", compile_mode=None), student,
                               *teachers.values())
         for k in names:
             small[k]()  # compiles
         compiled = {k: profiled_ops(small[k], 3, device) for k in names}
         print("\n--compile, host dispatches per step as the profiler sees them (harness.profiled_ops: on CUDA the kernel "
-              "launches; on a CPU inductor's C++ kernels are invisible and its allocations and extern calls count, so "
-              "only a CUDA count compares eager with compiled)")
+              "launches; on a CPU the outermost aten ops and inductor's C++ kernel calls, a proxy of the GPU's launches: "
+              "inductor fuses for Triton much as for C++)")
         for k, label in names.items():
             print(f"  {label:<46} eager {eager[k]:8.0f}  compiled {compiled[k]:8.0f}  x{compiled[k] / eager[k]:.2f}")
         ratio = {d: v["distill"] / (v["plain"] + v["teachers"]) for d, v in (("eager", eager), ("compiled", compiled))}

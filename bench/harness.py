@@ -200,8 +200,10 @@ def count_per_step(fn, steps, device):
 def profiled_ops(fn, steps, device):
     """Host dispatches per step as the profiler sees them, which works under torch.compile too (a dispatch mode makes
     dynamo run eagerly): on CUDA the kernel launches and copies; elsewhere the outermost aten ops (an op's own
-    sub-ops not counted again; an extern kernel inside a compiled graph counted) plus one per compiled graph call.
-    With bf16 autocast where the scripts autocast, as count_per_step; the whole call / steps."""
+    sub-ops not counted again; an extern kernel or an allocation inside a compiled graph counted) plus every call of
+    one of inductor's C++ kernels (visible to the profiler with inductor's config.cpp.enable_kernel_profile, which
+    cpu_kernel_profile() sets before compiling: the CPU proxy of a compiled GPU step's launches). With bf16 autocast
+    where the scripts autocast, as count_per_step; the whole call / steps."""
     from torch.profiler import ProfilerActivity, profile
     with bf16_regions(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
@@ -216,9 +218,14 @@ def profiled_ops(fn, steps, device):
                     return False
                 p = p.cpu_parent
             return True
-        n = sum(e.name.startswith("aten::") and outermost_aten(e) or e.name.startswith("Torch-Compiled Region")
-                for e in events)
+        n = sum(e.name.startswith("aten::") and outermost_aten(e) or "cpp_fused" in e.name for e in events)
     return n / steps
+
+
+def cpu_kernel_profile():
+    """Inductor's C++ kernels compiled from now on appear in the profiler (each call one event), for profiled_ops."""
+    import torch._inductor.config
+    torch._inductor.config.cpp.enable_kernel_profile = True
 
 
 def report_counts(title, rows, target=None):

@@ -169,8 +169,8 @@ PROFILES["cpu_long"] = dict(
           "sdssl_plain_eval", "sdssl_sd", "sdssl_sd_eval"),
     supervised={**PROFILES["cpu"]["supervised"], "epochs": 30, "warmup_epochs": 5},
     ssl={**PROFILES["cpu"]["ssl"], "epochs": 30, "warmup_epochs": 5})
-# The CNN teacher's two failed rows taken apart on the validation carve (#32; `--split val` only: nothing here is
-# chosen or reported on the test split). SSKD from the ResNet: KD alone from the same SS-stage checkpoint, SSKD, and
+# The CNN teacher's two failed rows taken apart on the validation carve (#32; `--split val`: every choice is made
+# there; with `--split test` only the chosen token teacher's row is run, beside the cpu table's). SSKD from the ResNet: KD alone from the same SS-stage checkpoint, SSKD, and
 # SSKD after an SS stage three times as long (ss_epochs 6, decay at 4; the cpu stage: 2, decay at 1). DeiT's token: the
 # ResNet trained by vitkd.py on the students' own augmentation (DeiT's random-resized crops and flips at 32 px, label
 # smoothing, AdamW at the students' lr; the old teacher saw sskd.py's padded crops), 10 epochs like the old teacher,
