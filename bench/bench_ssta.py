@@ -118,7 +118,7 @@ def main():
         common.compile_models(argparse.Namespace(compile=True, compile_backend="inductor", compile_mode=None), student,
                               *teachers.values())
         for k in names:
-            small[k]()  # compiles
+            profiled_ops(small[k], 3, device)  # compiles, under the same autocast regions (a guard) as the count
         compiled = {k: profiled_ops(small[k], 3, device) for k in names}
         print("\n--compile, host dispatches per step as the profiler sees them (harness.profiled_ops: on CUDA the kernel "
               "launches; on a CPU the outermost aten ops and inductor's C++ kernel calls, a proxy of the GPU's launches: "
