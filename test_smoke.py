@@ -3137,6 +3137,20 @@ def test_vitkd_cae_generator_under_cuda_autocast():
         assert torch.isfinite(a) and abs(a.item() - b.item()) <= 0.03 * abs(b.item())
 
 
+def test_attn_distill_projector_runs_in_fp32_under_autocast():
+    """AttnDistill's P sees the B CLS rows only: under CUDA's bf16 autocast it runs in fp32 (no bf16 copies of its
+    weights each step), exactly as P in fp32 outside autocast."""
+    torch.manual_seed(0)
+    backbone = common.create_model("deit_tiny", num_classes=0, img_size=32, patch_size=16, depth=1, embed_dim=48)
+    model = attn_distill.StudentWithProjector(backbone, 72, 2)
+    x = torch.randn(2, 3, 32, 32)
+    with cuda_like_autocast():
+        out = model(x)
+        cls = backbone.blocks(common.vit_embed(backbone, x))[:, 0]
+    assert out.dtype == torch.float32 and out.shape == (2, 72)
+    torch.testing.assert_close(out, model.norm(model.projector(cls.float())), rtol=0, atol=0)
+
+
 def test_sskd_similarities_rank_in_fp32_under_autocast():
     """Defect 3: under bf16 autocast the similarity matmul rounded, and the error levels of selective transfer
     changed; now it runs with autocast off, so levels and masks equal fp32's exactly."""
