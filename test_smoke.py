@@ -1926,7 +1926,7 @@ def test_ssta_with_a_distilled_student_drops_the_token_from_its_maps(tmp_path, s
 # ---------------------------------------------------------------------------------------------
 # --compile
 # ---------------------------------------------------------------------------------------------
-def test_compiled_runs_give_the_eager_first_step_losses(tmp_path, supervised_run, ta_probe, monkeypatch):
+def test_compiled_runs_give_the_eager_first_step_losses(tmp_path, supervised_run, ta_probe):
     """Each training script, one step of one epoch (the logged training losses are the first step's, the test
     metrics the updated model's), eager against --compile, with every kind of tap the scripts read under
     compilation. Backends: inductor (generated C++ kernels; 1e-4 relative: they reorder float sums) for the plain
@@ -1934,7 +1934,9 @@ def test_compiled_runs_give_the_eager_first_step_losses(tmp_path, supervised_run
     where hooks could be lost; 1e-5) for the other scripts' taps, which keeps the test short."""
     from torch._dynamo.utils import counters
     import torch._inductor.config
-    monkeypatch.setattr(torch._inductor.config.cpp, "vec_isa_ok", False)  # scalar C++ kernels: half the gcc time
+    # scalar C++ kernels: half the gcc time. Restored by hand: monkeypatch's undo deletes this entry (its default, None,
+    # reads as unset), and inductor fails on the next compile
+    isa, torch._inductor.config.cpp.vec_isa_ok = torch._inductor.config.cpp.vec_isa_ok, False
     sup, backbone = str(supervised_run / "checkpoint.pth"), str(supervised_run / "student_backbone.pth")
     step = ["--epochs", "1", "--synthetic_size", "32"]
     runs = {
@@ -1963,6 +1965,7 @@ def test_compiled_runs_give_the_eager_first_step_losses(tmp_path, supervised_run
                 assert compiled[k] == pytest.approx(eager[k], rel=tol, abs=1e-6), (name, k, eager[k], compiled[k])
     finally:
         torch._dynamo.reset()
+        torch._inductor.config.cpp.vec_isa_ok = isa
     with pytest.raises(common.UserError, match="not a torch.compile backend"):
         run_vitkd(tmp_path / "bad", *step, "--compile", "--compile_backend", "indcutor")
     assert not (tmp_path / "bad").exists()
@@ -4478,7 +4481,7 @@ def test_teacher_on_crops_counts_the_teachers_right_labels(supervised_run, capsy
     assert res["views_top1"] == pytest.approx(views, abs=1e-9) and views[0] != views[1], (res, views)
 
 
-def test_bench_harness_counts_ops_and_host_syncs_per_step(monkeypatch):
+def test_bench_harness_counts_ops_and_host_syncs_per_step():
     """harness.count_per_step: ops and host syncs per step, whole calls / steps, or a training loop's steady state
     between its meter lines (the optimizer's step not counted); one op and one read more per step are seen as such."""
     sys.path.insert(0, os.path.join(HERE, "bench"))
@@ -4517,12 +4520,16 @@ def test_bench_harness_counts_ops_and_host_syncs_per_step(monkeypatch):
     import torch._inductor.config as inductor_config
     f = lambda: (x * 2 + 1).relu().sum()  # noqa: E731
     assert harness.profiled_ops(f, 1, cpu) == 4
-    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", False)  # scalar C++ kernels: half the gcc time
-    monkeypatch.setattr(inductor_config.cpp, "enable_kernel_profile", inductor_config.cpp.enable_kernel_profile)  # restored
-    harness.cpu_kernel_profile()
-    g = torch.compile(f)
-    g()
-    assert harness.profiled_ops(g, 1, cpu) == 1  # the one fused kernel (the wrapper allocates without aten ops)
+    # saved and restored by hand (see test_compiled_runs_give_the_eager_first_step_losses)
+    saved = inductor_config.cpp.vec_isa_ok, inductor_config.cpp.enable_kernel_profile
+    try:
+        inductor_config.cpp.vec_isa_ok = False  # scalar C++ kernels: half the gcc time
+        harness.cpu_kernel_profile()
+        g = torch.compile(f)
+        g()
+        assert harness.profiled_ops(g, 1, cpu) == 1  # the one fused kernel (the wrapper allocates without aten ops)
+    finally:
+        inductor_config.cpp.vec_isa_ok, inductor_config.cpp.enable_kernel_profile = saved
 
 
 # ---------------------------------------------------------------------------------------------
