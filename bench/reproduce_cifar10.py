@@ -766,8 +766,8 @@ def collect(plan, meta, P):
                 e["per_block"] = [round(statistics.mean(c[i] for c in curves), 3) for i in range(len(curves[0]))]
     labels = {"teacher_ssl_probe": "teacher_ssl", "teacher_ssl_knn": "teacher_ssl (students' bank)"}
     teachers = {labels.get(name, name): {k: round(v, 3) for k, v in metrics(name).items() if isinstance(v, (int, float))}
-                for name in ("teacher_vit", "teacher_vit_ss", "teacher_cnn", "teacher_cnn_ss", "teacher_ssl_probe",
-                             "teacher_ssl_knn") if stored.get(name)}
+                for name in ("teacher_vit", "teacher_vit_ss", "teacher_cnn", "teacher_cnn_ss", "teacher_cnn_ss_long",
+                             "teacher_cnn_crops", "teacher_ssl_probe", "teacher_ssl_knn") if stored.get(name)}
     # the teachers' gaps (#23): each teacher over the same student trained without one (the ViT teacher over the
     # student alone; the assistant's k-NN, with the students' bank when it trained on other images, over the plain
     # self-supervised student), and the assistant over the best student it teaches (AttnDistill's rows)
