@@ -170,16 +170,17 @@ PROFILES["cpu_long"] = dict(
     supervised={**PROFILES["cpu"]["supervised"], "epochs": 30, "warmup_epochs": 5},
     ssl={**PROFILES["cpu"]["ssl"], "epochs": 30, "warmup_epochs": 5})
 # The CNN teacher's two failed rows taken apart on the validation carve (#32; `--split val`: every choice is made
-# there; with `--split test` only the chosen token teacher's row is run, beside the cpu table's). SSKD from the ResNet: KD alone from the same SS-stage checkpoint, SSKD, and
-# SSKD after an SS stage three times as long (ss_epochs 6, decay at 4; the cpu stage: 2, decay at 1). DeiT's token: the
-# ResNet trained by vitkd.py on the students' own augmentation (DeiT's random-resized crops and flips at 32 px, label
-# smoothing, AdamW at the students' lr; the old teacher saw sskd.py's padded crops), 10 epochs like the old teacher,
-# its token row beside the old teacher's. Teachers from the cpu profile's folder (OUT/cpu_val).
+# there; with `--split test` only the chosen token teacher's row is run, beside the cpu table's). SSKD from the
+# ResNet: from the same SS-stage checkpoint KD alone, KD + L_T, KD + L_ss and SSKD, and SSKD after an SS stage three
+# times as long (ss_epochs 6, decay at 4; the cpu stage: 2, decay at 1). DeiT's token: the ResNet trained by vitkd.py
+# on the students' own augmentation (DeiT's random-resized crops and flips at 32 px, label smoothing, AdamW at the
+# students' lr; the old teacher saw sskd.py's padded crops), 10 epochs like the old teacher, its token row beside the
+# old teacher's. Teachers from the cpu profile's folder (OUT/cpu_val).
 PROFILES["cpu_cnn"] = dict(
     PROFILES["cpu"], teachers_from="cpu",
     cnn_probe=dict(ss_long=dict(ss_epochs=6, ss_decay_epochs=[4]), crop_teacher=dict(epochs=10)),
-    keys=("sskd_alone", "sskd_kd_cnn", "sskd_sskd_cnn", "sskd_sskd_cnn_long", "vitkd_alone", "vitkd_token",
-          "vitkd_token_crops"))
+    keys=("sskd_alone", "sskd_kd_cnn", "sskd_tf_cnn", "sskd_ss_cnn", "sskd_sskd_cnn", "sskd_sskd_cnn_long",
+          "vitkd_alone", "vitkd_token", "vitkd_token_crops"))
 # teacher_workers: the teachers' --num_workers (default num_workers). threads: OMP_NUM_THREADS of every run (on a
 # shared 2-core CPU one thread is up to 5x faster than two: OpenMP threads spin against the other run's).
 
@@ -223,6 +224,10 @@ ROWS = [
         "SSKD transfers across architectures: a CNN teacher helps the ViT student"),
     Row("sskd", "sskd_kd_cnn", "KD (CNN teacher)", "top1", ("sskd_alone",),
         "KD from the CNN teacher alone (the SSKD row without its SS terms) beats the student alone (#32)"),
+    Row("sskd", "sskd_tf_cnn", "KD + L_T (CNN teacher)", "top1", ("sskd_kd_cnn",),
+        "L_T (KD on the rotated views) adds to KD from the CNN teacher (#32)"),
+    Row("sskd", "sskd_ss_cnn", "KD + L_ss (CNN teacher)", "top1", ("sskd_kd_cnn",),
+        "L_ss (the SS similarity loss) adds to KD from the CNN teacher (#32)"),
     Row("sskd", "sskd_sskd_cnn_long", "SSKD (CNN teacher, 3x SS stage)", "top1", ("sskd_sskd_cnn",),
         "a stronger SS stage makes SSKD from the CNN teacher better (#32)"),
     Row("attn_distill", "attn_pa_eval", "PA only", "knn20", (), "reference (ImageNet-Subset, ViT-T: 77.8)"),
@@ -467,9 +472,11 @@ def build_plan(P, workdir, data, images, seeds, teacher_data=None, teacher_workd
         student_run("sskd_sskd", "sskd.py", {**sskd, **TS}, deps=["teacher_vit_ss"])
         student_run("sskd_sskd_cnn", "sskd.py", {**sskd, "teacher_weights": path("teacher_cnn_ss", "checkpoint.pth")},
                     deps=["teacher_cnn_ss"])
-        if probe:  # KD alone from the CNN teacher; SSKD from it after the longer SS stage
-            student_run("sskd_kd_cnn", "sskd.py", {**sskd, "teacher_weights": path("teacher_cnn_ss", "checkpoint.pth"),
-                                                   "tf_weight": 0, "ss_weight": 0}, deps=["teacher_cnn_ss"])
+        if probe:  # from the CNN teacher: KD alone, KD + L_T, KD + L_ss; SSKD after the longer SS stage
+            for key, off in (("sskd_kd_cnn", {"tf_weight": 0, "ss_weight": 0}), ("sskd_tf_cnn", {"ss_weight": 0}),
+                             ("sskd_ss_cnn", {"tf_weight": 0})):
+                student_run(key, "sskd.py", {**sskd, "teacher_weights": path("teacher_cnn_ss", "checkpoint.pth"), **off},
+                            deps=["teacher_cnn_ss"])
             student_run("sskd_sskd_cnn_long", "sskd.py", {**sskd, "teacher_weights": path("teacher_cnn_ss_long",
                                                                                           "checkpoint.pth")},
                         deps=["teacher_cnn_ss_long"])
