@@ -2117,6 +2117,8 @@ def test_reproduce_cpu_long_plan_runs_selection_and_provisional_verdicts(tmp_pat
     assert crops.args[crops.args.index("--epochs") + 1] == "10" and "T" in crops.args  # all the teachers' images
     kd, sskd = cnn["sskd_kd_cnn_s1"].args, cnn["sskd_sskd_cnn_s1"].args
     assert [x for x in kd if x not in sskd] == ["--tf_weight", "0", "--ss_weight", "0", cnn["sskd_kd_cnn_s1"].dir]
+    for key, off in (("sskd_tf_cnn", ["--ss_weight", "0"]), ("sskd_ss_cnn", ["--tf_weight", "0"])):  # one term off
+        assert [x for x in cnn[f"{key}_s1"].args if x not in sskd] == off + [cnn[f"{key}_s1"].dir], key
     assert cnn["sskd_sskd_cnn_long_s0"].deps == ["teacher_cnn_ss_long"] and cnn["vitkd_token_crops_s0"].deps == [
         "teacher_cnn_crops"] and crops.dir + "/checkpoint.pth" in cnn["vitkd_token_crops_s0"].args
     picked = rc.restrict(cpu, names={"vitkd_nkd_s1", "sskd_alone_s0"})
