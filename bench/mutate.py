@@ -296,6 +296,18 @@ MUTATIONS = [
      "sskd_cnn_", "the teacher's trained SS module is not loaded (a random one scores the views)"),
     ("sskd.py", "    return getattr(model, \"head_hidden_size\", None) or model.num_features", "    return model.num_features",
      "sskd_cnn_", "SS modules sized by num_features (wrong for CNNs that widen the pooled feature, e.g. lcnet_050)"),
+    # 2026-12-07 evening (#31 / #32)
+    ("attn_distill.py", "with torch.autocast(x.device.type, enabled=False):",
+     "with torch.autocast(x.device.type, enabled=torch.is_autocast_enabled(x.device.type)):",
+     "projector_runs_in_fp32", "AttnDistill's P on the CLS under the step's autocast (bf16 weight copies), not fp32"),
+    ("common.py", "            q, k = self.qk[blocks]\n", "            k, q = self.qk[blocks]\n",
+     "attention_from_q_and_k or attn_distill_on_cls_rows", "taps.maps(block): q and k swapped (the transposed map)"),
+    ("bench/harness.py", 'or "cpp_fused" in e.name', 'or False',
+     "bench_harness_counts", "profiled_ops does not count inductor's C++ kernel calls"),
+    ("bench/teacher_on_crops.py", "common.build_transform(args, True, args.randaug, args.reprob)",
+     "common.build_transform(args, False)", "teacher_on_crops", "teacher_on_crops.py: the views are the whole images"),
+    ("bench/reproduce_cifar10.py", '("sskd_tf_cnn", {"ss_weight": 0})', '("sskd_tf_cnn", {"tf_weight": 0})',
+     "cpu_long_plan", "cpu_cnn's KD + L_T run switches L_T off instead of L_ss"),
 ]
 
 
