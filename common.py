@@ -561,8 +561,7 @@ class ViTTaps:
         (other prefix tokens dropped: the map a network without them would have, i.e. the rows of the full map
         renormalised over those keys). As timm's unfused path computes it: q x scale, q k^T, softmax, in the dtype
         autocast gives."""
-        single = isinstance(blocks, int)
-        if single:
+        if isinstance(blocks, int):
             q, k = self.qk[blocks]
             blocks = [blocks]
         else:

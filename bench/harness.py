@@ -160,10 +160,10 @@ def bf16_regions():
 
 def count_per_step(fn, steps, device):
     """(ops, host syncs) per step of fn(), which runs `steps` steps, with bf16 autocast where the scripts autocast
-    (bf16_regions; on the CPU too: the op stream of a CUDA bf16 step, casts included). A training loop (common.Meter.log every step) is counted in its
-    steady state, from its second log call to its second-to-last (whole steps: backward, optimizer, the next
-    forwards; its meter prints, and reads, only at the first and the last step: steps >= 4); anything else as the
-    whole call / steps."""
+    (bf16_regions; on the CPU too: the op stream of a CUDA bf16 step, casts included). A training loop
+    (common.Meter.log every step) is counted in its steady state, from its second log call to its second-to-last
+    (whole steps: backward, optimizer, the next forwards; its meter prints, and reads, only at the first and the last
+    step: steps >= 4); anything else as the whole call / steps."""
     import common
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
     mode, marks = OpCounter(), []

@@ -447,15 +447,11 @@ def build_plan(P, workdir, data, images, seeds, teacher_data=None, teacher_workd
         student_run("vitkd_vitkd", "vitkd.py", {**sup, **T, "vitkd_rescale": True}, deps=["teacher_vit"])
         student_run("vitkd_vitkd_nkd", "vitkd.py", {**sup, **T, "vitkd_rescale": True, "nkd": True}, deps=["teacher_vit"])
         # DeiT's distillation token: the same student with a distillation token, hard-distilled from the CNN teacher
-        student_run("vitkd_token", "vitkd.py", {**sup, "student": P["student"]["model"] + "_distilled_patch16_224",
-                                                "teacher_weights": path("teacher_cnn", "checkpoint.pth"),
-                                                "distill_token": "hard", "alpha_vitkd": 0, "beta_vitkd": 0},
-                    deps=["teacher_cnn"])
-        if probe:
-            student_run("vitkd_token_crops", "vitkd.py", {**sup, "student": P["student"]["model"] + "_distilled_patch16_224",
-                                                          "teacher_weights": path("teacher_cnn_crops", "checkpoint.pth"),
-                                                          "distill_token": "hard", "alpha_vitkd": 0, "beta_vitkd": 0},
-                        deps=["teacher_cnn_crops"])
+        # (cpu_cnn: also from the CNN teacher trained on the students' crops)
+        for key, cnn in (("vitkd_token", "teacher_cnn"),) + ((("vitkd_token_crops", "teacher_cnn_crops"),) if probe else ()):
+            student_run(key, "vitkd.py", {**sup, "student": P["student"]["model"] + "_distilled_patch16_224",
+                                          "teacher_weights": path(cnn, "checkpoint.pth"), "distill_token": "hard",
+                                          "alpha_vitkd": 0, "beta_vitkd": 0}, deps=[cnn])
         # ssta.py: the same recipe (DeiT's repeated augmentation off, as in vitkd_alone); teacher, assistant, both,
         # both without the early stop
         ssta = {**sup, "repeated_aug": False, **P["ssta"]}
