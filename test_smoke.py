@@ -2138,6 +2138,34 @@ def test_reproduce_cpu_long_plan_runs_selection_and_provisional_verdicts(tmp_pat
     assert kd["holds"] is True and "provisional" not in kd and kd["margin"] == pytest.approx(11.0)  # all 3 seeds
     md = rc.markdown({**rc.collect(plan, meta, rc.PROFILES["cpu"]), "machine": {}, "command": "c"})
     assert "**no** (-0.50), provisional: seeds 0, 2 of 3 |" in md
+    # a wiped --out: a run whose folder is gone keeps its result from the previous results file when the command
+    # stored there is the one planned now (carried, and said so); another command's result is dropped; a run done
+    # again replaces the carried one
+    import shutil
+    import types
+    out, base, args = str(tmp_path), str(tmp_path / "res" / "cifar10_cpu"), types.SimpleNamespace(nproc=1, profile="cpu")
+    for r in plan:
+        if (m := rc.load_json(os.path.join(r.dir, "metrics.json"))) is not None:
+            rc.write_json(os.path.join(r.dir, "metrics.json"), {**m, "command": rc.normalize(r.command(1), out)})
+    rc.write_results(plan, out, base, meta, args)
+    prev = json.loads(open(base + ".json").read())
+    assert "carried" not in prev["runs"]["vitkd_kd_s1"] and prev["runs"]["vitkd_kd_s1"]["command"].startswith("python vitkd.py")
+    prev["runs"]["vitkd_alone_s1"]["command"] += " --epochs 7"  # made with other arguments
+    rc.write_json(base + ".json", prev)
+    for name in ("vitkd_kd_s1", "vitkd_alone_s1"):
+        shutil.rmtree(tmp_path / "cpu_test" / name)
+    rc.write_results(plan, out, base, meta, args)
+    res = json.loads(open(base + ".json").read())
+    rows = {r["key"]: r for r in res["rows"] if r["paper"] == "vitkd"}
+    assert res["runs"]["vitkd_kd_s1"]["carried"] is True and rows["vitkd_kd"]["values"] == [40.0, 41.0, 42.0]
+    assert "vitkd_alone_s1" not in res["runs"] and rows["vitkd_alone"]["values"] == [30.0, None, 30.0]
+    assert "Carried from the previous results file (1 runs whose folders are gone" in open(base + ".md").read()
+    d = tmp_path / "cpu_test" / "vitkd_kd_s1"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"metrics": {"top1": 45.0}, "seconds": 1.0}))
+    rc.write_results(plan, out, base, meta, args)
+    res = json.loads(open(base + ".json").read())
+    assert "carried" not in res["runs"]["vitkd_kd_s1"] and res["runs"]["vitkd_kd_s1"]["metrics"]["top1"] == 45.0
 
 
 # ---------------------------------------------------------------------------------------------

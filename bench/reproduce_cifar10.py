@@ -23,7 +23,8 @@ next time), writes the results of what finished and exits 0. A finished run made
 (a profile edited after it ran) is an error before any work: pick another --out or remove that run's
 folder. After every finished run the results are rewritten: <results_dir>/cifar10_<profile>[_val].json
 and .md (--results_dir: default --out, so a checkout is never modified). Each run keeps its metrics,
-wall time and command in <run dir>/metrics.json.
+wall time and command in <run dir>/metrics.json; a run whose folder is gone (a wiped --out) keeps the result
+the previous results file holds for it when that was made with the command planned now (marked carried).
 
 Data discipline: with --split val the runs train on the training split minus a held-out validation
 carve (val_per_class images per class, chosen by a fixed seed from sorted file names) and evaluate on
@@ -719,8 +720,13 @@ def stop_all(running, finalize, grace=5.0):
 # =============================================================================================
 # Results: the rows with their claims, the teachers and their gaps; JSON and markdown
 # =============================================================================================
-def collect(plan, meta, P):
+def collect(plan, meta, P, carried=None):
+    """The results of the plan's finished runs (their metrics.json). carried: {name: entry} of runs whose folder is
+    gone (a wiped --out), taken from the previous results file where their command is the plan's (write_results)."""
     stored = {r.name: load_json(os.path.join(r.dir, "metrics.json")) for r in plan}
+    for name, m in (carried or {}).items():
+        if stored.get(name) is None:
+            stored[name] = {**m, "carried": True}
     metrics = lambda name: (stored.get(name) or {}).get("metrics", {})  # noqa: E731
     seeds = meta["seeds"]
 
@@ -785,7 +791,8 @@ def collect(plan, meta, P):
     if ssl is not None and taught:
         gaps["assistant_knn_over_its_best_student"] = round(ssl - max(taught), 3)
     runs = {r.name: {"seconds": m.get("seconds"), "images_per_s": m.get("images_per_s"), "command": m.get("command"),
-                     "metrics": {k: round(v, 3) for k, v in m["metrics"].items() if isinstance(v, (int, float))}}
+                     "metrics": {k: round(v, 3) for k, v in m["metrics"].items() if isinstance(v, (int, float))},
+                     **({"carried": True} if m.get("carried") else {})}
             for r in plan if (m := stored.get(r.name))}
     return {**meta, "profile_settings": P, "runs_planned": len(plan), "runs_finished": len(runs),
             "teachers": teachers, "teacher_gaps": gaps, "runs": runs, "rows": rows,
@@ -800,6 +807,10 @@ def markdown(res):
          f"{mach.get('torch')}. Seeds {res['seeds']}; {res['runs_finished']} of {res['runs_planned']} runs finished.",
          "", f"Command: `{res['command']}`", "", "holds: the row's mean beats its baselines' means (margin in points); "
          "within noise: the margin is at most twice its standard error over the seeds.", ""]
+    carried = [name for name, r in res["runs"].items() if r.get("carried")]
+    if carried:
+        L += [f"Carried from the previous results file ({len(carried)} runs whose folders are gone; each was made with "
+              f"the command planned now, possibly by an earlier command on another machine): {', '.join(carried)}.", ""]
     secs = [r["seconds"] for r in res["runs"].values() if r.get("seconds")]
     if secs:
         jobs = res["profile_settings"].get("jobs") or 1
@@ -856,7 +867,12 @@ def markdown(res):
 
 
 def write_results(plan, out, results_base, meta, args):
-    res = collect(plan, meta, PROFILES[args.profile])
+    # runs finished by an earlier call whose folders are gone (--out wiped) keep their results when the previous
+    # results file holds them with the command planned now; a run done again replaces them
+    before = (load_json(results_base + ".json") or {}).get("runs", {})
+    carried = {r.name: before[r.name] for r in plan if r.name in before and before[r.name].get("metrics")
+               and before[r.name].get("command") == normalize(r.command(args.nproc), out)}
+    res = collect(plan, meta, PROFILES[args.profile], carried)
     os.makedirs(os.path.dirname(results_base), exist_ok=True)
     write_json(results_base + ".json", res)
     with open(results_base + ".md.tmp", "w") as f:
