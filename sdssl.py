@@ -226,17 +226,22 @@ def sdssl_losses(student, heads, teacher, taps, mid, views, alpha, args):
     out = heads(feats, pred_loss=args.pred_loss)  # per view: projections, predictions, predictions of detached projections
     with torch.no_grad():  # the momentum teacher's targets, one per view (its BN sees each view's batch)
         z = [teacher["proj"](teacher["backbone"](x).float()[None])[0] for x in (x1, x2)]
-    if args.framework == "mocov3":
-        loss_fn = lambda q, k: ctr_loss(q, k, args.tau)  # noqa: E731
+    if args.framework == "mocov3":  # per-row losses
+        loss_fn = lambda q, k: ctr_loss(q, k, args.tau, reduction="none")  # noqa: E731
     else:
-        loss_fn = lambda q, k: byol_loss(q, k.repeat(len(q) // len(k), 1))  # noqa: E731
+        loss_fn = lambda q, k: byol_loss(q, k.repeat(len(q) // len(k), 1), reduction="none")  # noqa: E731
+    L = len(mid) + 1
     ssl = isd = pred = 0.0
     for v, o in enumerate(out):  # view v's predictions against the other view's target (symmetric)
-        ssl = ssl + loss_fn(o["q_last"], z[1 - v])
+        # every row of view v in one loss: its predictions (L layers, the last one last) and, for L_pred, the
+        # predictions of its detached projections; then each term's mean over its own rows
+        q = torch.cat([o["q"], o["p"]]) if args.pred_loss else o["q"]  # (L or 2L, B, out)
+        per_layer = loss_fn(q.flatten(0, 1), z[1 - v]).view(len(q), -1).mean(1)
+        ssl = ssl + per_layer[L - 1]
         if mid:
-            isd = isd + loss_fn(o["q_mid"].flatten(0, 1), z[1 - v])
-        if args.pred_loss:  # the mean over all layers' rows x L = a sum over layers, as the official step
-            pred = pred + (len(mid) + 1) * loss_fn(o["p_all"], z[1 - v])
+            isd = isd + per_layer[:L - 1].mean()
+        if args.pred_loss:  # a sum over layers, as the official step (the mean over all rows x L)
+            pred = pred + per_layer[L:].sum()
     losses["ssl"] = ssl
     if mid:
         losses["isd"] = alpha * isd
@@ -248,18 +253,20 @@ def sdssl_losses(student, heads, teacher, taps, mid, views, alpha, args):
 # ---------------------------------------------------------------------------------------------
 # losses and schedules
 # ---------------------------------------------------------------------------------------------
-def ctr_loss(q, k, tau):
+def ctr_loss(q, k, tau, reduction="mean"):
     """MoCo v3 contrastive loss: L2-normalised q (rows: any multiple of the local batch) against the keys of
-    all processes (no gradient), labels = row index mod local batch + rank x local batch; CE x 2 tau."""
+    all processes (no gradient), labels = row index mod local batch + rank x local batch; CE x 2 tau (its
+    mean over rows, or per row with reduction "none")."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
     keys = common.concat_all_gather(k.detach())
     labels = torch.arange(len(q), device=q.device) % len(k) + len(k) * common.get_rank()
-    return F.cross_entropy(q @ keys.T / tau, labels) * 2 * tau
+    return F.cross_entropy(q @ keys.T / tau, labels, reduction=reduction) * 2 * tau
 
 
-def byol_loss(p, z):
-    """BYOL: mean over rows of 2 - 2 cos(p, z) (z without gradient)."""
-    return (2 - 2 * F.cosine_similarity(p.float(), z.float().detach(), dim=-1)).mean()
+def byol_loss(p, z, reduction="mean"):
+    """BYOL: 2 - 2 cos(p, z) (z without gradient), its mean over rows or per row (reduction "none")."""
+    d = 2 - 2 * F.cosine_similarity(p.float(), z.float().detach(), dim=-1)
+    return d.mean() if reduction == "mean" else d
 
 
 def nt_xent(anchors, z, tau, detach_columns=False):
@@ -408,17 +415,16 @@ class SDHeads(nn.Module):
         return self.pred(torch.cat([h_mid, h_last[None]]) if h_mid is not None else h_last[None])
 
     def forward(self, feats, pred_loss=True):
-        """feats: per view (f_mid, f_last). Per view: h_mid, h_last (projections), q_mid, q_last
-        (predictions) and p_all (predictions of the detached projections, all layers' rows, for L_pred)."""
+        """feats: per view (f_mid, f_last). Per view: h_mid, h_last (projections), q (predictions, (n_mid + 1, B,
+        out), the last layer last) and p (predictions of the detached projections, the same layout, for L_pred)."""
         out = []
         for f_mid, f_last in feats:
             h_mid, h_last = self.project(f_mid, f_last)
             o = {"h_mid": h_mid, "h_last": h_last}
             if self.pred is not None:
-                q = self.predict(h_mid, h_last)
-                o.update(q_mid=q[:-1] if h_mid is not None else None, q_last=q[-1])
+                o["q"] = self.predict(h_mid, h_last)
                 if pred_loss:
-                    o["p_all"] = self.predict(h_mid.detach() if h_mid is not None else None, h_last.detach()).flatten(0, 1)
+                    o["p"] = self.predict(h_mid.detach() if h_mid is not None else None, h_last.detach())
             out.append(o)
         return out
 

@@ -133,17 +133,17 @@ MUTATIONS = [
      "schedule_lr_rule or sdssl_teacher_moves", "EMA adds momentum x student instead of (1 - momentum)"),
     ("sdssl.py", "m = common.cosine_schedule(step + 1, total, args.momentum, 1.0)", "m = args.momentum",
      "tf_labels_are_image_major or sdssl_teacher_moves", "EMA momentum not scheduled to 1"),
-    ("sdssl.py", "return F.cross_entropy(q @ keys.T / tau, labels) * 2 * tau",
-     "return F.cross_entropy(q @ keys.T / tau, labels)", "sdssl_losses_and_alpha_ramp or plain_framework",
+    ("sdssl.py", "return F.cross_entropy(q @ keys.T / tau, labels, reduction=reduction) * 2 * tau",
+     "return F.cross_entropy(q @ keys.T / tau, labels, reduction=reduction)", "sdssl_losses_and_alpha_ramp or plain_framework",
      "MoCo v3 loss without its 2 tau factor"),
-    ("sdssl.py", "return (2 - 2 * F.cosine_similarity(p.float(), z.float().detach(), dim=-1)).mean()",
-     "return (1 - F.cosine_similarity(p.float(), z.float().detach(), dim=-1)).mean()",
+    ("sdssl.py", "d = 2 - 2 * F.cosine_similarity(p.float(), z.float().detach(), dim=-1)",
+     "d = 1 - F.cosine_similarity(p.float(), z.float().detach(), dim=-1)",
      "sdssl_losses_and_alpha_ramp or plain_framework", "BYOL loss 1 - cos instead of 2 - 2 cos"),
     ("sdssl.py", "own, pos = i + n * common.get_rank(), (i + n // 2) % n + n * common.get_rank()",
      "own, pos = i + n * common.get_rank(), (i + 1) % n + n * common.get_rank()",
      "sdssl_losses_and_alpha_ramp or projector_batchnorm or plain_framework", "NT-Xent positive is the next row, not the other view"),
-    ("sdssl.py", "pred = pred + (len(mid) + 1) * loss_fn(o[\"p_all\"], z[1 - v])",
-     "pred = pred + loss_fn(o[\"p_all\"], z[1 - v])", "prediction_loss_is_a_sum or sdssl_losses_and_alpha_ramp",
+    ("sdssl.py", "pred = pred + per_layer[L:].sum()",
+     "pred = pred + per_layer[L:].mean()", "prediction_loss_is_a_sum or sdssl_losses_and_alpha_ramp",
      "L_pred as a mean over layers instead of a sum (x L)"),
     ("sdssl.py", "state = dict(model=student, heads=heads, optimizer=optimizer, scaler=scaler)", "state = dict(model=student, heads=heads, scaler=scaler)",
      "sdssl_learns_and_resumes", "SDSSL resume drops the optimizer state"),
@@ -197,8 +197,8 @@ MUTATIONS = [
      "AttnDistill's lr scaled by the batch of one step, not by the accumulated batch (x accum_iter)"),
     # ---- #33: a target from another network, a module's layer sequence ---------------------------------------------
     # targets: each loss term's target read from a network (or view) it must not come from
-    ("sdssl.py", 'isd = isd + loss_fn(o["q_mid"].flatten(0, 1), z[1 - v])',
-     'isd = isd + loss_fn(o["q_mid"].flatten(0, 1), out[1 - v]["h_last"])',
+    ("sdssl.py", 'per_layer = loss_fn(q.flatten(0, 1), z[1 - v]).view(len(q), -1).mean(1)',
+     'per_layer = loss_fn(q.flatten(0, 1), out[1 - v]["h_last"]).view(len(q), -1).mean(1)',
      "sdssl_target_source or prediction_loss_is_a_sum",
      "SD-MoCo v3 / SD-BYOL: L_isd's target is the student's own last-layer projection of the other view, not the momentum teacher's"),
     ("attn_distill.py", 'rows_t = resize_cls_attention(rows["teacher"], grids[1], grids[0])', 'rows_t = rows["student"].detach()',
@@ -308,6 +308,11 @@ MUTATIONS = [
      "common.build_transform(args, False)", "teacher_on_crops", "teacher_on_crops.py: the views are the whole images"),
     ("bench/reproduce_cifar10.py", '("sskd_tf_cnn", {"ss_weight": 0})', '("sskd_tf_cnn", {"tf_weight": 0})',
      "cpu_long_plan", "cpu_cnn's KD + L_T run switches L_T off instead of L_ss"),
+    # ---- #31 / #32, the third session: SDSSL's one loss per view, carried results --------
+    ("sdssl.py", "ssl = ssl + per_layer[L - 1]", "ssl = ssl + per_layer[0]",
+     "sdssl_target_source or plain_framework", "SD-MoCo v3 / SD-BYOL: L_ssl from the first layer's rows, not the last's"),
+    ("bench/reproduce_cifar10.py", 'and before[r.name].get("command") == normalize(r.command(args.nproc), out)}', "}",
+     "cpu_long_plan", "reproduce_cifar10: a result carried from the previous results file whatever its command"),
 ]
 
 
