@@ -2147,19 +2147,27 @@ def test_reproduce_cpu_long_plan_runs_selection_and_provisional_verdicts(tmp_pat
     for r in plan:
         if (m := rc.load_json(os.path.join(r.dir, "metrics.json"))) is not None:
             rc.write_json(os.path.join(r.dir, "metrics.json"), {**m, "command": rc.normalize(r.command(1), out)})
+    m = rc.load_json(str(tmp_path / "cpu_test" / "vitkd_kd_s2" / "metrics.json"))
+    m["metrics"]["block_knn20"] = [1.23456, None]  # list metrics (per-block k-NN) are kept too, rounded
+    rc.write_json(str(tmp_path / "cpu_test" / "vitkd_kd_s2" / "metrics.json"), m)
     rc.write_results(plan, out, base, meta, args)
     prev = json.loads(open(base + ".json").read())
+    assert prev["runs"]["vitkd_kd_s2"]["metrics"] == {"top1": 42.0, "block_knn20": [1.235, None]}
     assert "carried" not in prev["runs"]["vitkd_kd_s1"] and prev["runs"]["vitkd_kd_s1"]["command"].startswith("python vitkd.py")
     prev["runs"]["vitkd_alone_s1"]["command"] += " --epochs 7"  # made with other arguments
+    prev["runs"]["vitkd_nkd_s0"]["metrics"] = {}  # a training run evaluated by another run: carried all the same
     rc.write_json(base + ".json", prev)
-    for name in ("vitkd_kd_s1", "vitkd_alone_s1"):
+    for name in ("vitkd_kd_s1", "vitkd_alone_s1", "vitkd_nkd_s0"):
         shutil.rmtree(tmp_path / "cpu_test" / name)
     rc.write_results(plan, out, base, meta, args)
     res = json.loads(open(base + ".json").read())
     rows = {r["key"]: r for r in res["rows"] if r["paper"] == "vitkd"}
     assert res["runs"]["vitkd_kd_s1"]["carried"] is True and rows["vitkd_kd"]["values"] == [40.0, 41.0, 42.0]
     assert "vitkd_alone_s1" not in res["runs"] and rows["vitkd_alone"]["values"] == [30.0, None, 30.0]
-    assert "Carried from the previous results file (1 runs whose folders are gone" in open(base + ".md").read()
+    assert res["runs"]["vitkd_nkd_s0"] == {**prev["runs"]["vitkd_nkd_s0"], "carried": True}
+    # a value its carried runs cannot give again (an older file's entry without it) is the previous file's row value
+    assert rows["vitkd_nkd"]["values"] == [41.0, None, 40.0]
+    assert "Carried from the previous results file (2 runs whose folders are gone" in open(base + ".md").read()
     d = tmp_path / "cpu_test" / "vitkd_kd_s1"
     d.mkdir()
     (d / "metrics.json").write_text(json.dumps({"metrics": {"top1": 45.0}, "seconds": 1.0}))

@@ -311,7 +311,8 @@ MUTATIONS = [
     # ---- #31 / #32, the third session: SDSSL's one loss per view, carried results --------
     ("sdssl.py", "ssl = ssl + per_layer[L - 1]", "ssl = ssl + per_layer[0]",
      "sdssl_target_source or plain_framework", "SD-MoCo v3 / SD-BYOL: L_ssl from the first layer's rows, not the last's"),
-    ("bench/reproduce_cifar10.py", 'and before[r.name].get("command") == normalize(r.command(args.nproc), out)}', "}",
+    ("bench/reproduce_cifar10.py", 'and before[r.name].get("command") == normalize(r.command(args.nproc), out)}',
+     'and before[r.name].get("command") is not None}',
      "cpu_long_plan", "reproduce_cifar10: a result carried from the previous results file whatever its command"),
 ]
 

@@ -720,13 +720,19 @@ def stop_all(running, finalize, grace=5.0):
 # =============================================================================================
 # Results: the rows with their claims, the teachers and their gaps; JSON and markdown
 # =============================================================================================
-def collect(plan, meta, P, carried=None):
+def collect(plan, meta, P, carried=None, previous_rows=()):
     """The results of the plan's finished runs (their metrics.json). carried: {name: entry} of runs whose folder is
-    gone (a wiped --out), taken from the previous results file where their command is the plan's (write_results)."""
+    gone (a wiped --out), taken from the previous results file where their command is the plan's (write_results);
+    previous_rows: that file's rows, for a value computed from carried runs only that their entries cannot give
+    again (a results file older than the per-block lists in its runs)."""
     stored = {r.name: load_json(os.path.join(r.dir, "metrics.json")) for r in plan}
     for name, m in (carried or {}).items():
         if stored.get(name) is None:
             stored[name] = {**m, "carried": True}
+    before = {(e["key"], e["metric"]): e for e in previous_rows}
+    reads = lambda key, s: ([f"sdssl_sd_eval_s{s}", f"sdssl_plain_eval_s{s}"] if key.startswith("sdssl_gain")  # noqa: E731
+                            else [f"{key}_s{s}"])  # the runs a row's value at seed s comes from
+    only_carried = lambda key, s: all((stored.get(n) or {}).get("carried") for n in reads(key, s))  # noqa: E731
     metrics = lambda name: (stored.get(name) or {}).get("metrics", {})  # noqa: E731
     seeds = meta["seeds"]
 
@@ -747,6 +753,9 @@ def collect(plan, meta, P, carried=None):
         if row.key not in keys:
             continue
         vals = [value(row.key, row.metric, s) for s in seeds]
+        old = before.get((row.key, row.metric), {}).get("values") or []
+        vals = [old[i] if v is None and only_carried(row.key, s) and i < len(old) else v for i, (v, s) in
+                enumerate(zip(vals, seeds))]
         got = [v for v in vals if v is not None]
         rows.append({"paper": row.paper, "method": row.method, "metric": row.metric, "key": row.key,
                      "values": [None if v is None else round(v, 3) for v in vals],
@@ -773,6 +782,8 @@ def collect(plan, meta, P, carried=None):
             curves = [c for c in (metrics(f"{e['key']}_s{s}").get("block_knn20") for s in seeds) if c and None not in c]
             if curves:
                 e["per_block"] = [round(statistics.mean(c[i] for c in curves), 3) for i in range(len(curves[0]))]
+            elif all(only_carried(e["key"], s) for s in seeds) and before.get((e["key"], e["metric"]), {}).get("per_block"):
+                e["per_block"] = before[e["key"], e["metric"]]["per_block"]
     labels = {"teacher_ssl_probe": "teacher_ssl", "teacher_ssl_knn": "teacher_ssl (students' bank)"}
     teachers = {labels.get(name, name): {k: round(v, 3) for k, v in metrics(name).items() if isinstance(v, (int, float))}
                 for name in ("teacher_vit", "teacher_vit_ss", "teacher_cnn", "teacher_cnn_ss", "teacher_cnn_ss_long",
@@ -791,7 +802,9 @@ def collect(plan, meta, P, carried=None):
     if ssl is not None and taught:
         gaps["assistant_knn_over_its_best_student"] = round(ssl - max(taught), 3)
     runs = {r.name: {"seconds": m.get("seconds"), "images_per_s": m.get("images_per_s"), "command": m.get("command"),
-                     "metrics": {k: round(v, 3) for k, v in m["metrics"].items() if isinstance(v, (int, float))},
+                     "metrics": {k: round(v, 3) if isinstance(v, (int, float)) else [None if x is None else round(x, 3)
+                                                                                      for x in v]
+                                 for k, v in m["metrics"].items() if isinstance(v, (int, float, list))},
                      **({"carried": True} if m.get("carried") else {})}
             for r in plan if (m := stored.get(r.name))}
     return {**meta, "profile_settings": P, "runs_planned": len(plan), "runs_finished": len(runs),
@@ -869,10 +882,11 @@ def markdown(res):
 def write_results(plan, out, results_base, meta, args):
     # runs finished by an earlier call whose folders are gone (--out wiped) keep their results when the previous
     # results file holds them with the command planned now; a run done again replaces them
-    before = (load_json(results_base + ".json") or {}).get("runs", {})
-    carried = {r.name: before[r.name] for r in plan if r.name in before and before[r.name].get("metrics")
+    previous = load_json(results_base + ".json") or {}
+    before = previous.get("runs", {})
+    carried = {r.name: before[r.name] for r in plan if r.name in before  # (a training run evaluated apart: no metrics)
                and before[r.name].get("command") == normalize(r.command(args.nproc), out)}
-    res = collect(plan, meta, PROFILES[args.profile], carried)
+    res = collect(plan, meta, PROFILES[args.profile], carried, previous.get("rows", ()))
     os.makedirs(os.path.dirname(results_base), exist_ok=True)
     write_json(results_base + ".json", res)
     with open(results_base + ".md.tmp", "w") as f:
