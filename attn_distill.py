@@ -189,6 +189,10 @@ def train_one_epoch(model, teacher, taps, values, pairs, grids, aggregate, loade
     meter = common.Meter()
     steps = len(loader)
     npt = (common.unwrap(model).backbone.num_prefix_tokens, teacher.num_prefix_tokens)
+    # logsum reads each head's log-row only up to a constant per head (the softmax over keys drops it): the maps'
+    # logits themselves serve, no softmax and no log; not where rows are weighted by value norms or resized
+    logits = {"student": aggregate == "logsum" and not values}
+    logits["teacher"] = logits["student"] and grids[0] == grids[1]
     for it, batch in enumerate(meter.timed(loader)):
         lr = schedule(epoch * steps + it)
         for g in optimizer.param_groups:
@@ -205,14 +209,14 @@ def train_one_epoch(model, teacher, taps, values, pairs, grids, aggregate, loade
             if args.lambda_attn > 0:  # the CLS rows of every pair, one batched map per network: (pairs x B) x H x N
                 rows, one = {}, len(pairs) == 1  # one pair (the default): its block's map, nothing stacked
                 for who, blocks in (("student", [s for s, _ in pairs]), ("teacher", [t for _, t in pairs])):
-                    a = taps[who].maps(blocks[0] if one else blocks, rows=1)[..., 0, :]
+                    a = taps[who].maps(blocks[0] if one else blocks, rows=1, logits=logits[who])[..., 0, :]
                     a = a if one else a.flatten(0, 1)
                     norms = torch.cat([values[who].norms[b] for b in blocks]) if values else None
-                    rows[who] = cls_rows(a, npt[who == "teacher"], norms)
-                rows_t = resize_cls_attention(rows["teacher"], grids[1], grids[0])
+                    rows[who] = cls_rows(a, npt[who == "teacher"], norms, logits[who])
+                rows_t = rows["teacher"] if logits["teacher"] else resize_cls_attention(rows["teacher"], grids[1], grids[0])
                 # attn_distill_loss divides by the rows: (pairs x B) rows give the mean over pairs of each pair's loss
                 losses["attn"] = attn_distill_loss(rows["student"], rows_t, args.attn_temperature, aggregate,
-                                                   args.attn_distance)
+                                                   args.attn_distance, (logits["student"], logits["teacher"]))
             if args.patch_align > 0:
                 losses["patch"] = F.mse_loss(out[:, npt[0]:].float(), t_tokens[:, npt[1]:].float())
             loss = args.cls_weight * losses["cls"] + args.lambda_attn * losses.get("attn", 0.0) + \
@@ -305,11 +309,16 @@ class ValueNorms:
 # ---------------------------------------------------------------------------------------------
 # attention rows and the loss
 # ---------------------------------------------------------------------------------------------
-def cls_rows(attn, num_prefix_tokens=1, value_norms=None):
+def cls_rows(attn, num_prefix_tokens=1, value_norms=None, logits=False):
     """The CLS query's attention row (B x H x N) of a B x H x N x N map (or of its first rows), fp32,
     keys = [CLS, patches] (other prefix tokens, e.g. registers or a distillation token, dropped and the row
-    renormalised); optionally weighted by the value norms (B x H x N) and L1-normalised."""
+    renormalised); optionally weighted by the value norms (B x H x N) and L1-normalised. logits: `attn` holds the
+    scores before the softmax; the prefix keys are dropped, the softmax that follows renormalises."""
     rows = (attn if attn.dim() == 3 else attn[:, :, 0]).float()  # B x H x N: the rows already
+    if logits:
+        if value_norms is not None:
+            raise ValueError("value norms weigh probabilities, not logits")
+        return torch.cat([rows[..., :1], rows[..., num_prefix_tokens:]], -1) if num_prefix_tokens > 1 else rows
     if value_norms is not None:
         rows = rows * value_norms
     if num_prefix_tokens > 1 or value_norms is not None:
@@ -334,13 +343,18 @@ def resize_cls_attention(rows, src_grid, dst_grid):
     return torch.cat([a0, patches], -1)
 
 
-def aggregate_heads(rows, temperature, mode="logsum"):
+def aggregate_heads(rows, temperature, mode="logsum", logits=False):
     """B x H x N -> B x N. logsum: softmax over keys of (sum_h log a_h) / T (a product of the heads, then a
     tempered softmax; logs in fp32 with a floor at the smallest normal float so that a 0 gives no -inf).
-    mean: the mean row; max / min: the key-wise max / min over heads, L1-normalised."""
+    mean: the mean row; max / min: the key-wise max / min over heads, L1-normalised. logits (logsum only): `rows`
+    are the heads' logits z_h, and log a_h = z_h - logsumexp(z_h) differs from z_h by a constant over the keys,
+    which the softmax drops: softmax(sum_h z_h / T), the same distribution without a softmax and a log per head."""
     rows = rows.float()
+    if logits and mode != "logsum":
+        raise ValueError(f"{mode} aggregation needs probabilities, not logits")
     if mode == "logsum":
-        return (rows.clamp_min(torch.finfo(torch.float32).tiny).log().sum(1) / temperature).softmax(-1)
+        logs = rows if logits else rows.clamp_min(torch.finfo(torch.float32).tiny).log()
+        return (logs.sum(1) / temperature).softmax(-1)
     if mode == "mean":
         return rows.mean(1)
     if mode in ("max", "min"):
@@ -349,15 +363,17 @@ def aggregate_heads(rows, temperature, mode="logsum"):
     raise ValueError(f"unknown aggregation {mode!r}")
 
 
-def attn_distill_loss(student_rows, teacher_rows, temperature=10.0, aggregate=None, distance="kl"):
+def attn_distill_loss(student_rows, teacher_rows, temperature=10.0, aggregate=None, distance="kl", logits=(False, False)):
     """L_a: with `aggregate` (logsum / max / mean / min) each side's heads are combined first, otherwise
     head h is compared with head h (equal head counts). Both distributions clamped to [1e-5, 0.996] and
     L1-renormalised; KL(teacher || student) (or the squared error) summed over keys and heads, divided by
-    the batch. fp32; the teacher carries no gradient."""
+    the batch. fp32; the teacher carries no gradient. logits: (student, teacher) rows given as logits (logsum)."""
     s, t = student_rows.float(), teacher_rows.float()
     t = t.detach() if t.requires_grad else t  # rows made under no_grad need no detach op
+    if any(logits) and aggregate != "logsum":
+        raise ValueError("rows given as logits need the logsum aggregation")
     if aggregate:
-        s, t = aggregate_heads(s, temperature, aggregate), aggregate_heads(t, temperature, aggregate)
+        s, t = (aggregate_heads(x, temperature, aggregate, lg) for x, lg in zip((s, t), logits))
     elif s.shape != t.shape:
         raise ValueError(f"heads compared by index need equal shapes, got {tuple(s.shape)} and {tuple(t.shape)}")
     s, t = (x.clamp(1e-5, 0.996) for x in (s, t))

@@ -554,13 +554,13 @@ class ViTTaps:
             self.qk.setdefault(i, [None, None])[which] = output
         return hook
 
-    def maps(self, blocks, heads=None, rows=None, cls_patches=False):
+    def maps(self, blocks, heads=None, rows=None, cls_patches=False, logits=False):
         """Softmax attention of `blocks`, stacked: L x B x H x r x N' (heads None: all), or L x B x r x N' with one
         head per block (heads: a list of ints); `blocks` an int: that block's map, B x H x r x N' (nothing stacked).
         rows: the first r query rows only (the CLS row: 1); cls_patches: the queries and keys CLS and patches only
         (other prefix tokens dropped: the map a network without them would have, i.e. the rows of the full map
         renormalised over those keys). As timm's unfused path computes it: q x scale, q k^T, softmax, in the dtype
-        autocast gives."""
+        autocast gives. logits: the scores q x scale k^T, before the softmax."""
         if isinstance(blocks, int):
             q, k = self.qk[blocks]
             blocks = [blocks]
@@ -574,7 +574,11 @@ class ViTTaps:
         if rows is not None:
             q = q[..., :rows, :]
         scale = self.model.blocks[blocks[0]].attn.scale  # the same in every block of a ViT
-        return ((q * scale) @ k.transpose(-2, -1)).softmax(-1)
+        if rows == 1:  # one query: a product and a sum over the channels, without a batched matmul's views
+            scores = (k * (q * scale)).sum(-1).unsqueeze(-2)
+        else:
+            scores = (q * scale) @ k.transpose(-2, -1)
+        return scores if logits else scores.softmax(-1)
 
     def set_head_masks(self, masks):
         """Replace the head masks: {block: (H,) or (B, H) tensor}; blocks left out are unmasked."""

@@ -204,7 +204,7 @@ def train_one_epoch(student, s_ss, teacher, t_ss, loader, optimizer, scaler, sch
                 with torch.no_grad():
                     t_feat, t_logits = features_and_logits(teacher, x)
             if teacher_ss:
-                sim = similarities(s_ss(t_feat.float()), normal, transformed)
+                sim = similarities(s_ss(t_feat), normal, transformed)
                 losses = {"ss_ce": F.cross_entropy(sim, positives(len(normal), device))}
             else:
                 feat, logits = student(x)
@@ -223,8 +223,8 @@ def train_one_epoch(student, s_ss, teacher, t_ss, loader, optimizer, scaler, sch
                     losses["tf"] = args.tf_weight * (kl[:, 1:] * keep.view(-1, 3)).sum() / keep.sum().clamp_min(1)
                 if s_ss is not None:
                     with torch.no_grad():
-                        sim_t = similarities(t_ss(t_feat.float()), normal, transformed)
-                    sim_s = similarities(s_ss(feat.float()), normal, transformed)
+                        sim_t = similarities(t_ss(t_feat), normal, transformed)
+                    sim_s = similarities(s_ss(feat), normal, transformed)
                     keep = selective_mask(error_levels(sim_t, positives(len(normal), device)), args.ratio_ss)
                     losses["ss"] = args.ss_weight * sskd_ss_loss(sim_s, sim_t, args.ss_temperature, keep)
             loss = sum(losses.values())
@@ -340,7 +340,10 @@ class SSHead(nn.Module):
         self.net = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
 
     def forward(self, x):
-        return self.net(x)
+        # in fp32 with autocast off: an F x F MLP on 4B pooled features costs nothing next to the networks, and a step
+        # then makes no low-precision copies of its weights (the official code trains in fp32 throughout)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.net(x.float())
 
 
 def similarities(z, normal, transformed):
@@ -404,7 +407,7 @@ def ss_accuracy(teacher, t_ss, loader, device, args):
         x = rotate_views(images.to(device))
         normal, transformed = view_rows(len(x), True, device)
         with common.autocast(device, args.amp):
-            sim = similarities(t_ss(features_and_logits(teacher, x)[0].float()), normal, transformed)
+            sim = similarities(t_ss(features_and_logits(teacher, x)[0]), normal, transformed)
         hits += torch.tensor([(sim.argmax(1) == positives(len(normal), device)).sum().item(), len(transformed)],
                              device=device, dtype=torch.float64)
     common.all_reduce_sum(hits)

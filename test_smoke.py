@@ -1656,6 +1656,46 @@ def test_attn_distill_functions_by_hand():
     assert attn_distill.attn_distill_loss(fine[:, :, :5].softmax(-1), fine[:, :, :5].repeat(1, 2, 1).softmax(-1), T, "logsum") > 0
 
 
+@pytest.mark.parametrize("name", ["deit_tiny", "deit_tiny_distilled_patch16_224"])
+def test_attn_distill_logsum_on_logits_equals_it_on_probabilities(name):
+    """#31: logsum's sum of the heads' log-rows is, up to a constant over the keys, the sum of their logits: L_a made
+    from the maps' logits (no softmax, no log per head; a distillation token's key dropped) equals L_a made from the
+    probability rows, for either side or both, and so do the gradients (1e-6). Other aggregations refuse logits."""
+    nets = {who: tiny_vit(name, num_heads=h).train() for who, h in (("student", 2), ("teacher", 4))}
+    x, npt = torch.randn(3, 3, 32, 32), nets["student"].num_prefix_tokens
+    taps = {who: common.ViTTaps(m, attn_blocks=[1]) for who, m in nets.items()}
+    for m in nets.values():
+        with torch.no_grad():
+            m.blocks[1].attn.qkv.weight.mul_(4)  # sharper maps than at init: an L_a well above rounding
+        m(x)
+
+    def loss(lg):
+        rows = [attn_distill.cls_rows(taps[w].maps(1, rows=1, logits=g)[..., 0, :], npt, None, g) for w, g in zip(taps, lg)]
+        return attn_distill.attn_distill_loss(*rows, 2.0, "logsum", "kl", lg)
+
+    def grads(lg):
+        for m in nets.values():
+            m.zero_grad()
+        value = loss(lg)
+        value.backward(retain_graph=True)
+        return value, {f"{w}.{k}": p.grad.clone() for w, m in nets.items() for k, p in m.named_parameters() if p.grad is not None}
+    ref, ref_grads = grads((False, False))
+    assert ref > 1e-2 and "student.blocks.1.attn.qkv.weight" in ref_grads and not any(k.startswith("teacher") for k in ref_grads)
+    for lg in ((True, True), (True, False), (False, True)):
+        value, got = grads(lg)
+        torch.testing.assert_close(value, ref, atol=1e-7, rtol=1e-6)
+        assert got.keys() == ref_grads.keys()
+        for k in got:
+            torch.testing.assert_close(got[k], ref_grads[k], atol=1e-6, rtol=1e-5, msg=k)
+    rows = torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="logsum"):
+        attn_distill.attn_distill_loss(rows, rows, 2.0, "mean", "kl", (True, False))
+    with pytest.raises(ValueError, match="probabilities"):
+        attn_distill.aggregate_heads(rows, 2.0, "max", logits=True)
+    with pytest.raises(ValueError, match="value norms"):
+        attn_distill.cls_rows(rows, 1, rows.abs(), logits=True)
+
+
 def test_attn_distill_projector_widths():
     x = torch.randn(2, 5, 8)
     for k in (1, 2, 4, 8):
@@ -3296,6 +3336,13 @@ AMP_CASES = {  # name: [(script, flags)], chained ones read {prev}: the previous
     "attn_distill": [(attn_distill, ONE_STEP + STUDENT + TEACHER + ["--epochs", "1", "--warmup_epochs", "0"])],
     "attn_distill_all_noproj": [(attn_distill, ONE_STEP + ["--depth", "2", "--patch_size", "16", *TEACHER, "--epochs", "1",
                                                            "--warmup_epochs", "0", "--attn_layers", "all", "--no-projector"])],
+    # 2 student heads vs 3 teacher heads: the logsum aggregation (the paper's ViT-T <- ViT-S), on the maps' logits; then
+    # a teacher on a finer grid (patch 8: 4 x 4 rows resized to the student's 2 x 2), its rows as probabilities
+    "attn_distill_logsum": [(attn_distill, ONE_STEP + STUDENT + ["--num_heads", "2", *TEACHER, "--epochs", "1",
+                                                                 "--warmup_epochs", "0", "--lambda_attn", "1",
+                                                                 "--attn_temperature", "1"]),  # sharper: a larger L_a
+                            (attn_distill, ONE_STEP + STUDENT + ["--num_heads", "2", *TEACHER, "--teacher_patch_size", "8",
+                                                                 "--epochs", "1", "--warmup_epochs", "0", "--lambda_attn", "1"])],
 }
 
 
@@ -3459,8 +3506,8 @@ def test_attn_distill_on_cls_rows_trains_as_on_full_maps(tmp_path, monkeypatch):
              "--attn_layers", "all", "--value_norm", "--lambda_attn", "1"]  # 2 x 2 teacher grid resized to 4 x 4
     runs, maps, shapes = {}, common.ViTTaps.maps, []
 
-    def full_then_rows(self, blocks, heads=None, rows=None, cls_patches=False):
-        out = maps(self, blocks, heads, None, cls_patches)
+    def full_then_rows(self, blocks, heads=None, rows=None, cls_patches=False, logits=False):
+        out = maps(self, blocks, heads, None, cls_patches, logits)
         shapes.append(out.shape[-2])
         return out if rows is None else out[..., :rows, :]
     for how in ("rows", "full"):
