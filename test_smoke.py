@@ -3232,6 +3232,19 @@ def test_attn_distill_projector_runs_in_fp32_under_autocast():
     torch.testing.assert_close(out, model.norm(model.projector(cls.float())), rtol=0, atol=0)
 
 
+def test_sskd_ss_module_runs_in_fp32_under_autocast():
+    """#31: SSKD's SS module (an F x F MLP on the 4B pooled features) runs in fp32 under CUDA's bf16 autocast, on a
+    bf16 feature too: no bf16 copies of its weights each step, exactly the fp32 module outside autocast."""
+    torch.manual_seed(0)
+    head, x = sskd.SSHead(48), torch.randn(8, 48)
+    ref = head(x)
+    with cuda_like_autocast():
+        out = head(x.bfloat16())
+    assert out.dtype == torch.float32 and out.shape == (8, 48)
+    torch.testing.assert_close(out, head(x.bfloat16().float()), rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)  # the same module: only the input's rounding apart
+
+
 def test_sskd_similarities_rank_in_fp32_under_autocast():
     """Defect 3: under bf16 autocast the similarity matmul rounded, and the error levels of selective transfer
     changed; now it runs with autocast off, so levels and masks equal fp32's exactly."""

@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # catch 32 of the 41 loss / schedule mutations (the 9 others are invisible at the pinned flags). Details and every
 # row: bench/results/mutation_pass.txt. 2026-12-07 (#31): 9 mutations (84-92) of the attention from q and k, the device
 # augmentation and the data share; 4 (93-96) of SSKD's cross-architecture path (#32).
+# Later #31 sessions: 102-103 (SDSSL's one loss per view, carried results), 104-108 (AttnDistill on logits, the CLS row
+# as a product-sum, SSKD's SS module in fp32): each caught by its tests (bench/results/mutation_pass.txt).
 # (file, exact original text (found exactly once), replacement, pytest -k expression, the bug it plants)
 MUTATIONS = [
     # ---- common.py: shared losses, schedules, safety checks, resume --------------------------------------------
@@ -151,9 +153,8 @@ MUTATIONS = [
     ("attn_distill.py", "d = (t * (t.log() - s.log())) if distance == \"kl\" else (s - t).pow(2)",
      "d = (s * (s.log() - t.log())) if distance == \"kl\" else (s - t).pow(2)", "attn_distill_functions",
      "AttnDistill KL direction: KL(s||t)"),
-    ("attn_distill.py", "return (rows.clamp_min(torch.finfo(torch.float32).tiny).log().sum(1) / temperature).softmax(-1)",
-     "return (rows.clamp_min(torch.finfo(torch.float32).tiny).log().sum(1) * temperature).softmax(-1)",
-     "attn_distill_functions", "log-sum head aggregation multiplies by T instead of dividing"),
+    ("attn_distill.py", "return (logs.sum(1) / temperature).softmax(-1)", "return (logs.sum(1) * temperature).softmax(-1)",
+     "attn_distill_functions or logsum", "log-sum head aggregation multiplies by T instead of dividing"),
     ("attn_distill.py", "patches = patches * (1 - a0) / patches.sum(-1, keepdim=True)",
      "patches = patches / patches.sum(-1, keepdim=True)", "attn_distill_functions",
      "resized CLS rows: patch mass not 1 - a_CLS (rows no longer sum to 1)"),
@@ -201,7 +202,8 @@ MUTATIONS = [
      'per_layer = loss_fn(q.flatten(0, 1), out[1 - v]["h_last"]).view(len(q), -1).mean(1)',
      "sdssl_target_source or prediction_loss_is_a_sum",
      "SD-MoCo v3 / SD-BYOL: L_isd's target is the student's own last-layer projection of the other view, not the momentum teacher's"),
-    ("attn_distill.py", 'rows_t = resize_cls_attention(rows["teacher"], grids[1], grids[0])', 'rows_t = rows["student"].detach()',
+    ("attn_distill.py", 'rows_t = rows["teacher"] if logits["teacher"] else resize_cls_attention(rows["teacher"], grids[1], grids[0])',
+     'rows_t = rows["student"].detach()',
      "attn_distill_target_source or attn_distill_on_cls_rows", "AttnDistill: L_a's target is the student's own CLS row"),
     ("attn_distill.py", "t_tokens = teacher.forward_features(images)  # final-norm tokens",
      "t_tokens = common.unwrap(model).backbone.forward_features(images)  # final-norm tokens",
@@ -227,8 +229,8 @@ MUTATIONS = [
     ("sskd.py", "common.kd_loss(logits, t_logits, args.kd_temperature, rows=True)",
      "common.kd_loss(logits, t_logits.unflatten(0, (-1, 4))[:, :1].expand(-1, 4, -1).flatten(0, 1), args.kd_temperature, rows=True)",
      "sskd_target_source or sskd_selective", "SSKD: L_T's target is the teacher's prediction on the normal view, not on the same transformed view"),
-    ("sskd.py", "sim_t = similarities(t_ss(t_feat.float()), normal, transformed)",
-     "sim_t = similarities(t_ss(feat.detach().float()), normal, transformed)",
+    ("sskd.py", "sim_t = similarities(t_ss(t_feat), normal, transformed)",
+     "sim_t = similarities(t_ss(feat.detach()), normal, transformed)",
      "sskd_target_source or sskd_selective", "SSKD: L_ss's target: the teacher's SS module on the student's features"),
     ("sskd.py", "common.kd_loss(logits, t_logits, args.kd_temperature, rows=True)",
      "common.kd_loss(logits, logits, args.kd_temperature, rows=True)",
@@ -258,8 +260,7 @@ MUTATIONS = [
     ("sskd.py", "k = (wrong.sum().double() * ratio).floor()", "k = int(int(wrong.sum()) * ratio)",
      "waits_for_no_host_sync", "SSKD's selective transfer counts its wrong rows on the host"),
     # ---- #31: the attention a method reads, from q and k; device augmentation equal to PIL; the data share --------
-    ("common.py", "        return ((q * scale) @ k.transpose(-2, -1)).softmax(-1)",
-     "        return (q @ k.transpose(-2, -1)).softmax(-1)",
+    ("common.py", "            scores = (q * scale) @ k.transpose(-2, -1)", "            scores = q @ k.transpose(-2, -1)",
      "attention_from_q_and_k or taps", "the taps' maps without timm's 1 / sqrt(d) scale"),
     ("common.py", "            q, k = (torch.cat([t[..., :1, :], t[..., npt:, :]], -2) for t in (q, k))",
      "            q, k = (t[..., npt - 1:, :] for t in (q, k))",
@@ -268,8 +269,8 @@ MUTATIONS = [
     ("ssta.py", "    return (p * (p.log() - q.log())).sum(-1).mean((-2, -1))",
      "    return (p * (p.log() - q.log())).sum(-1).mean(-1).sum(-1)",
      "attention_kd_loss or ssta_target_source or pinned", "SSTA's KL summed over the batch, not averaged"),
-    ("attn_distill.py", "                    a = taps[who].maps(blocks, rows=1)[..., 0, :].flatten(0, 1)",
-     "                    a = taps[who].maps(blocks, rows=2)[..., 1, :].flatten(0, 1)",
+    ("attn_distill.py", "a = taps[who].maps(blocks[0] if one else blocks, rows=1, logits=logits[who])[..., 0, :]",
+     "a = taps[who].maps(blocks[0] if one else blocks, rows=2, logits=logits[who])[..., 1, :]",
      "attn_distill_target_source or cls_rows_trains or pinned", "AttnDistill reads the first patch's row, not the CLS row"),
     ("sdssl.py", "    f_mid = common.unwrap(student).norm(torch.stack([taps.tokens[l][:, 0] for l in mid])) if mid else None",
      "    f_mid = torch.stack([taps.tokens[l][:, 0] for l in mid]) if mid else None",
@@ -314,6 +315,17 @@ MUTATIONS = [
     ("bench/reproduce_cifar10.py", 'and before[r.name].get("command") == normalize(r.command(args.nproc), out)}',
      'and before[r.name].get("command") is not None}',
      "cpu_long_plan", "reproduce_cifar10: a result carried from the previous results file whatever its command"),
+    # ---- #31, the fourth session: AttnDistill's logsum on logits and its CLS row as a product-sum; SSKD's SS module in fp32
+    ("common.py", "scores = (k * (q * scale)).sum(-1).unsqueeze(-2)", "scores = (k * q).sum(-1).unsqueeze(-2)",
+     "attention_from_q_and_k or attn_distill_logsum", "taps.maps(rows=1): the CLS row without timm's 1 / sqrt(d) scale"),
+    ("attn_distill.py", 'logits["teacher"] = logits["student"] and grids[0] == grids[1]', 'logits["teacher"] = logits["student"]',
+     "attn_distill_logsum", "AttnDistill: a teacher on a finer grid passes its logits, unresized"),
+    ("attn_distill.py", "        return torch.cat([rows[..., :1], rows[..., num_prefix_tokens:]], -1) if num_prefix_tokens > 1 else rows",
+     "        return rows", "logsum_on_logits", "AttnDistill: logit rows keep a distillation token's key"),
+    ("attn_distill.py", "logs = rows if logits else", "logs = rows.softmax(-1) if logits else",
+     "logsum_on_logits or attn_distill_logsum", "AttnDistill: logsum on logits sums the heads' probabilities, not their logs"),
+    ("sskd.py", "        with torch.autocast(x.device.type, enabled=False):\n            return self.net(x.float())",
+     "        return self.net(x)", "ss_module_runs_in_fp32", "SSKD's SS module under the step's autocast (bf16 weight copies)"),
 ]
 
 
