@@ -209,7 +209,7 @@ def train_one_epoch(model, teacher, taps, values, pairs, grids, aggregate, loade
             if args.lambda_attn > 0:  # the CLS rows of every pair, one batched map per network: (pairs x B) x H x N
                 rows, one = {}, len(pairs) == 1  # one pair (the default): its block's map, nothing stacked
                 for who, blocks in (("student", [s for s, _ in pairs]), ("teacher", [t for _, t in pairs])):
-                    a = taps[who].maps(blocks[0] if one else blocks, rows=1, logits=logits[who])[..., 0, :]
+                    a = taps[who].maps(blocks[0] if one else blocks, rows="cls", logits=logits[who])
                     a = a if one else a.flatten(0, 1)
                     norms = torch.cat([values[who].norms[b] for b in blocks]) if values else None
                     rows[who] = cls_rows(a, npt[who == "teacher"], norms, logits[who])

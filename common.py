@@ -557,10 +557,12 @@ class ViTTaps:
     def maps(self, blocks, heads=None, rows=None, cls_patches=False, logits=False):
         """Softmax attention of `blocks`, stacked: L x B x H x r x N' (heads None: all), or L x B x r x N' with one
         head per block (heads: a list of ints); `blocks` an int: that block's map, B x H x r x N' (nothing stacked).
-        rows: the first r query rows only (the CLS row: 1); cls_patches: the queries and keys CLS and patches only
-        (other prefix tokens dropped: the map a network without them would have, i.e. the rows of the full map
-        renormalised over those keys). As timm's unfused path computes it: q x scale, q k^T, softmax, in the dtype
-        autocast gives. logits: the scores q x scale k^T, before the softmax."""
+        rows: the first r query rows only; "cls": the CLS query's row alone, without the query dimension (L x B x H x
+        N'), as a product with the keys summed over the channels: 4 ops where the batched matmul of 4-D tensors
+        dispatches 8, and fewer in the backward. cls_patches: the queries and keys CLS and patches only (other prefix
+        tokens dropped: the map a network without them would have, i.e. the rows of the full map renormalised over
+        those keys). As timm's unfused path computes it: q x scale, q k^T, softmax, in the dtype autocast gives.
+        logits: the scores q x scale k^T, before the softmax."""
         if isinstance(blocks, int):
             q, k = self.qk[blocks]
             blocks = [blocks]
@@ -571,13 +573,11 @@ class ViTTaps:
         npt = self.num_prefix_tokens
         if cls_patches and npt > 1:
             q, k = (torch.cat([t[..., :1, :], t[..., npt:, :]], -2) for t in (q, k))
-        if rows is not None:
-            q = q[..., :rows, :]
         scale = self.model.blocks[blocks[0]].attn.scale  # the same in every block of a ViT
-        if rows == 1:  # one query: a product and a sum over the channels, without a batched matmul's views
-            scores = (k * (q * scale)).sum(-1).unsqueeze(-2)
+        if rows == "cls":
+            scores = (k * (q[..., :1, :] * scale)).sum(-1)
         else:
-            scores = (q * scale) @ k.transpose(-2, -1)
+            scores = ((q if rows is None else q[..., :rows, :]) * scale) @ k.transpose(-2, -1)  # a full slice dispatches
         return scores if logits else scores.softmax(-1)
 
     def set_head_masks(self, masks):

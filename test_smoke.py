@@ -182,16 +182,17 @@ def test_attention_from_q_and_k_equals_the_unfused_maps_and_gradients(name):
     full = torch.stack([seen[b][:, h] for b, h in zip(blocks, heads)])
     ref_rows = torch.stack([seen[b][:, :, :1] for b in blocks])
     ref_cp = torch.stack([ssta.cls_and_patches(seen[b][:, h], npt) for b, h in zip(blocks, heads)])
-    ref_grads = grads((w * full).sum() + ref_rows.pow(2).sum())
+    ref_grads = grads((w * full).sum() + ref_rows.pow(2).sum() + ref_rows[..., 0, :].pow(3).sum())
     ref_grads_cp = grads((w[..., :ref_cp.shape[-2], :ref_cp.shape[-1]] * ref_cp).sum())
     with common.ViTTaps(m, attn_blocks=blocks) as taps:
         m(x)
     for b in blocks:  # the lazy full maps too
         torch.testing.assert_close(taps.attn[b], seen[b], atol=1e-6, rtol=1e-6)
-    maps, rows = taps.maps(blocks, heads), taps.maps(blocks, rows=1)
+    maps, rows, cls = taps.maps(blocks, heads), taps.maps(blocks, rows=1), taps.maps(blocks, rows="cls")
     torch.testing.assert_close(maps, full, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(rows, ref_rows, atol=1e-6, rtol=1e-6)
-    got = grads((w * maps).sum() + rows.pow(2).sum())
+    torch.testing.assert_close(cls, ref_rows[..., 0, :], atol=1e-6, rtol=1e-6)  # the CLS row as a product-sum
+    got = grads((w * maps).sum() + rows.pow(2).sum() + cls.pow(3).sum())
     assert got.keys() == ref_grads.keys() and "blocks.0.attn.qkv.weight" in got and "blocks.2.mlp.fc1.weight" not in got
     for k in got:
         torch.testing.assert_close(got[k], ref_grads[k], atol=1e-6, rtol=1e-5)
@@ -1670,7 +1671,7 @@ def test_attn_distill_logsum_on_logits_equals_it_on_probabilities(name):
         m(x)
 
     def loss(lg):
-        rows = [attn_distill.cls_rows(taps[w].maps(1, rows=1, logits=g)[..., 0, :], npt, None, g) for w, g in zip(taps, lg)]
+        rows = [attn_distill.cls_rows(taps[w].maps(1, rows="cls", logits=g), npt, None, g) for w, g in zip(taps, lg)]
         return attn_distill.attn_distill_loss(*rows, 2.0, "logsum", "kl", lg)
 
     def grads(lg):
@@ -3522,7 +3523,7 @@ def test_attn_distill_on_cls_rows_trains_as_on_full_maps(tmp_path, monkeypatch):
     def full_then_rows(self, blocks, heads=None, rows=None, cls_patches=False, logits=False):
         out = maps(self, blocks, heads, None, cls_patches, logits)
         shapes.append(out.shape[-2])
-        return out if rows is None else out[..., :rows, :]
+        return out if rows is None else out[..., 0, :] if rows == "cls" else out[..., :rows, :]
     for how in ("rows", "full"):
         if how == "full":
             monkeypatch.setattr(common.ViTTaps, "maps", full_then_rows)

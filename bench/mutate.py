@@ -260,7 +260,7 @@ MUTATIONS = [
     ("sskd.py", "k = (wrong.sum().double() * ratio).floor()", "k = int(int(wrong.sum()) * ratio)",
      "waits_for_no_host_sync", "SSKD's selective transfer counts its wrong rows on the host"),
     # ---- #31: the attention a method reads, from q and k; device augmentation equal to PIL; the data share --------
-    ("common.py", "            scores = (q * scale) @ k.transpose(-2, -1)", "            scores = q @ k.transpose(-2, -1)",
+    ("common.py", "            scores = ((q if rows is None else q[..., :rows, :]) * scale) @ k.transpose(-2, -1)", "            scores = (q if rows is None else q[..., :rows, :]) @ k.transpose(-2, -1)",
      "attention_from_q_and_k or taps", "the taps' maps without timm's 1 / sqrt(d) scale"),
     ("common.py", "            q, k = (torch.cat([t[..., :1, :], t[..., npt:, :]], -2) for t in (q, k))",
      "            q, k = (t[..., npt - 1:, :] for t in (q, k))",
@@ -269,7 +269,7 @@ MUTATIONS = [
     ("ssta.py", "    return (p * (p.log() - q.log())).sum(-1).mean((-2, -1))",
      "    return (p * (p.log() - q.log())).sum(-1).mean(-1).sum(-1)",
      "attention_kd_loss or ssta_target_source or pinned", "SSTA's KL summed over the batch, not averaged"),
-    ("attn_distill.py", "a = taps[who].maps(blocks[0] if one else blocks, rows=1, logits=logits[who])[..., 0, :]",
+    ("attn_distill.py", 'a = taps[who].maps(blocks[0] if one else blocks, rows="cls", logits=logits[who])',
      "a = taps[who].maps(blocks[0] if one else blocks, rows=2, logits=logits[who])[..., 1, :]",
      "attn_distill_target_source or cls_rows_trains or pinned", "AttnDistill reads the first patch's row, not the CLS row"),
     ("sdssl.py", "    f_mid = common.unwrap(student).norm(torch.stack([taps.tokens[l][:, 0] for l in mid])) if mid else None",
@@ -316,8 +316,8 @@ MUTATIONS = [
      'and before[r.name].get("command") is not None}',
      "cpu_long_plan", "reproduce_cifar10: a result carried from the previous results file whatever its command"),
     # ---- #31, the fourth session: AttnDistill's logsum on logits and its CLS row as a product-sum; SSKD's SS module in fp32
-    ("common.py", "scores = (k * (q * scale)).sum(-1).unsqueeze(-2)", "scores = (k * q).sum(-1).unsqueeze(-2)",
-     "attention_from_q_and_k or attn_distill_logsum", "taps.maps(rows=1): the CLS row without timm's 1 / sqrt(d) scale"),
+    ("common.py", "scores = (k * (q[..., :1, :] * scale)).sum(-1)", "scores = (k * q[..., :1, :]).sum(-1)",
+     "attention_from_q_and_k or attn_distill_logsum", 'taps.maps(rows="cls"): the CLS row without timm\'s 1 / sqrt(d) scale'),
     ("attn_distill.py", 'logits["teacher"] = logits["student"] and grids[0] == grids[1]', 'logits["teacher"] = logits["student"]',
      "attn_distill_logsum", "AttnDistill: a teacher on a finer grid passes its logits, unresized"),
     ("attn_distill.py", "        return torch.cat([rows[..., :1], rows[..., num_prefix_tokens:]], -1) if num_prefix_tokens > 1 else rows",
