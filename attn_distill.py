@@ -213,7 +213,7 @@ def train_one_epoch(model, teacher, taps, values, pairs, grids, aggregate, loade
                     a = a if one else a.flatten(0, 1)
                     norms = torch.cat([values[who].norms[b] for b in blocks]) if values else None
                     rows[who] = cls_rows(a, npt[who == "teacher"], norms, logits[who])
-                rows_t = rows["teacher"] if logits["teacher"] else resize_cls_attention(rows["teacher"], grids[1], grids[0])
+                rows_t = resize_cls_attention(rows["teacher"], grids[1], grids[0])  # equal grids (logits too): as they are
                 # attn_distill_loss divides by the rows: (pairs x B) rows give the mean over pairs of each pair's loss
                 losses["attn"] = attn_distill_loss(rows["student"], rows_t, args.attn_temperature, aggregate,
                                                    args.attn_distance, (logits["student"], logits["teacher"]))
